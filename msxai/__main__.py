@@ -1,0 +1,5 @@
+import sys
+
+from msxai.cli import main
+
+sys.exit(main())
