@@ -1,0 +1,294 @@
+"""Pre-processing of the FLAIR + T1 (MPRAGE) pair: brain mask, z-scoring, optional N4, rigid registration and
+resampling.
+
+The paper's networks see each sequence z-scored over the brain (mean 0, standard deviation 1 over the brain voxels,
+0 outside). On skull-stripped data, where the brain is the non-zero part of every sequence, :func:`zscore` equals
+MONAI's ``NormalizeIntensity(nonzero=True, channel_wise=True)`` (population standard deviation, ddof 0).
+
+SimpleITK is used for N4 and registration. Images are handed to it in the NIfTI world frame of the affine (origin
+``A[:3, 3]``, direction ``A[:3, :3] / spacing``); since both images of a registration share that frame, no RAS/LPS
+flip is needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+
+from msxai import SEQUENCES
+from msxai.errors import EmptyDomainError, InputError
+from msxai.io import Volume, check_finite, check_not_empty, load_pair, load_volume, voxel_spacing
+
+
+# --------------------------------------------------------------------------------------------------- brain mask
+def foreground_mask(image: np.ndarray) -> np.ndarray:
+    """Bool ``[X, Y, Z]`` of the voxels that are non-zero in any channel (``[C, X, Y, Z]``) or in the volume."""
+    image = np.asarray(image)
+    if image.ndim == 4:
+        return np.any(image != 0, axis=0)
+    if image.ndim == 3:
+        return image != 0
+    raise InputError(f"expected a [C, X, Y, Z] image or an [X, Y, Z] volume, got shape {tuple(image.shape)}")
+
+
+def brain_mask(image: np.ndarray) -> np.ndarray:
+    """The brain of skull-stripped data: :func:`foreground_mask` (the name used in docs/ARCHITECTURE.md)."""
+    return foreground_mask(image)
+
+
+def _channel_name(c: int, n_channels: int) -> str:
+    return f"channel {c} ({SEQUENCES[c]})" if n_channels == len(SEQUENCES) and c < len(SEQUENCES) else f"channel {c}"
+
+
+# --------------------------------------------------------------------------------------------------- z-score
+def zscore(image: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """Per channel ``(x - mean) / std`` over ``mask`` (default: :func:`foreground_mask`), 0 outside the mask.
+
+    Accepts ``[C, X, Y, Z]`` or ``[X, Y, Z]``; returns float32 of the same shape. Statistics are computed in float64
+    with the population standard deviation (ddof 0), as MONAI does. An empty mask raises EmptyDomainError; a
+    channel that is constant over the mask raises InputError naming the channel.
+    """
+    image = np.asarray(image)
+    squeeze = image.ndim == 3
+    if squeeze:
+        image = image[None]
+    if image.ndim != 4:
+        raise InputError(f"zscore: expected [C, X, Y, Z] or [X, Y, Z], got shape {tuple(image.shape)}")
+    check_finite(image, "image")
+    m = foreground_mask(image) if mask is None else np.asarray(mask).astype(bool)
+    if m.shape != image.shape[1:]:
+        raise InputError(f"zscore: mask shape {tuple(m.shape)} does not match the image grid {tuple(image.shape[1:])}")
+    if not m.any():
+        raise EmptyDomainError("zscore: the brain mask is empty (no voxel to compute the mean and std over)")
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c in range(image.shape[0]):
+        values = image[c][m].astype(np.float64)
+        mean, std = float(values.mean()), float(values.std())
+        if not std > 1e-12 * max(1.0, abs(mean)):
+            raise InputError(
+                f"zscore: {_channel_name(c, image.shape[0])} is constant ({mean:.6g}) inside the brain mask; "
+                "cannot normalise it (is the sequence empty or corrupted?)"
+            )
+        out[c][m] = ((values - mean) / std).astype(np.float32)
+    return out[0] if squeeze else out
+
+
+# --------------------------------------------------------------------------------------------------- SimpleITK
+def to_sitk(array: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A SimpleITK image whose index (i, j, k) holds ``array[i, j, k]`` and whose geometry is ``affine``."""
+    affine = np.asarray(affine, dtype=np.float64)
+    spacing = np.array(voxel_spacing(affine))
+    direction = affine[:3, :3] / spacing
+    img = sitk.GetImageFromArray(np.ascontiguousarray(np.asarray(array).transpose(2, 1, 0)))
+    img.SetSpacing(tuple(float(s) for s in spacing))
+    img.SetOrigin(tuple(float(o) for o in affine[:3, 3]))
+    img.SetDirection(tuple(float(d) for d in direction.ravel()))
+    return img
+
+
+def from_sitk(image: sitk.Image) -> np.ndarray:
+    """The ``[X, Y, Z]`` array of a SimpleITK image (inverse of :func:`to_sitk`'s array handling)."""
+    return np.ascontiguousarray(sitk.GetArrayFromImage(image).transpose(2, 1, 0))
+
+
+def sitk_affine(image: sitk.Image) -> np.ndarray:
+    """The 4x4 voxel-to-world affine of a SimpleITK image built by :func:`to_sitk`."""
+    affine = np.eye(4)
+    affine[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
+    affine[:3, 3] = image.GetOrigin()
+    return affine
+
+
+# --------------------------------------------------------------------------------------------------- N4
+def n4_bias_correct(
+    volume: np.ndarray,
+    mask: np.ndarray | None = None,
+    shrink_factor: int = 4,
+    iterations: tuple[int, ...] = (50, 50, 30),
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    convergence_threshold: float = 1e-6,
+) -> np.ndarray:
+    """N4 bias-field correction (Tustison et al. 2010) of one ``[X, Y, Z]`` volume; returns float32.
+
+    The bias field is fitted on a ``shrink_factor``-times shrunk copy inside ``mask`` (default: the non-zero voxels,
+    or every voxel when none is zero), one fitting level per entry of ``iterations``, then evaluated at full
+    resolution and divided out of the whole volume (zeros stay zero).
+    """
+    volume = np.asarray(volume)
+    if volume.ndim != 3:
+        raise InputError(f"n4_bias_correct: expected an [X, Y, Z] volume, got shape {tuple(volume.shape)}")
+    check_finite(volume, "volume")
+    if mask is None:
+        mask = volume != 0
+        if not mask.any():
+            raise EmptyDomainError("n4_bias_correct: the volume is all zeros")
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape != volume.shape:
+        raise InputError(f"n4_bias_correct: mask shape {mask.shape} does not match the volume {volume.shape}")
+    if not mask.any():
+        raise EmptyDomainError("n4_bias_correct: the mask is empty")
+    if np.any(volume[mask] < 0):
+        raise InputError("n4_bias_correct: N4 needs non-negative intensities inside the mask (apply it before z-scoring)")
+    affine = np.diag(list(spacing) + [1.0])
+    image = to_sitk(volume.astype(np.float32), affine)
+    mask_img = to_sitk(mask.astype(np.uint8), affine)
+    shrink = max(1, int(shrink_factor))
+    small = sitk.Shrink(image, [shrink] * 3) if shrink > 1 else image
+    small_mask = sitk.Shrink(mask_img, [shrink] * 3) if shrink > 1 else mask_img
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([int(i) for i in iterations])
+    corrector.SetConvergenceThreshold(convergence_threshold)
+    corrector.Execute(small, small_mask)
+    log_bias = corrector.GetLogBiasFieldAsImage(image)
+    bias = np.exp(from_sitk(log_bias).astype(np.float64))
+    return (volume / bias).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------- registration
+def estimate_rigid(
+    moving: Volume,
+    fixed: Volume,
+    seed: int = 0,
+    shrink_factors: tuple[int, ...] = (4, 2, 1),
+    smoothing_sigmas_mm: tuple[float, ...] = (2.0, 1.0, 0.0),
+    iterations: int = 200,
+    sampling_percentage: float = 0.25,
+) -> sitk.Euler3DTransform:
+    """Rigid (Euler3D) transform mapping *fixed* world points to *moving* world points, fitted by Mattes mutual
+    information (50 bins, seeded random sampling) with a gradient-descent optimiser over a multi-resolution pyramid,
+    started from the alignment of the two grids' centres."""
+    fixed_img = to_sitk(fixed.array.astype(np.float32), fixed.affine)
+    moving_img = to_sitk(moving.array.astype(np.float32), moving.affine)
+    initial = sitk.CenteredTransformInitializer(
+        fixed_img, moving_img, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(sampling_percentage, seed=int(seed) + 1)  # seed 0 would mean "wall clock"
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsGradientDescent(
+        learningRate=1.0, numberOfIterations=iterations, convergenceMinimumValue=1e-7, convergenceWindowSize=10
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(list(shrink_factors))
+    reg.SetSmoothingSigmasPerLevel(list(smoothing_sigmas_mm))
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    transform = sitk.Euler3DTransform(initial)
+    reg.SetInitialTransform(transform, inPlace=True)
+    reg.Execute(fixed_img, moving_img)
+    return transform
+
+
+def resample_onto(moving: Volume, fixed_affine: np.ndarray, fixed_shape: tuple[int, int, int],
+                  transform: sitk.Transform | None = None, order: int = 1, default: float = 0.0) -> Volume:
+    """``moving`` resampled onto the grid (``fixed_affine``, ``fixed_shape``) through ``transform`` (fixed world ->
+    moving world; identity when None); linear (order 1) or nearest-neighbour (order 0) interpolation."""
+    moving_img = to_sitk(moving.array.astype(np.float32), moving.affine)
+    reference = to_sitk(np.zeros(fixed_shape, dtype=np.float32), fixed_affine)
+    interp = {0: sitk.sitkNearestNeighbor, 1: sitk.sitkLinear, 3: sitk.sitkBSpline}.get(order)
+    if interp is None:
+        raise InputError(f"interpolation order must be 0, 1 or 3, got {order}")
+    out = sitk.Resample(moving_img, reference, transform or sitk.Transform(3, sitk.sitkIdentity), interp, default,
+                        sitk.sitkFloat32)
+    return Volume(from_sitk(out), np.asarray(fixed_affine, dtype=np.float64))
+
+
+def register_rigid(moving: Volume, fixed: Volume, seed: int = 0) -> Volume:
+    """Rigidly register ``moving`` to ``fixed`` (mutual information, Euler3D; see :func:`estimate_rigid`) and return
+    it resampled (linear) onto the fixed grid, with the fixed affine. Voxels that map outside ``moving`` are 0."""
+    for vol, name in ((moving, "moving"), (fixed, "fixed")):
+        if np.asarray(vol.array).ndim != 3:
+            raise InputError(f"register_rigid: {name} image must be 3-D, got shape {tuple(np.shape(vol.array))}")
+        check_finite(vol.array, f"{name} image")
+        check_not_empty(vol.array, f"{name} image")
+    transform = estimate_rigid(moving, fixed, seed=seed)
+    return resample_onto(moving, fixed.affine, fixed.array.shape, transform)
+
+
+# --------------------------------------------------------------------------------------------------- resampling
+def resample_to_spacing(vol: Volume, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), order: int = 1) -> Volume:
+    """``vol`` on a grid of voxel size ``spacing`` (mm) with the same orientation and the same first-voxel centre.
+
+    The new shape is ``round(shape * old_spacing / spacing)`` (at least 1); the new affine scales the old one's
+    columns. Interpolation is scipy's spline of ``order`` (0 nearest, 1 linear, 3 cubic), edge values repeated
+    (``mode="nearest"``). ``order > 0`` returns float32, ``order == 0`` keeps the dtype (for label maps).
+    """
+    array = np.asarray(vol.array)
+    if array.ndim != 3:
+        raise InputError(f"resample_to_spacing: expected a 3-D volume, got shape {tuple(array.shape)}")
+    new = np.array([float(s) for s in spacing])
+    if new.shape != (3,) or np.any(new <= 0):
+        raise InputError(f"resample_to_spacing: spacing must be 3 positive numbers, got {spacing}")
+    old = np.array(vol.spacing)
+    scale = new / old  # new index step in old index units
+    shape = tuple(int(max(1, round(n * o / s))) for n, o, s in zip(array.shape, old, new))
+    affine = np.asarray(vol.affine, dtype=np.float64).copy()
+    affine[:3, :3] = affine[:3, :3] * scale[None, :]
+    if np.allclose(scale, 1.0) and shape == array.shape:
+        return Volume(array.astype(np.float32) if order > 0 else array.copy(), affine)
+    data = array.astype(np.float32) if order > 0 else array
+    out = ndimage.affine_transform(data, scale, offset=0.0, output_shape=shape, order=order, mode="nearest")
+    return Volume(out.astype(np.float32) if order > 0 else out.astype(array.dtype), affine)
+
+
+# --------------------------------------------------------------------------------------------------- pipeline
+@dataclass
+class PreparedImage:
+    """The network input of one subject.
+
+    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) z-scored over ``brain_mask``; ``raw``: the same before
+    z-scoring (after the optional registration/resampling/N4); ``affine``: the voxel-to-world matrix of the grid
+    (the FLAIR grid, or its 1 mm resampling); ``brain_mask``: bool ``[X, Y, Z]``.
+    """
+
+    image: np.ndarray
+    affine: np.ndarray
+    brain_mask: np.ndarray
+    raw: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.brain_mask.shape)
+
+
+def prepare_image(
+    flair_path: str | Path,
+    t1_path: str | Path,
+    register: bool = False,
+    n4: bool = False,
+    resample: bool | tuple[float, float, float] = False,
+) -> PreparedImage:
+    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then z-score over the brain.
+
+    * ``register=False``: FLAIR and T1 must share one grid (else :func:`msxai.io.load_pair` raises GeometryError);
+      ``register=True``: T1 is rigidly registered (mutual information) and resampled onto the FLAIR grid.
+    * ``resample``: ``True`` = 1 mm isotropic, or a ``(sx, sy, sz)`` spacing in mm; applied to both channels
+      (FLAIR grid first; T1 is already on it). Without it the output is on the FLAIR grid.
+    * ``n4``: N4 bias-field correction of each sequence inside its non-zero voxels.
+    * the brain mask is the union of the non-zero voxels of both sequences (skull-stripped input).
+    """
+    if not register:
+        raw, affine = load_pair(flair_path, t1_path)
+    else:
+        flair = load_volume(flair_path, "FLAIR")
+        t1 = load_volume(t1_path, "T1")
+        for vol, name in ((flair, "FLAIR"), (t1, "T1")):
+            check_finite(vol.array, name)
+            check_not_empty(vol.array, name)
+        t1_on_flair = register_rigid(t1, flair)
+        raw, affine = np.stack([flair.array, t1_on_flair.array]).astype(np.float32), flair.affine
+    if resample is not False and resample is not None:
+        spacing = (1.0, 1.0, 1.0) if resample is True else tuple(float(s) for s in resample)
+        channels = [resample_to_spacing(Volume(raw[c], affine), spacing, order=1) for c in range(raw.shape[0])]
+        affine = channels[0].affine
+        raw = np.stack([c.array for c in channels]).astype(np.float32)
+    if n4:
+        sp = voxel_spacing(affine)
+        raw = np.stack([n4_bias_correct(raw[c], spacing=sp) for c in range(raw.shape[0])]).astype(np.float32)
+    mask = foreground_mask(raw)
+    return PreparedImage(image=zscore(raw, mask), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)
