@@ -1,0 +1,808 @@
+"""The synthetic MS cohort: FLAIR + MPRAGE/T1 pairs with instance-labelled white-matter lesions.
+
+Each subject is built from the MNI152 2009a (symmetric, 1 mm) T1 template and its GM/WM probability maps that
+ship inside the nilearn wheel (nothing is downloaded):
+
+1. **Anatomy.** A random smooth deformation (global scale, small rotation/translation, an elastic field and an
+   optional ventricle enlargement mimicking atrophy) maps the output grid into the template. GM/WM/CSF maps are
+   resampled through it (CSF = the remaining intracranial space) and sharpened with random smooth logit noise so
+   that sulci, cortex thickness and ventricle shapes differ between subjects.
+2. **Lesions.** Irregular blobs (a union of randomly oriented ellipsoids whose implicit field is perturbed by
+   smooth noise and cut to a sampled volume) placed in white matter at periventricular, deep and juxtacortical
+   sites; periventricular lesions point away from the ventricles (Dawson's fingers); some are seeded next to an
+   earlier lesion so that confluent lesions occur. Volumes are log-normal (heavy-tailed, median ~60 mm^3).
+   The label map stores the 18-connected components of the final binary mask that have at least
+   ``msxai.MIN_LESION_MM3`` mm^3 (from the voxel size); smaller components are removed from label and images.
+3. **Sequences.** FLAIR (CSF suppressed, GM brighter than WM, lesions hyperintense) and MPRAGE (WM bright, GM
+   darker, CSF dark, lesions hypo/isointense) from per-subject random tissue contrasts calibrated on the real
+   patient (open_ms_data patient26: FLAIR GM/WM 1.11, CSF/WM 0.1-0.55, lesion/WM 1.35; T1 GM/WM 0.71,
+   CSF/WM 0.25, lesion/WM 0.81), heterogeneous lesion intensities with partial-volume edges, anatomical
+   texture, periventricular FLAIR caps, smooth multiplicative bias fields, optional blur and Rician noise.
+4. **Skull** (optional): CSF rim, inner/outer tables, diploe, scalp and neck around the brain. Without it the
+   images are brain-extracted like the shared real patient (voxels outside the brain mask are 0).
+
+The output grid is the FSL MNI152 1 mm grid (182 x 218 x 182, affine ``diag(-1, 1, 1)`` with origin
+(90, -126, -72)), the grid of the real patient; ``SynthConfig(voxel_size=2)`` gives the same field of view at
+2 mm for fast tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+
+from msxai import MIN_LESION_MM3
+from msxai.errors import InputError
+from msxai.io import save_volume, voxel_volume_mm3
+
+# FSL MNI152 1 mm grid (the real patient's grid): world = affine @ voxel.
+MNI_SHAPE_1MM = (182, 218, 182)
+MNI_AFFINE_1MM = np.array(
+    [[-1.0, 0.0, 0.0, 90.0], [0.0, 1.0, 0.0, -126.0], [0.0, 0.0, 1.0, -72.0], [0.0, 0.0, 0.0, 1.0]]
+)
+BRAIN_CENTER_MM = np.array([0.0, -18.0, 12.0])  # rotation/scale centre of the deformation (MNI mm)
+VENTRICLE_CENTER_MM = np.array([0.0, -8.0, 14.0])  # centre of the lateral ventricles (MNI mm)
+CONNECTIVITY_18 = ndi.generate_binary_structure(3, 2)
+LESION_SITES = ("periventricular", "deep", "juxtacortical")
+FILE_KEYS = {"flair": "FLAIR", "t1": "T1", "label": "lesions", "brain_mask": "brainmask"}
+
+
+@dataclass
+class SynthConfig:
+    """Ranges of the random subject parameters. Every ``(lo, hi)`` pair is sampled uniformly per subject."""
+
+    voxel_size: float = 1.0  # mm, isotropic; the field of view stays the MNI box
+    # anatomy
+    scale_range: tuple[float, float] = (0.82, 1.03)  # global size (the real patient's brain is ~0.85 MNI)
+    anisotropy: float = 0.04  # per-axis scale jitter
+    rotation_deg: float = 4.0
+    translation_mm: float = 3.0
+    elastic_mm: tuple[float, float] = (1.5, 4.0)  # max elastic displacement
+    elastic_sigma_mm: float = 14.0
+    ventricle_enlargement: tuple[float, float] = (0.0, 0.45)
+    tissue_sharpening: tuple[float, float] = (1.2, 2.2)  # logit gain; >1 makes sulci/cortex crisper
+    tissue_noise: tuple[float, float] = (0.4, 1.0)  # logit noise amplitude (per-subject gyral variation)
+    atrophy: tuple[float, float] = (0.0, 0.6)  # logit shift towards CSF (wider sulci)
+    # lesions
+    n_lesions: int | None = None  # fixed lesion count; None = random
+    lesion_count_range: tuple[int, int] = (0, 80)
+    lesion_count_mean: float = 22.0
+    lesion_volume_median_mm3: float = 60.0
+    lesion_volume_sigma: float = 1.25  # of log-volume
+    lesion_volume_max_mm3: float = 6000.0
+    confluent_fraction: float = 0.2  # fraction of lesions seeded next to an earlier one
+    site_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)  # periventricular, deep, juxtacortical
+    min_lesion_mm3: float = MIN_LESION_MM3
+    # contrasts (relative to white matter = 1)
+    flair_gm: tuple[float, float] = (1.05, 1.25)
+    flair_csf: tuple[float, float] = (0.04, 0.2)
+    flair_lesion: tuple[float, float] = (1.2, 1.65)
+    flair_caps: tuple[float, float] = (0.0, 0.15)
+    t1_gm: tuple[float, float] = (0.62, 0.8)
+    t1_csf: tuple[float, float] = (0.15, 0.35)
+    t1_lesion: tuple[float, float] = (0.55, 0.97)
+    black_hole_fraction: float = 0.15  # lesions with a markedly hypointense T1 core
+    lesion_heterogeneity: tuple[float, float] = (0.03, 0.1)
+    texture: tuple[float, float] = (0.01, 0.04)
+    # acquisition
+    bias_strength: tuple[float, float] = (0.02, 0.08)
+    blur_sigma_mm: tuple[float, float] = (0.0, 0.6)
+    flair_noise: tuple[float, float] = (0.025, 0.06)  # Rician sigma / WM
+    t1_noise: tuple[float, float] = (0.012, 0.035)
+    flair_wm_level: tuple[float, float] = (60.0, 600.0)  # arbitrary units
+    t1_wm_level: tuple[float, float] = (200.0, 1200.0)
+
+    def grid(self) -> tuple[tuple[int, int, int], np.ndarray]:
+        """Shape and affine of the output grid (the MNI box at ``voxel_size``)."""
+        v = float(self.voxel_size)
+        if not (0.5 <= v <= 4.0):
+            raise InputError(f"voxel_size must be between 0.5 and 4 mm, got {v}")
+        shape = tuple(int(round(s / v)) for s in MNI_SHAPE_1MM)
+        affine = MNI_AFFINE_1MM.copy()
+        affine[:3, :3] *= v
+        # keep the centre of the first voxel's corner where the 1 mm grid has it
+        affine[:3, 3] = MNI_AFFINE_1MM[:3, 3] + (np.diag(affine[:3, :3]) - np.diag(MNI_AFFINE_1MM[:3, :3])) / 2
+        return shape, affine
+
+
+@dataclass
+class SynthSubject:
+    """One synthetic subject on the output grid (arrays in NIfTI voxel order [X, Y, Z])."""
+
+    flair: np.ndarray  # float32
+    t1: np.ndarray  # float32
+    lesions: np.ndarray  # int32 instance ids, 0 = background (18-connected components >= min volume)
+    brain_mask: np.ndarray  # uint8
+    affine: np.ndarray  # 4x4
+    tissues: np.ndarray | None = None  # float32 [3, X, Y, Z] probabilities of CSF, GM, WM (not written)
+    meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------- template
+
+
+def _nilearn_data_dir() -> Path:
+    import nilearn.datasets
+
+    return Path(nilearn.datasets.__file__).parent / "data"
+
+
+@lru_cache(maxsize=1)
+def mni_template() -> dict:
+    """MNI152 2009a T1 (scaled to [0, 1]), GM, WM and CSF probabilities and intracranial mask, from nilearn.
+
+    The T1 template is brain-extracted: its non-zero voxels are the intracranial space; CSF is what GM and WM
+    leave of it. Returned arrays are float32 on the template grid, with ``affine``.
+    """
+    d = _nilearn_data_dir()
+    out = {}
+    for key in ("t1", "gm", "wm"):
+        path = d / f"mni_icbm152_{key}_tal_nlin_sym_09a_converted.nii.gz"
+        if not path.exists():
+            raise FileNotFoundError(f"nilearn's MNI152 2009a {key} template is missing: {path}")
+        img = nib.load(str(path))
+        out[key] = np.asarray(img.dataobj, dtype=np.float32) / 255.0
+        out["affine"] = np.asarray(img.affine, dtype=np.float64)
+    icv = (out["t1"] > 0).astype(np.float32)
+    # smooth the intracranial edge a little so that the mask resamples to a smooth boundary
+    icv = np.clip(ndi.gaussian_filter(icv, 0.6) * 1.2, 0, 1) * (ndi.binary_dilation(out["t1"] > 0))
+    out["icv"] = icv.astype(np.float32)
+    out["csf"] = np.clip(icv - out["gm"] - out["wm"], 0, 1).astype(np.float32)
+    nz = np.argwhere(out["t1"] > 0)
+    out["bbox"] = (nz.min(0), nz.max(0))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- random fields
+
+
+def _u(rng: np.random.Generator, lohi) -> float:
+    lo, hi = lohi
+    return float(rng.uniform(lo, hi))
+
+
+def smooth_noise(rng: np.random.Generator, shape, sigma_vox: float, coarse: int | None = None) -> np.ndarray:
+    """Zero-mean, unit-std Gaussian random field with correlation length ``sigma_vox`` voxels.
+
+    Large correlation lengths are generated on a grid coarsened by ``coarse`` and upsampled (trilinear).
+    """
+    shape = tuple(int(s) for s in shape)
+    if coarse is None:
+        coarse = max(1, int(sigma_vox // 3))
+    cshape = shape if coarse <= 1 else tuple(max(2, -(-s // coarse) + 1) for s in shape)
+    f = rng.standard_normal(cshape).astype(np.float32)
+    f = ndi.gaussian_filter(f, sigma_vox / coarse, mode="wrap")
+    if coarse > 1:
+        f = ndi.zoom(f, [s / c for s, c in zip(shape, cshape)], order=1, grid_mode=False)[
+            : shape[0], : shape[1], : shape[2]
+        ]
+    f -= f.mean()
+    sd = f.std()
+    return (f / sd if sd > 0 else f).astype(np.float32)
+
+
+def _rotation(rng: np.random.Generator, max_deg: float) -> np.ndarray:
+    ax, ay, az = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q = rng.standard_normal(4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+# ----------------------------------------------------------------------------------------------- anatomy
+
+
+def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[tuple[slice, ...], np.ndarray, dict]:
+    """Template voxel coordinates ``[3, *crop]`` for the output voxels of the crop around the deformed brain."""
+    v = float(cfg.voxel_size)
+    scale = _u(rng, cfg.scale_range)
+    scales = scale * (1 + rng.uniform(-cfg.anisotropy, cfg.anisotropy, 3))
+    rot = _rotation(rng, cfg.rotation_deg)
+    shift = rng.uniform(-cfg.translation_mm, cfg.translation_mm, 3)
+    # output world w -> template world: c + R diag(1/s) (w - c - t) + u_elastic(w) + u_ventricles(w)
+    lin = rot @ np.diag(1.0 / scales)
+    elastic = _u(rng, cfg.elastic_mm)
+    vent = _u(rng, cfg.ventricle_enlargement)
+    # coarse grid (every `step` output voxels) where the displacement is evaluated, then upsampled
+    step = max(1, int(round(4 / v)))
+    cshape = tuple(-(-s // step) + 1 for s in shape)
+    ci = np.stack(np.meshgrid(*[np.arange(c) * step for c in cshape], indexing="ij")).reshape(3, -1).astype(float)
+    w = affine[:3, :3] @ ci + affine[:3, 3:4]
+    tw = lin @ (w - BRAIN_CENTER_MM[:, None] - shift[:, None]) + BRAIN_CENTER_MM[:, None]
+    sig_c = cfg.elastic_sigma_mm / (step * v)
+    disp = np.stack([smooth_noise(rng, cshape, sig_c, coarse=1) for _ in range(3)]).reshape(3, -1)
+    disp *= elastic / max(1e-6, np.abs(disp).max())
+    tw = tw + disp
+    # ventricle enlargement: pull template coordinates towards the ventricle centre (output ventricles grow)
+    d = tw - VENTRICLE_CENTER_MM[:, None]
+    g = np.exp(-0.5 * ((d[0] / 14.0) ** 2 + (d[1] / 30.0) ** 2 + (d[2] / 16.0) ** 2))
+    tw = tw - vent * d * g
+    tinv = np.linalg.inv(tpl["affine"])
+    tv = (tinv[:3, :3] @ tw + tinv[:3, 3:4]).reshape(3, *cshape)
+    # crop: output voxels whose template coordinate is inside the template brain box (plus margin)
+    lo, hi = tpl["bbox"]
+    margin = 3
+    inside = np.all((tv >= (lo - margin)[:, None, None, None]) & (tv <= (hi + margin)[:, None, None, None]), axis=0)
+    idx = np.argwhere(inside)
+    if idx.size == 0:
+        raise RuntimeError("the deformed template left the field of view")
+    pad = int(np.ceil(24 / v))  # room for partial-volume edges and an optional skull
+    c0 = np.maximum(idx.min(0) * step - pad, 0)
+    c1 = np.minimum(idx.max(0) * step + pad + 1, shape)
+    crop = tuple(slice(int(a), int(b)) for a, b in zip(c0, c1))
+    # trilinear upsampling of the coarse coordinate field onto the crop's voxels
+    grids = np.meshgrid(*[np.arange(a, b) / step for a, b in zip(c0, c1)], indexing="ij", sparse=False)
+    pts = np.stack(grids)
+    coords = np.stack([ndi.map_coordinates(tv[k], pts, order=1, mode="nearest") for k in range(3)])
+    meta = {
+        "scale": [round(float(s), 4) for s in scales],
+        "rotation_deg_max": cfg.rotation_deg,
+        "translation_mm": [round(float(s), 3) for s in shift],
+        "elastic_mm": round(elastic, 3),
+        "ventricle_enlargement": round(vent, 3),
+    }
+    return crop, coords.astype(np.float32), meta
+
+
+def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Deformed, sharpened CSF/GM/WM probabilities ``[3, *crop]``, intracranial mask and template T1 texture."""
+    warp = lambda a: ndi.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)  # noqa: E731
+    icv = warp(tpl["icv"])
+    gm, wm, t1 = warp(tpl["gm"]), warp(tpl["wm"]), warp(tpl["t1"])
+    csf = np.clip(icv - gm - wm, 0, 1)
+    v = float(cfg.voxel_size)
+    gain = _u(rng, cfg.tissue_sharpening)
+    amp = _u(rng, cfg.tissue_noise)
+    atrophy = _u(rng, cfg.atrophy)
+    shape = icv.shape
+    logits = np.log(np.stack([csf, gm, wm]) + 0.02) * gain
+    logits[0] += atrophy
+    for k in range(3):
+        logits[k] += amp * smooth_noise(rng, shape, 1.5 / v, coarse=1) * 0.6
+        logits[k] += amp * smooth_noise(rng, shape, 6.0 / v) * 0.4
+    logits -= logits.max(0, keepdims=True)
+    p = np.exp(logits)
+    p /= p.sum(0, keepdims=True)
+    mask = icv > 0.5
+    p *= mask[None]
+    meta = {"tissue_gain": round(gain, 3), "tissue_noise": round(amp, 3), "atrophy": round(atrophy, 3)}
+    return p.astype(np.float32), mask, t1.astype(np.float32), meta
+
+
+# ----------------------------------------------------------------------------------------------- lesions
+
+
+def _site_maps(p: np.ndarray, mask: np.ndarray, v: float) -> dict:
+    """Candidate centres (voxel indices) per lesion site and the distance-to-ventricle field (mm).
+
+    Distances are computed on a grid of about 2 mm (strided) for speed; centres are returned on the full grid.
+    """
+    f = max(1, int(round(2.0 / v)))
+    csf, gm, wm = p[0, ::f, ::f, ::f], p[1, ::f, ::f, ::f], p[2, ::f, ::f, ::f]
+    m = mask[::f, ::f, ::f]
+    vs = v * f
+    ventricles = (csf > 0.5) & (ndi.distance_transform_edt(m, sampling=vs) > 12.0)
+    lab, n = ndi.label(ventricles)
+    if n:
+        sizes = np.bincount(lab.ravel())[1:]
+        keep = np.flatnonzero(sizes >= max(2, 0.05 * sizes.max())) + 1
+        ventricles = np.isin(lab, keep)
+    if ventricles.any():
+        dist_vent = ndi.distance_transform_edt(~ventricles, sampling=vs).astype(np.float32)
+    else:
+        dist_vent = np.full(csf.shape, 99.0, np.float32)
+    dist_gm = ndi.distance_transform_edt(gm < 0.5, sampling=vs)
+    core = (wm > 0.6) & m
+    sites = {
+        "periventricular": core & (dist_vent <= 9.0),
+        "deep": core & (dist_vent > 9.0) & (dist_gm > 4.0),
+        "juxtacortical": (wm > 0.5) & (dist_gm > 0.5) & (dist_gm <= 3.0 + vs / 2),
+    }
+    if f > 1:
+        dist_vent = ndi.zoom(dist_vent, [a / b for a, b in zip(mask.shape, dist_vent.shape)], order=1, grid_mode=True,
+                             mode="grid-constant", cval=99.0)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
+        if dist_vent.shape != mask.shape:  # zoom rounding: pad with far distances
+            out = np.full(mask.shape, 99.0, np.float32)
+            out[tuple(slice(0, s) for s in dist_vent.shape)] = dist_vent
+            dist_vent = out
+    return {"centres": {k: np.argwhere(s_) * f for k, s_ in sites.items()}, "dist_vent": dist_vent.astype(np.float32)}
+
+
+def _lesion_count(rng, cfg: SynthConfig) -> int:
+    if cfg.n_lesions is not None:
+        return int(cfg.n_lesions)
+    lo, hi = cfg.lesion_count_range
+    n = int(round(rng.gamma(1.3, cfg.lesion_count_mean / 1.3)))
+    return int(np.clip(n, lo, hi))
+
+
+def _blob(rng, radius_vox: float, direction: np.ndarray | None) -> tuple[np.ndarray, int]:
+    """Implicit field of an irregular blob in a cube of half-size ``h`` (higher = more inside), centred."""
+    h = int(np.ceil(2.2 * radius_vox + 2))
+    ax = np.arange(-h, h + 1, dtype=np.float32)
+    X = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"))
+    n_ell = int(rng.integers(1, 5))
+    field_ = np.full(X.shape[1:], -np.inf, dtype=np.float32)
+    for k in range(n_ell):
+        if direction is not None and k == 0:
+            # Dawson's finger: long axis along the direction away from the ventricles
+            z = direction / (np.linalg.norm(direction) + 1e-9)
+            a = np.cross(z, [1.0, 0, 0] if abs(z[0]) < 0.9 else [0, 1.0, 0])
+            a /= np.linalg.norm(a)
+            R = np.stack([z, a, np.cross(z, a)], axis=1)
+            axes = radius_vox * np.array([rng.uniform(1.4, 2.2), rng.uniform(0.6, 0.9), rng.uniform(0.6, 0.9)])
+        else:
+            R = _random_rotation(rng)
+            axes = radius_vox * rng.uniform(0.55, 1.35, 3)
+        off = rng.uniform(-0.6, 0.6, 3) * radius_vox if k else np.zeros(3)
+        Y = np.tensordot(R.T, X - off[:, None, None, None].astype(np.float32), axes=1)
+        q = np.sqrt(((Y / np.maximum(axes, 0.5)[:, None, None, None]) ** 2).sum(0))
+        field_ = np.maximum(field_, 1.0 - q)
+    sig = max(0.8, radius_vox / 2.5)
+    field_ += rng.uniform(0.25, 0.6) * smooth_noise(rng, field_.shape, sig, coarse=1)
+    return field_, h
+
+
+def _place_lesions(rng, cfg: SynthConfig, p: np.ndarray, mask: np.ndarray, sites: dict) -> tuple[np.ndarray, list[dict]]:
+    """Binary lesion mask and the list of generated blobs (site, target/actual volume)."""
+    v = float(cfg.voxel_size)
+    vox_mm3 = v**3
+    shape = mask.shape
+    lesion = np.zeros(shape, dtype=bool)
+    n = _lesion_count(rng, cfg)
+    if n == 0:
+        return lesion, []
+    wm = p[2]
+    allowed = (wm > 0.4) & mask
+    w = np.asarray(cfg.site_weights, dtype=float) * rng.dirichlet(np.full(3, 4.0)) * 3
+    blobs: list[dict] = []
+    centres: list[np.ndarray] = []
+    for _ in range(n):
+        avail = [k for k, s in enumerate(LESION_SITES) if len(sites["centres"][s])]
+        if not avail:
+            break
+        confluent = bool(centres) and rng.random() < cfg.confluent_fraction
+        site_i = int(rng.choice(avail, p=w[avail] / w[avail].sum()))
+        site = LESION_SITES[site_i]
+        vol = float(np.exp(rng.normal(np.log(cfg.lesion_volume_median_mm3), cfg.lesion_volume_sigma)))
+        if site == "periventricular":
+            vol *= 1.6
+        elif site == "juxtacortical":
+            vol *= 0.7
+        vol = float(np.clip(vol, cfg.min_lesion_mm3 * 1.2, cfg.lesion_volume_max_mm3))
+        r = (3 * vol / (4 * np.pi)) ** (1 / 3) / v
+        if confluent:
+            prev = centres[int(rng.integers(len(centres)))]
+            c = np.clip(np.round(prev + rng.normal(0, 1, 3) * max(2.0, r)), 0, np.array(shape) - 1).astype(int)
+            if not allowed[tuple(c)]:
+                cand = sites["centres"][site]
+                c = cand[int(rng.integers(len(cand)))]
+                confluent = False
+        else:
+            cand = sites["centres"][site]
+            c = cand[int(rng.integers(len(cand)))]
+        direction = None
+        if site == "periventricular":
+            dv = sites["dist_vent"]
+            sl = tuple(slice(max(0, ci - 1), ci + 2) for ci in c)
+            gr = np.array([np.gradient(dv[sl], axis=a).mean() if dv[sl].shape[a] > 1 else 0.0 for a in range(3)])
+            direction = gr if np.linalg.norm(gr) > 1e-6 else None
+        fld, h = _blob(rng, r, direction)
+        lo = c - h
+        hi = c + h + 1
+        slo = np.maximum(lo, 0)
+        shi = np.minimum(hi, shape)
+        fsl = tuple(slice(int(a - b), int(a - b + (d - a))) for a, b, d in zip(slo, lo, shi))
+        osl = tuple(slice(int(a), int(b)) for a, b in zip(slo, shi))
+        f = np.where(allowed[osl], fld[fsl], -np.inf)
+        n_vox = max(1, int(round(vol / vox_mm3)))
+        flat = f.ravel()
+        ok = np.isfinite(flat) & (flat > -0.35)
+        if not ok.any():
+            continue
+        n_vox = min(n_vox, int(ok.sum()))
+        thr = np.partition(flat[ok], -n_vox)[-n_vox]
+        blob = f >= thr
+        # keep the component holding the blob's peak
+        lab, nl = ndi.label(blob, CONNECTIVITY_18)
+        if nl > 1:
+            peak = np.unravel_index(int(np.argmax(np.where(blob, f, -np.inf))), f.shape)
+            blob = lab == lab[peak]
+        lesion[osl] |= blob
+        centres.append(c)
+        blobs.append(
+            {"site": site, "target_mm3": round(vol, 1), "mm3": round(float(blob.sum()) * vox_mm3, 1), "confluent": confluent}
+        )
+    return lesion, blobs
+
+
+def lesion_instances_18(binary: np.ndarray, voxel_mm3: float, min_mm3: float = MIN_LESION_MM3) -> np.ndarray:
+    """18-connected components of ``binary`` with at least ``min_mm3`` mm^3, numbered 1..n (int32), in scan order."""
+    lab, n = ndi.label(binary, CONNECTIVITY_18)
+    if n == 0:
+        return lab.astype(np.int32)
+    sizes = np.bincount(lab.ravel())[1:] * voxel_mm3
+    keep = np.flatnonzero(sizes >= min_mm3 - 1e-9) + 1
+    relabel = np.zeros(n + 1, dtype=np.int32)
+    relabel[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
+    return relabel[lab]
+
+
+# ----------------------------------------------------------------------------------------------- intensities
+
+
+def _rician(rng, img: np.ndarray, sigma: float) -> np.ndarray:
+    n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+    return np.sqrt((img + n1) ** 2 + n2**2)
+
+
+def _intensities(rng, cfg, p, mask, t1_tpl, labels, dist_vent) -> tuple[np.ndarray, np.ndarray, dict]:
+    v = float(cfg.voxel_size)
+    csf, gm, wm = p
+    shape = mask.shape
+    c = {
+        "flair_gm": _u(rng, cfg.flair_gm),
+        "flair_csf": _u(rng, cfg.flair_csf),
+        "t1_gm": _u(rng, cfg.t1_gm),
+        "t1_csf": _u(rng, cfg.t1_csf),
+        "flair_caps": _u(rng, cfg.flair_caps),
+        "texture": _u(rng, cfg.texture),
+    }
+    # tissue model (WM = 1)
+    flair = csf * c["flair_csf"] + gm * c["flair_gm"] + wm
+    # MPRAGE: the tissue model plus the template's own fine contrast (deep nuclei, etc.)
+    t1 = csf * c["t1_csf"] + gm * c["t1_gm"] + wm
+    tpl_model = csf * 0.31 + gm * 0.75 + wm * 1.0
+    t1 = t1 + 0.5 * (t1_tpl / 0.87 - tpl_model) * mask
+    # periventricular caps on FLAIR (normal-appearing, thin hyperintense rim around the ventricles)
+    if dist_vent is not None:
+        flair = flair * (1 + c["flair_caps"] * np.exp(-dist_vent / 3.0) * wm)
+    # anatomical texture: shared part + sequence-specific part
+    shared = smooth_noise(rng, shape, 1.0 / v, coarse=1)
+    flair *= 1 + c["texture"] * (0.7 * shared + 0.7 * smooth_noise(rng, shape, 1.0 / v, coarse=1))
+    t1 *= 1 + 0.6 * c["texture"] * (0.7 * shared + 0.7 * smooth_noise(rng, shape, 1.0 / v, coarse=1))
+    # lesions: per-lesion contrast, internal heterogeneity, partial-volume edges
+    n = int(labels.max())
+    meta_l: dict = {"n_lesions": n}
+    if n:
+        f_les = rng.uniform(*cfg.flair_lesion, n + 1).astype(np.float32)
+        t_les = rng.uniform(*cfg.t1_lesion, n + 1).astype(np.float32)
+        black = rng.random(n + 1) < cfg.black_hole_fraction
+        t_les[black] = rng.uniform(0.35, 0.55, int(black.sum()))
+        ext = labels.copy()
+        for _ in range(2):
+            ext = np.where(ext > 0, ext, ndi.grey_dilation(ext, footprint=CONNECTIVITY_18))
+        binary = (labels > 0).astype(np.float32)
+        soft = ndi.gaussian_filter(binary, 0.6 / v) * 1.3
+        soft = np.clip(np.maximum(soft, 0.85 * binary), 0, 1) * (ext > 0) * mask
+        het = _u(rng, cfg.lesion_heterogeneity)
+        hf = 1 + het * smooth_noise(rng, shape, 1.5 / v, coarse=1)
+        # brighter/darker core: depth inside the lesion
+        depth = np.clip((ndi.gaussian_filter(binary, 1.5 / v) - 0.5) * 2.5, 0, 1) * binary
+        fl = f_les[ext] * hf * (1 + 0.08 * depth)
+        tl = t_les[ext] * (2 - hf) * (1 - 0.1 * depth * black[ext])
+        flair = flair * (1 - soft) + soft * fl
+        t1 = t1 * (1 - soft) + soft * tl
+        meta_l.update({"flair_lesion_mean": round(float(f_les[1:].mean()), 3), "t1_lesion_mean": round(float(t_les[1:].mean()), 3), "black_holes": int(black[1:].sum())})
+    flair *= mask
+    t1 *= mask
+    c.update(meta_l)
+    return flair.astype(np.float32), t1.astype(np.float32), c
+
+
+def _skull(rng, cfg, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FLAIR/T1 (WM = 1 units) of the CSF rim, skull tables, diploe, scalp and neck outside ``mask``; head mask."""
+    v = float(cfg.voxel_size)
+    shape = mask.shape
+    d = ndi.distance_transform_edt(~mask, sampling=v)
+    # the neck: below the lowest brain slice + 25 mm, extrude the head cross-section downwards
+    zs = np.flatnonzero(mask.any(axis=(0, 1)))
+    wob = lambda s: 1 + 0.25 * smooth_noise(rng, shape, 20.0 / v)  # noqa: E731
+    rim = rng.uniform(1.0, 3.0) * wob(0)
+    inner = rim + rng.uniform(1.0, 2.0)
+    diploe = inner + rng.uniform(1.5, 4.0) * wob(0)
+    outer = diploe + rng.uniform(1.0, 2.0)
+    scalp = outer + rng.uniform(4.0, 8.0) * wob(0)
+    skin = scalp + 1.5
+    flair = np.zeros(shape, np.float32)
+    t1 = np.zeros(shape, np.float32)
+    layers = [  # (outer edge, FLAIR, T1)
+        (rim, 0.12, 0.25),
+        (inner, 0.03, 0.05),
+        (diploe, 0.75, 0.95),
+        (outer, 0.03, 0.05),
+        (scalp, 1.05, 1.15),
+        (skin, 0.7, 0.7),
+    ]
+    inside = mask.copy()
+    prev = np.zeros(shape)
+    for edge, fv, tv in layers:
+        shell = (d > prev) & (d <= edge) & ~inside
+        flair[shell] = fv
+        t1[shell] = tv
+        inside |= shell
+        prev = edge
+    head = inside
+    if zs.size:
+        z0 = min(shape[2] - 1, int(zs[0] + 25 / v))
+        section = head[:, :, z0]
+        d2 = ndi.distance_transform_edt(section, sampling=v)
+        for z in range(0, z0):
+            add = section & ~head[:, :, z]
+            flair[:, :, z][add] = np.where(d2[add] < 2.0, 0.7, 0.65)
+            t1[:, :, z][add] = np.where(d2[add] < 2.0, 0.7, 0.6)
+            head[:, :, z] |= section
+    return flair, t1, head
+
+
+def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None = None) -> SynthSubject:
+    """One synthetic subject, fully determined by ``seed`` (and ``skull``/``config``)."""
+    cfg = config or SynthConfig()
+    seed = int(seed)
+    if seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed}")
+    ss = np.random.SeedSequence(seed)
+    r_anat, r_les, r_int, r_acq, r_skull = (np.random.default_rng(s) for s in ss.spawn(5))
+    tpl = mni_template()
+    shape, affine = cfg.grid()
+    v = float(cfg.voxel_size)
+    crop, coords, meta_def = _deformation(r_anat, cfg, shape, affine, tpl)
+    p, mask, t1_tpl, meta_t = _tissues(r_anat, cfg, tpl, coords)
+    del coords
+    sites = _site_maps(p, mask, v)
+    lesion, blobs = _place_lesions(r_les, cfg, p, mask, sites)
+    vox_mm3 = voxel_volume_mm3(affine)
+    labels = lesion_instances_18(lesion, vox_mm3, cfg.min_lesion_mm3)
+    flair, t1, meta_c = _intensities(r_int, cfg, p, mask, t1_tpl, labels, sites["dist_vent"])
+    head = mask
+    if skull:
+        sf, st, head = _skull(r_skull, cfg, mask)
+        flair = np.where(mask, flair, sf)
+        t1 = np.where(mask, t1, st)
+    # acquisition: partial-volume blur, smooth bias field, Rician noise, arbitrary scale
+    meta_a = {}
+    for name in ("flair", "t1"):
+        img = flair if name == "flair" else t1
+        blur = _u(r_acq, cfg.blur_sigma_mm)
+        if blur > 0.05:
+            img = ndi.gaussian_filter(img, blur / v)
+        strength = _u(r_acq, cfg.bias_strength)
+        bias = np.exp(strength * smooth_noise(r_acq, img.shape, 40.0 / v))
+        img = img * bias
+        sigma = _u(r_acq, cfg.flair_noise if name == "flair" else cfg.t1_noise)
+        img = _rician(r_acq, img, sigma)
+        level = _u(r_acq, cfg.flair_wm_level if name == "flair" else cfg.t1_wm_level)
+        img = img * level
+        if skull:
+            img = np.where(head | mask, img, img)  # background keeps its Rician noise floor
+        else:
+            img = img * mask
+        meta_a[name] = {"blur_mm": round(blur, 3), "bias": round(strength, 3), "noise": round(sigma, 4), "wm_level": round(level, 1)}
+        if name == "flair":
+            flair = img
+        else:
+            t1 = img
+    # place the crop into the full grid
+    def full(a, dtype, fill=0):
+        out = np.full(shape, fill, dtype=dtype)
+        out[crop] = a
+        return out
+
+    flair_f = full(flair, np.float32)
+    t1_f = full(t1, np.float32)
+    if skull:  # noise floor everywhere outside the crop too
+        for arr, name in ((flair_f, "flair"), (t1_f, "t1")):
+            outside = np.ones(shape, bool)
+            outside[crop] = False
+            s = meta_a[name]["noise"] * meta_a[name]["wm_level"]
+            arr[outside] = np.abs(r_acq.standard_normal(int(outside.sum())) * s + 1j * r_acq.standard_normal(int(outside.sum())) * s)
+    tissues = np.zeros((3, *shape), np.float32)
+    tissues[(slice(None), *crop)] = p
+    subject = SynthSubject(
+        flair=flair_f,
+        t1=t1_f,
+        lesions=full(labels, np.int32),
+        brain_mask=full(mask.astype(np.uint8), np.uint8),
+        affine=affine.copy(),
+        tissues=tissues,
+        meta={
+            "seed": seed,
+            "skull": bool(skull),
+            "voxel_size": v,
+            "deformation": meta_def,
+            "tissues": meta_t,
+            "contrast": {k: (round(x, 4) if isinstance(x, float) else x) for k, x in meta_c.items()},
+            "acquisition": meta_a,
+            "blobs": blobs,
+            "lesion_volumes_mm3": [
+                round(float(x) * vox_mm3, 1) for x in np.bincount(labels.ravel())[1:]
+            ],
+        },
+    )
+    return subject
+
+
+# ----------------------------------------------------------------------------------------------- files & cohort
+
+
+def subject_files(subject_id: str) -> dict[str, str]:
+    """File names of one subject: keys ``flair``, ``t1``, ``label``, ``brain_mask``."""
+    return {k: f"{subject_id}_{suffix}.nii.gz" for k, suffix in FILE_KEYS.items()}
+
+
+def write_subject(subject: SynthSubject, out_dir: str | Path, subject_id: str) -> dict[str, Path]:
+    """Write ``<id>_FLAIR``, ``<id>_T1``, ``<id>_lesions`` and ``<id>_brainmask`` NIfTIs (+ ``<id>_meta.json``)."""
+    out_dir = Path(out_dir)
+    names = subject_files(subject_id)
+    paths = {
+        "flair": save_volume(out_dir / names["flair"], subject.flair, subject.affine, np.float32),
+        "t1": save_volume(out_dir / names["t1"], subject.t1, subject.affine, np.float32),
+        "label": save_volume(out_dir / names["label"], subject.lesions, subject.affine, np.int32),
+        "brain_mask": save_volume(out_dir / names["brain_mask"], subject.brain_mask, subject.affine, np.uint8),
+    }
+    meta_path = out_dir / f"{subject_id}_meta.json"
+    meta_path.write_text(json.dumps(subject.meta, indent=1))
+    paths["meta"] = meta_path
+    return paths
+
+
+def subject_seed(cohort_seed: int, index: int) -> int:
+    """Seed of subject ``index`` in the cohort with seed ``cohort_seed`` (independent streams per subject)."""
+    return int(np.random.SeedSequence([int(cohort_seed), int(index)]).generate_state(1, np.uint32)[0])
+
+
+def make_splits(ids: list[str], seed: int, fractions=(0.7, 0.15, 0.15)) -> dict[str, list[str]]:
+    """Deterministic disjoint train/val/test split covering all ``ids``.
+
+    With at least 3 subjects val and test get at least one each; a single subject goes to ``test`` (the demo).
+    """
+    fr = np.asarray(fractions, dtype=float)
+    if fr.shape != (3,) or np.any(fr < 0) or fr.sum() <= 0:
+        raise InputError(f"splits must be three non-negative fractions (train, val, test), got {fractions}")
+    fr = fr / fr.sum()
+    n = len(ids)
+    order = list(np.random.default_rng(np.random.SeedSequence([int(seed), 1729])).permutation(n))
+    if n == 1:
+        return {"train": [], "val": [], "test": list(ids)}
+    n_val = int(round(fr[1] * n))
+    n_test = int(round(fr[2] * n))
+    if n >= 3:
+        n_val = max(n_val, 1 if fr[1] > 0 else 0)
+        n_test = max(n_test, 1 if fr[2] > 0 else 0)
+    n_train = n - n_val - n_test
+    if n_train < 0 or (n_train == 0 and fr[0] > 0 and n >= 3):
+        n_train = max(1, n - n_val - n_test) if fr[0] > 0 else 0
+        n_val = min(n_val, n - n_train)
+        n_test = n - n_train - n_val
+    pick = [ids[i] for i in order]
+    return {
+        "train": sorted(pick[:n_train]),
+        "val": sorted(pick[n_train : n_train + n_val]),
+        "test": sorted(pick[n_train + n_val :]),
+    }
+
+
+def _worker(args) -> dict:
+    out_dir, sid, s, skull, cfg_dict = args
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = SynthConfig(**cfg_dict)
+    subj = generate_subject(s, skull=skull, config=cfg)
+    write_subject(subj, out_dir, sid)
+    return {"id": sid, "seed": s, "n_lesions": int(subj.lesions.max())}
+
+
+def generate_cohort(
+    out_dir: str | Path,
+    n_subjects: int,
+    seed: int = 0,
+    skull: bool = False,
+    workers: int = 1,
+    splits=(0.7, 0.15, 0.15),
+    config: SynthConfig | None = None,
+    name: str = "msxai-synth",
+    prefix: str = "synth",
+    progress: bool = True,
+) -> Path:
+    """Generate ``n_subjects`` subjects into ``out_dir`` and write ``out_dir/dataset.json``; returns its path."""
+    from tqdm import tqdm
+
+    n_subjects = int(n_subjects)
+    if n_subjects < 1:
+        raise InputError(f"--n must be at least 1, got {n_subjects}")
+    if int(workers) < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config or SynthConfig()
+    ids = [f"{prefix}{i:03d}" for i in range(n_subjects)]
+    jobs = [(str(out_dir), sid, subject_seed(seed, i), bool(skull), asdict(cfg)) for i, sid in enumerate(ids)]
+    results: dict[str, dict] = {}
+    bar = tqdm(total=n_subjects, desc="synth", unit="subject", disable=not progress)
+    if int(workers) == 1:
+        for job in jobs:
+            r = _worker(job)
+            results[r["id"]] = r
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(max_workers=int(workers), mp_context=mp.get_context("spawn")) as ex:
+            futs = [ex.submit(_worker, job) for job in jobs]
+            for fut in as_completed(futs):
+                r = fut.result()
+                results[r["id"]] = r
+                bar.update(1)
+    bar.close()
+    subjects = []
+    for sid in ids:
+        files = subject_files(sid)
+        subjects.append({"id": sid, "seed": results[sid]["seed"], "n_lesions": results[sid]["n_lesions"], **files})
+    dataset = {
+        "name": name,
+        "seed": int(seed),
+        "skull": bool(skull),
+        "voxel_size": float(cfg.voxel_size),
+        "subjects": subjects,
+        "splits": make_splits(ids, seed, splits),
+    }
+    path = out_dir / "dataset.json"
+    path.write_text(json.dumps(dataset, indent=1))
+    return path
+
+
+def load_dataset(dataset_json: str | Path) -> dict:
+    """Read a cohort's ``dataset.json`` and resolve every subject's file names to absolute paths.
+
+    Returns the same dict with ``root`` added and, per subject, ``flair``/``t1``/``label``/``brain_mask`` as
+    absolute path strings; raises ``InputError`` naming a missing file or malformed entry.
+    """
+    path = Path(dataset_json)
+    if path.is_dir():
+        path = path / "dataset.json"
+    if not path.exists():
+        raise InputError(f"dataset.json not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    root = path.parent.resolve()
+    if "subjects" not in data or not isinstance(data["subjects"], list):
+        raise InputError(f"{path}: no 'subjects' list")
+    for s in data["subjects"]:
+        for key in FILE_KEYS:
+            if key not in s:
+                raise InputError(f"{path}: subject {s.get('id', '?')} has no '{key}' entry")
+            p = Path(s[key])
+            p = p if p.is_absolute() else root / p
+            if not p.exists():
+                raise InputError(f"{path}: subject {s.get('id', '?')}: {key} file is missing: {p}")
+            s[key] = str(p)
+    ids = {s["id"] for s in data["subjects"]}
+    for split, members in data.get("splits", {}).items():
+        unknown = set(members) - ids
+        if unknown:
+            raise InputError(f"{path}: split '{split}' names unknown subjects {sorted(unknown)}")
+    data["root"] = str(root)
+    return data
