@@ -404,3 +404,465 @@ def _json_default(o):
 def to_jsonable(obj):
     """Deep-convert numpy scalars/arrays and paths so ``json.dumps`` accepts ``obj``."""
     return json.loads(json.dumps(obj, default=_json_default))
+
+
+# ------------------------------------------------------------------------------------------- explain parameters
+MAX_SAMPLES_DEFAULT = 200
+EXPLAIN_DEFAULTS = {
+    "smoothgrad": {"samples": 50, "sigma": 0.05, "aggregation": "max", "seed": 0},
+    "gradcampp": {"layer": "", "seed": 0},
+}
+EXPLAIN_METHODS = tuple(EXPLAIN_DEFAULTS)
+SEQUENCE_NAMES = ("FLAIR", "MPRAGE")
+
+
+def _first(v):
+    """Client configs send lists of choices; the first entry is the selection (as the Slicer module does)."""
+    return v[0] if isinstance(v, (list, tuple)) and v and not isinstance(v[0], (list, tuple)) else v
+
+
+def _as_int(value, name: str, lo: int, hi: int) -> int:
+    value = _first(value)
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}") from None
+    if not np.isfinite(f) or f != int(f) or not (lo <= f <= hi):
+        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(f)
+
+
+def _as_float(value, name: str, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = _first(value)
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not np.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
+        raise InputError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
+    return f
+
+
+def parse_lesion_param(value) -> list[int] | str:
+    """``3``, ``"3"``, ``[1, 3]``, ``"1,3"`` -> ids; ``"all"`` -> ``"all"``."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lower() == "all":
+            return "all"
+        parts = [p for p in re.split(r"[,\s]+", v) if p]
+        if not parts:
+            raise InputError("lesion must be an id, a list of ids or 'all', got an empty string")
+        value = parts
+    if isinstance(value, (int, float, np.integer)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputError(f"lesion must be an id, a list of ids or 'all', got {value!r}")
+    ids = []
+    for v in value:
+        try:
+            i = _as_int(v, "lesion id", 1, 2**31 - 1)
+        except InputError:
+            raise InputError(f"lesion must be an id (integer >= 1), a list of ids or 'all', got {v!r}") from None
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+@dataclass
+class ExplainParams:
+    method: str
+    model: str
+    lesion: list[int] | str | None
+    samples: int
+    sigma: float
+    aggregation: str
+    layer: str | None
+    seed: int
+    sequence: str
+    fractions: tuple[float, float]
+    foreground: list | None
+    domain_mode: str
+    radius_mm: float
+    label_value: int | None
+    ignored: list[str]
+
+    def run_key(self, domain_key: str) -> str:
+        """A stable folder name for this request's artefacts (same request -> same folder)."""
+        h = hashlib.sha1(
+            json.dumps([self.samples, self.sigma, self.aggregation, self.layer, self.fractions, self.domain_mode,
+                        self.radius_mm, self.foreground, self.label_value], default=str).encode()
+        ).hexdigest()[:8]
+        return f"{self.method}_{self.model}_{domain_key}_seed{self.seed}_{h}"
+
+
+def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequence[str],
+                         max_samples: int = MAX_SAMPLES_DEFAULT, default_layer: str | None = None) -> ExplainParams:
+    """Validate an explain request's parameters; every refusal names the parameter and its valid range."""
+    if method not in EXPLAIN_METHODS:
+        raise InputError(f"method must be one of {EXPLAIN_METHODS}, got {method!r}")
+    d = dict(EXPLAIN_DEFAULTS[method])
+    d.update({k: v for k, v in params.items() if v is not None})
+    model = _first(d.get("model", models[0] if models else None))
+    if model not in models:
+        raise InputError(f"model must be one of {list(models)}, got {model!r}")
+    ignored = []
+    if method == "smoothgrad":
+        samples = _as_int(d.get("samples"), "samples", 1, int(max_samples))
+        sigma = _as_float(d.get("sigma"), "sigma (noise, fraction of the FLAIR intensity range)", 0.0, 1.0)
+        aggregation = str(_first(d.get("aggregation"))).lower()
+        if aggregation not in ("max", "mean"):
+            raise InputError(f"aggregation must be 'max' (Eq. 3) or 'mean' (Eq. 2), got {aggregation!r}")
+        layer = None
+        if params.get("layer"):
+            ignored.append("layer")
+    else:
+        samples, sigma, aggregation = 0, 0.0, "none"
+        for k in ("samples", "sigma", "aggregation"):
+            if params.get(k) not in (None, ""):
+                ignored.append(k)
+        layer = _first(d.get("layer")) or default_layer
+        if not isinstance(layer, str) or not layer:
+            raise InputError("layer must name a module of the network (e.g. the bundle's Grad-CAM++ layer)")
+    seed = _as_int(d.get("seed", 0), "seed", 0, 2**32 - 1)
+    sequence = str(_first(d.get("sequence", "FLAIR"))).upper()
+    if sequence == "T1":
+        sequence = "MPRAGE"
+    if sequence not in SEQUENCE_NAMES:
+        raise InputError(f"sequence must be FLAIR or MPRAGE (T1), got {d.get('sequence')!r}")
+    strong = _as_float(d.get("strong", 0.5), "strong (bin fraction)", 0.0, 1.0, lo_open=True)
+    medium = _as_float(d.get("medium", 0.2), "medium (bin fraction)", 0.0, 1.0, lo_open=True)
+    if medium >= strong:
+        raise InputError(f"medium ({medium}) must be below strong ({strong})")
+    fg = d.get("foreground")
+    foreground = fg if fg not in (None, "", []) else None
+    if isinstance(foreground, str):
+        try:
+            foreground = json.loads(foreground)
+        except ValueError:
+            raise InputError(f"foreground must be a list of [i, j, k] voxel coordinates, got {fg!r}") from None
+    domain_mode = str(_first(d.get("domain_mode", "ball"))).lower()
+    if domain_mode not in ("ball", "grow"):
+        raise InputError(f"domain_mode must be 'ball' or 'grow', got {domain_mode!r}")
+    radius_mm = _as_float(d.get("radius_mm", 3.0), "radius_mm", 0.0, 50.0, lo_open=True)
+    lv = d.get("label_value")
+    label_value = _as_int(lv, "label_value", 1, 2**31 - 1) if lv not in (None, "") else None
+    lesion = d.get("lesion")
+    lesion = parse_lesion_param(lesion) if lesion not in (None, "", []) else None
+    return ExplainParams(method, model, lesion, samples, sigma, aggregation, layer, seed, sequence,
+                         (strong, medium), foreground, domain_mode, radius_mm, label_value, ignored)
+
+
+# ------------------------------------------------------------------------------------------------- the service
+class BundleLoadError(RuntimeError):
+    """A bundle that cannot be served (missing weights, broken config): raised at app start-up."""
+
+
+def resolve_device(value) -> str:
+    """``"cpu"``, ``"cuda"``/``"cuda:N"`` or a GPU name as MONAI Label clients list it -> a torch device string;
+    CUDA when available and nothing (or a GPU) is asked for, the CPU otherwise."""
+    import torch
+
+    value = _first(value)
+    cuda = torch.cuda.is_available()
+    if value in (None, ""):
+        return "cuda" if cuda else "cpu"
+    if not isinstance(value, str):
+        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+    v = value.strip().lower()
+    if v == "cpu":
+        return "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", v):
+        if not cuda:
+            return "cpu"
+        if ":" in v and int(v.split(":")[1]) >= torch.cuda.device_count():
+            raise InputError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s)")
+        return v
+    if cuda:  # a GPU name from monailabel's device_list(), e.g. "NVIDIA H100 80GB HBM3" or "<name>:1"
+        m = re.search(r":(\d+)$", value)
+        return f"cuda:{m.group(1)}" if m else "cuda"
+    raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
+
+
+def _read_domain_label(path: str | Path, shape, affine, value: int | None) -> np.ndarray:
+    from msxai.io import AFFINE_ATOL
+    from msxai.labelmaps import domain_from_label, read_labelmap
+    from msxai.errors import GeometryError
+
+    arr, aff = read_labelmap(path)
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if tuple(arr.shape) != tuple(shape):
+        raise GeometryError(
+            f"uploaded label has shape {tuple(arr.shape)} but the image has {tuple(shape)}; draw it on the study's FLAIR"
+        )
+    if not np.allclose(aff, affine, atol=max(AFFINE_ATOL, 1e-2)):
+        raise GeometryError("uploaded label is not on the image's grid (its orientation/origin/spacing differ)")
+    return domain_from_label(arr, shape, value)
+
+
+class StudyService:
+    """What the MONAI Label app serves, independent of MONAI Label: bundles by model name (loaded once per device),
+    the segmentation cache, and the segmentation/explain requests (parameters in, label map file + JSON out).
+
+    Model runs are serialised by one lock: one segmentation or explanation at a time per server process, so memory
+    is bounded by a single run whatever the number of queued requests."""
+
+    def __init__(self, studies: str | Path, bundle_paths: Mapping[str, str | Path], max_samples: int = MAX_SAMPLES_DEFAULT,
+                 loader=None):
+        if not bundle_paths:
+            raise BundleLoadError("no model selected: pass --conf models all (or a subset such as unet,dynunet)")
+        self.studies = Path(studies)
+        self.bundle_paths = {k: Path(v) for k, v in bundle_paths.items()}
+        self.max_samples = int(max_samples)
+        self.cache = SegmentationCache(self.studies)
+        self._loader = loader
+        self._bundles: dict[tuple[str, str], Any] = {}
+        self._bundle_lock = threading.Lock()
+        self.run_lock = threading.Lock()
+        for model in self.bundle_paths:  # fail at start-up, not at the first request
+            self.bundle(model, "cpu")
+
+    @property
+    def models(self) -> list[str]:
+        return list(self.bundle_paths)
+
+    def bundle(self, model: str, device: str = "cpu"):
+        if model not in self.bundle_paths:
+            raise InputError(f"model must be one of {self.models}, got {model!r}")
+        key = (model, device)
+        with self._bundle_lock:
+            if key not in self._bundles:
+                path = self.bundle_paths[model]
+                loader = self._loader
+                if loader is None:
+                    from msxai.bundle import load_bundle as loader
+                if not path.is_dir():
+                    raise BundleLoadError(f"bundle '{model}': folder {path} not found")
+                try:
+                    self._bundles[key] = loader(path, device=device)
+                except Exception as exc:
+                    raise BundleLoadError(f"bundle '{model}' ({path}) cannot be loaded on {device}: {exc}") from exc
+            return self._bundles[key]
+
+    # ----------------------------------------------------------------------------------------------- helpers
+    def study(self, request: Mapping[str, Any]) -> StudyPair:
+        image = request.get("image")
+        image_id = request.get("image_id")
+        if not isinstance(image, str) or not image:
+            raise UnknownImageError(f"image {image_id!r} not found in the datastore")
+        return study_pair(image, validate_image_id(image_id) if image_id else None)
+
+    def _fingerprint(self, pair: StudyPair, bundle) -> str:
+        return file_fingerprint([pair.flair, pair.t1]) + "-" + weights_fingerprint(getattr(bundle, "path", ""))
+
+    def segmentation(self, model: str, pair: StudyPair, device: str, prepared=None) -> dict:
+        """The (cached) segmentation of a study by a model: labels, prob, affine, table, from_cache."""
+        bundle = self.bundle(model, device)
+
+        def compute():
+            prep = prepared if prepared is not None else bundle.prepare(pair.flair, pair.t1)
+            res = bundle.segment(prep)
+            return {"labels": res.labels, "prob": res.prob, "affine": res.affine, "table": res.table}
+
+        return self.cache.get(pair.image_id, model, self._fingerprint(pair, bundle), compute)
+
+    # ------------------------------------------------------------------------------------------ segmentation
+    def segment_request(self, model: str, request: Mapping[str, Any], out_path: str | Path) -> dict:
+        from msxai.labelmaps import instance_label_names, write_labelmap
+
+        pair = self.study(request)
+        device = resolve_device(request.get("device"))
+        with self.run_lock:
+            entry = self.segmentation(model, pair, device)
+        labels, table = entry["labels"], entry["table"]
+        mode = str(_first(request.get("label_mode", "auto")) or "auto").lower()
+        if mode not in ("auto", "instances", "binary"):
+            raise InputError(f"label_mode must be auto, instances or binary, got {mode!r}")
+        note = None
+        if mode == "auto":
+            # the OHIF v3 plugin always sends restore_label_idx=false and maps values through the static labels
+            # of /info ({"lesion": 1}); every other client gets the instance ids
+            rli = request.get("restore_label_idx")
+            mode = "binary" if rli is False or (isinstance(rli, str) and rli.lower() == "false") else "instances"
+        dtype = _result_dtype(request.get("result_dtype"))
+        n = int(labels.max()) if labels.size else 0
+        if mode == "instances" and dtype is not None and n > np.iinfo(dtype).max:
+            mode, note = "binary", f"{n} lesions do not fit in {np.dtype(dtype).name}: binary mask sent"
+        if mode == "instances":
+            out, names = labels, instance_label_names(labels, table)
+        else:
+            out, names = (labels > 0).astype(np.uint8), {"lesion": 1}
+        write_labelmap(out_path, out, entry["affine"], dtype=dtype)
+        bundle = self.bundle(model, device)
+        result = {
+            "model": model,
+            "bundle": getattr(bundle, "name", model),
+            "image": pair.image_id,
+            "t1": pair.t1.name,
+            "device": device,
+            "label_mode": mode,
+            "label_names": names,
+            "n_lesions": len(table),
+            "lesions": table,
+            "threshold": getattr(bundle, "threshold", None),
+            "min_volume_mm3": getattr(bundle, "min_volume_mm3", None),
+            "cache": entry["from_cache"],
+            "artifacts": f"{ARTIFACTS_DIRNAME}/{pair.image_id}/seg_{model}",
+        }
+        if note:
+            result["note"] = note
+        return result
+
+    # -------------------------------------------------------------------------------------------- explanation
+    def explain_request(self, method: str, request: Mapping[str, Any], out_path: str | Path) -> dict:
+        from msxai.io import save_volume
+        from msxai.labelmaps import combine_signed_max, domain_from_points, saliency_bins, write_labelmap
+        from msxai.lesions import lesion_domain
+
+        pair = self.study(request)
+        device = resolve_device(request.get("device"))
+        model0 = _first(request.get("model")) or self.models[0]
+        bundle_cpu = self.bundle(model0, "cpu") if model0 in self.bundle_paths else None
+        p = parse_explain_params(method, request, self.models, self.max_samples,
+                                 default_layer=getattr(bundle_cpu, "gradcam_layer", None))
+        bundle = self.bundle(p.model, device)
+        label_file = request.get("label")
+
+        with self.run_lock:
+            prepared = bundle.prepare(pair.flair, pair.t1)
+            shape = tuple(prepared.image.shape[1:])
+            affine = np.asarray(prepared.affine, dtype=np.float64)
+            seg = None
+            domains: dict[str, np.ndarray] = {}
+            if label_file:
+                domains["client_label"] = _read_domain_label(label_file, shape, affine, p.label_value)
+                source = "uploaded label"
+            elif p.foreground is not None:
+                domains["client_points"] = domain_from_points(
+                    p.foreground, shape, affine, p.radius_mm, p.domain_mode, flair=prepared.image[0]
+                )
+                source = f"foreground points ({p.domain_mode}, {p.radius_mm} mm)"
+            else:
+                if p.lesion is None:
+                    raise InputError("nothing to explain: give lesion (id, list or 'all'), upload a label, or send "
+                                     "foreground points")
+                seg = self.segmentation(p.model, pair, device, prepared=prepared)
+                ids = [int(r["id"]) for r in seg["table"]] if p.lesion == "all" else p.lesion
+                if not ids:
+                    from msxai.errors import EmptyDomainError
+
+                    raise EmptyDomainError(
+                        f"model {p.model} found no lesion in {pair.image_id}: nothing for lesion='all'; to ask why a "
+                        "spot was missed, upload a label or send foreground points"
+                    )
+                for i in ids:
+                    domains[f"lesion_{i}"] = lesion_domain(seg["labels"], i)
+                source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of segmentation_{p.model}"
+            if seg is None:
+                seg = self.segmentation(p.model, pair, device, prepared=prepared)
+            maps, summaries = explain_maps(bundle, prepared, domains, p, device, prob=seg["prob"])
+
+        # one display map: the chosen sequence (SmoothGrad) or the CAM, largest magnitude over the domains
+        ch = SEQUENCE_NAMES.index(p.sequence)
+        display = combine_signed_max([m[ch] if m.ndim == 4 else m for m in maps.values()])
+        union = np.zeros(shape, dtype=bool)
+        for dm in domains.values():
+            union |= dm
+        domain_name = _domain_display_name(domains)
+        prefix = p.sequence if method == "smoothgrad" else "Grad-CAM++"
+        lab, names, edges = saliency_bins(display, union, p.fractions, prefix=prefix, domain_name=domain_name)
+        write_labelmap(out_path, lab, affine, dtype=_result_dtype(request.get("result_dtype")))
+
+        # the exact float maps beside the study
+        key = p.run_key(_domain_key(domains))
+        run_dir = artifact_dir(self.studies, pair.image_id) / "explain" / key
+        tmp_dir = run_dir.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        files = []
+        for name, m in maps.items():
+            if m.ndim == 4:
+                for c, seq in enumerate(SEQUENCE_NAMES):
+                    save_volume(tmp_dir / f"{name}_{seq}.nii.gz", m[c], affine, dtype=np.float32)
+                    files.append(f"{name}_{seq}.nii.gz")
+            else:
+                save_volume(tmp_dir / f"{name}_gradcampp.nii.gz", m, affine, dtype=np.float32)
+                files.append(f"{name}_gradcampp.nii.gz")
+            save_volume(tmp_dir / f"{name}_domain.nii.gz", domains[name].astype(np.uint8), affine, dtype=np.uint8)
+            files.append(f"{name}_domain.nii.gz")
+        write_labelmap(tmp_dir / "labelmap.nii.gz", lab, affine)
+        files.append("labelmap.nii.gz")
+        result = {
+            "method": method,
+            "model": p.model,
+            "image": pair.image_id,
+            "device": device,
+            "domain_source": source,
+            "domains": {k: int(v.sum()) for k, v in domains.items()},
+            "label_names": names,
+            "labelmap_sequence": p.sequence if method == "smoothgrad" else "Grad-CAM++",
+            "bins": edges,
+            "summary": summaries,
+            "params": {
+                "samples": p.samples, "sigma": p.sigma, "aggregation": p.aggregation, "layer": p.layer,
+                "seed": p.seed, "strong": p.fractions[0], "medium": p.fractions[1],
+            },
+            "artifacts_dir": f"{ARTIFACTS_DIRNAME}/{pair.image_id}/explain/{key}",
+            "files": [f"explain/{key}/{f}" for f in files],
+            "urls": [f"/msxai/artifacts/{pair.image_id}/explain/{key}/{f}" for f in files],
+        }
+        if p.ignored:
+            result["ignored_params"] = p.ignored
+        (tmp_dir / "summary.json").write_text(json.dumps(to_jsonable(result), indent=1))
+        result["files"].append(f"explain/{key}/summary.json")
+        result["urls"].append(f"/msxai/artifacts/{pair.image_id}/explain/{key}/summary.json")
+        _replace_dir(tmp_dir, run_dir)
+        return result
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    import shutil
+
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old.{os.getpid()}.{threading.get_ident()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _domain_key(domains: Mapping[str, np.ndarray]) -> str:
+    names = list(domains)
+    if len(names) == 1:
+        return names[0].replace("_", "")
+    if all(n.startswith("lesion_") for n in names):
+        ids = [n.split("_", 1)[1] for n in names]
+        s = "lesions" + "-".join(ids)
+        return s if len(s) <= 40 else f"lesions{len(ids)}-" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return "domains" + hashlib.sha1("|".join(names).encode()).hexdigest()[:8]
+
+
+def _domain_display_name(domains: Mapping[str, np.ndarray]) -> str:
+    names = list(domains)
+    if len(names) == 1:
+        return names[0].replace("_", " ")
+    if all(n.startswith("lesion_") for n in names):
+        return f"{len(names)} lesions"
+    return "domains"
+
+
+def _result_dtype(value):
+    value = _first(value)
+    if value in (None, ""):
+        return None
+    try:
+        dt = np.dtype(str(value))
+    except TypeError:
+        raise InputError(f"result_dtype {value!r} is not a numpy dtype") from None
+    if dt.kind not in "ui":
+        raise InputError(f"result_dtype must be an integer type for a label map, got {value!r}")
+    return dt.type

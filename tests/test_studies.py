@@ -155,3 +155,62 @@ def test_segmentation_cache_memory_disk_and_invalidation(tmp_path):
     e4 = c2.get("s01_FLAIR", "unet", "fp2", compute)
     assert e4["from_cache"] is None and len(calls) == 2
     assert nib.load(str(tmp_path / "msxai/s01_FLAIR/seg_unet/labels.nii.gz")).shape == (4, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------ request parameters
+from msxai.studies import parse_explain_params, parse_lesion_param, resolve_device  # noqa: E402
+
+
+def test_parse_lesion_param():
+    assert parse_lesion_param("all") == "all"
+    assert parse_lesion_param(3) == [3]
+    assert parse_lesion_param("3") == [3]
+    assert parse_lesion_param("1, 3,3") == [1, 3]
+    assert parse_lesion_param([2, "4"]) == [2, 4]
+    for bad in ("x", 0, -1, [1.5], [], True, "1;2"):
+        with pytest.raises(InputError, match="lesion"):
+            parse_lesion_param(bad)
+
+
+def test_parse_explain_params_defaults_and_ranges():
+    p = parse_explain_params("smoothgrad", {"lesion": "all"}, ["unet", "dynunet"])
+    assert (p.model, p.samples, p.sigma, p.aggregation, p.seed, p.sequence) == ("unet", 50, 0.05, "max", 0, "FLAIR")
+    assert p.lesion == "all" and p.fractions == (0.5, 0.2)
+    # client configs send lists of choices: the first is the selection
+    p = parse_explain_params("smoothgrad", {"model": ["dynunet", "unet"], "aggregation": ["mean", "max"],
+                                            "sequence": "t1", "samples": "4"}, ["unet", "dynunet"])
+    assert (p.model, p.aggregation, p.sequence, p.samples) == ("dynunet", "mean", "MPRAGE", 4)
+    for bad, match in [({"samples": 10**9}, "samples must be an integer in \\[1, 200\\]"),
+                       ({"samples": 0}, "samples"), ({"samples": "lots"}, "samples"), ({"samples": 2.5}, "samples"),
+                       ({"sigma": -1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
+                       ({"aggregation": "median"}, "aggregation"), ({"model": "resnet"}, "model must be one of"),
+                       ({"seed": -3}, "seed"), ({"sequence": "T2"}, "sequence"),
+                       ({"strong": 0.1, "medium": 0.3}, "medium"), ({"foreground": "[[1,2"}, "foreground"),
+                       ({"domain_mode": "cube"}, "domain_mode"), ({"radius_mm": 0}, "radius_mm")]:
+        with pytest.raises(InputError, match=match):
+            parse_explain_params("smoothgrad", bad, ["unet", "dynunet"])
+    with pytest.raises(InputError, match="samples must be an integer in \\[1, 8\\]"):
+        parse_explain_params("smoothgrad", {"samples": 9}, ["unet"], max_samples=8)
+
+
+def test_parse_explain_params_gradcampp():
+    p = parse_explain_params("gradcampp", {"samples": 4, "lesion": 2}, ["unet"], default_layer="model.1")
+    assert p.layer == "model.1" and p.ignored == ["samples"] and p.lesion == [2]
+    p = parse_explain_params("gradcampp", {"layer": "x.y", "foreground": "[[1, 2, 3]]"}, ["unet"])
+    assert p.layer == "x.y" and p.foreground == [[1, 2, 3]]
+    with pytest.raises(InputError, match="layer"):
+        parse_explain_params("gradcampp", {}, ["unet"], default_layer=None)
+    with pytest.raises(InputError, match="method"):
+        parse_explain_params("lime", {}, ["unet"])
+
+
+def test_resolve_device_cpu_only_machine():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU fallback")
+    assert resolve_device(None) == "cpu"
+    assert resolve_device("cuda") == "cpu"
+    assert resolve_device(["cpu"]) == "cpu"
+    with pytest.raises(InputError, match="device"):
+        resolve_device("tpu")

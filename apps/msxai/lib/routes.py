@@ -1,0 +1,81 @@
+"""Read-only HTTP routes of the msxai app for what MONAI Label's datastore API cannot serve: the exact float
+saliency maps and cached segmentations kept in ``<studies>/msxai/<image_id>/``, and the study pairing.
+
+* ``GET /msxai/studies`` -> every study image with its T1 (or the naming-rule error);
+* ``GET /msxai/artifacts/{image_id}`` -> the files kept for a study (relative paths);
+* ``GET /msxai/artifacts/{image_id}/{path}`` -> one of them (NIfTI / JSON).
+
+Paths are checked (:func:`msxai.studies.safe_artifact_path`): nothing outside the study's folder is served.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+
+from msxai.errors import InputError
+from msxai.studies import find_t1, list_artifacts, safe_artifact_path, validate_image_id
+
+logger = logging.getLogger(__name__)
+PREFIX = "/msxai"
+
+
+def build_router(app) -> APIRouter:
+    router = APIRouter(prefix=PREFIX, tags=["msxai"])
+
+    @router.get("/studies", summary="Study images and their T1 (naming rule of msxai.studies)")
+    def studies():
+        ds = app.datastore()
+        out = []
+        for image_id in sorted(ds.list_images()):
+            uri = ds.get_image_uri(image_id)
+            row = {"image": image_id, "flair": os.path.basename(uri)}
+            try:
+                row["t1"] = find_t1(uri).name
+            except InputError as exc:
+                row["error"] = str(exc)
+            out.append(row)
+        return out
+
+    @router.get("/artifacts/{image_id}", summary="Files the app keeps for a study (saliency maps, segmentations)")
+    def artifacts(image_id: str):
+        try:
+            validate_image_id(image_id)
+        except InputError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if image_id not in app.datastore().list_images():
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
+        return {"image": image_id, "files": list_artifacts(app.studies, image_id)}
+
+    @router.get("/artifacts/{image_id}/{relpath:path}", summary="Download one file kept for a study")
+    def artifact(image_id: str, relpath: str):
+        try:
+            path = safe_artifact_path(app.studies, image_id, relpath)
+        except InputError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from None
+        if not path.is_file():
+            raise HTTPException(status_code=404, detail=f"{image_id}/{relpath} not found")
+        media = "application/json" if path.name.endswith(".json") else "application/octet-stream"
+        return FileResponse(str(path), media_type=media, filename=path.name)
+
+    return router
+
+
+def install_routes(app) -> bool:
+    """Add the routes to the served FastAPI app (``monailabel.app:app``) once; a no-op outside the server."""
+    mod = sys.modules.get("monailabel.app")
+    fastapi_app = getattr(mod, "app", None) if mod else None
+    if fastapi_app is None:
+        return False
+    # a re-created app instance (POST /reload) replaces the routes bound to the old one
+    fastapi_app.router.routes = [
+        r for r in fastapi_app.router.routes if not getattr(r, "path", "").startswith(PREFIX + "/")
+    ]
+    fastapi_app.include_router(build_router(app))
+    fastapi_app.openapi_schema = None
+    logger.info("msxai: routes /msxai/studies, /msxai/artifacts installed")
+    return True

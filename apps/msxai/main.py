@@ -1,0 +1,178 @@
+"""msxai MONAI Label app: MS lesion segmentation (three bundles) and instance-level saliency, served to the 3D
+Slicer MONAILabel module and the OHIF v3 plugin.
+
+    monailabel start_server --app apps/msxai --studies data/synth --conf models all
+
+``--conf`` keys (all optional):
+
+* ``models``: ``all`` (default) or a comma list of ``unet``, ``dynunet``, ``swinunetr`` -> tasks
+  ``segmentation_<model>``; ``explain_smoothgrad`` and ``explain_gradcampp`` take ``model`` as a parameter;
+* ``bundles_dir``: where ``msxai_<model>/`` bundles live (default: ``<repo>/bundles``);
+* ``explain``: ``true`` (default) / ``false``: serve the explain tasks;
+* ``max_samples``: the largest SmoothGrad ``samples`` a request may ask for (default 200).
+
+A bundle that cannot be loaded (weights missing, ...) stops the start-up with a message naming it. Nothing is
+downloaded: no model zoo, no sample tasks (sam2 is not registered), no dcmqi tools.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Dict
+
+APP_DIR = Path(__file__).resolve().parent
+REPO_ROOT = APP_DIR.parents[1]
+try:  # the msxai library: installed (pip install -e .) or the repository this app lives in
+    import msxai  # noqa: F401
+except ImportError:  # pragma: no cover
+    sys.path.insert(0, str(REPO_ROOT))
+if str(APP_DIR) not in sys.path:
+    sys.path.insert(0, str(APP_DIR))
+
+from fastapi import HTTPException  # noqa: E402
+from monailabel.config import settings  # noqa: E402
+from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
+from monailabel.interfaces.datastore import Datastore  # noqa: E402
+from monailabel.interfaces.exception import MONAILabelException  # noqa: E402
+from monailabel.interfaces.tasks.infer_v2 import InferTask  # noqa: E402
+from monailabel.interfaces.tasks.strategy import Strategy  # noqa: E402
+from monailabel.tasks.activelearning.first import First  # noqa: E402
+from monailabel.tasks.activelearning.random import Random  # noqa: E402
+from monailabel.utils.others.generic import strtobool  # noqa: E402
+
+import msxai as _msxai  # noqa: E402
+from msxai.errors import InputError, UnknownLesionError  # noqa: E402
+from msxai.studies import (  # noqa: E402
+    MAX_SAMPLES_DEFAULT,
+    BundleLoadError,
+    InvalidImageIdError,
+    StudyService,
+    UnknownImageError,
+    validate_image_id,
+)
+
+from lib.datastore import MsxaiDatastore  # noqa: E402
+from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
+from lib.routes import install_routes  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+MODELS = ("unet", "dynunet", "swinunetr")
+
+
+def http_status(exc: InputError) -> int:
+    """404 for things that do not exist, 400 for malformed ids/parameters, 422 for unusable content."""
+    if isinstance(exc, (UnknownImageError, UnknownLesionError)):
+        return 404
+    if isinstance(exc, InvalidImageIdError):
+        return 400
+    from msxai.errors import EmptyDomainError, GeometryError
+    from msxai.studies import AmbiguousSequenceError, MissingSequenceError
+
+    if isinstance(exc, (GeometryError, EmptyDomainError, MissingSequenceError, AmbiguousSequenceError)):
+        return 422
+    msg = str(exc)
+    if "NaN" in msg or "empty" in msg or "cannot read" in msg:
+        return 422
+    return 400
+
+
+class MsxaiApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        conf = conf or {}
+        models = [m.strip().lower() for m in str(conf.get("models", "all")).split(",") if m.strip()]
+        if "all" in models:
+            models = list(MODELS)
+        bad = [m for m in models if m not in MODELS]
+        if bad or not models:
+            raise BundleLoadError(f"--conf models: unknown model(s) {bad or models}; choose all or from {', '.join(MODELS)}")
+        bundles_dir = Path(conf.get("bundles_dir") or REPO_ROOT / "bundles")
+        self.service = StudyService(
+            studies,
+            {m: bundles_dir / f"msxai_{m}" for m in models},
+            max_samples=int(conf.get("max_samples", MAX_SAMPLES_DEFAULT)),
+        )
+        self.explain = strtobool(conf.get("explain", "true"))
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="msxai - explainable MS lesion segmentation",
+            description=(
+                "MS lesion segmentation from FLAIR + T1/MPRAGE (the study image is the FLAIR; its T1 is found by the "
+                "naming rule) and instance-level saliency (SmoothGrad, Grad-CAM++) of a lesion or a drawn domain"
+            ),
+            version=_msxai.__version__,
+        )
+        install_routes(self)
+
+    # ------------------------------------------------------------------------------------------- datastore
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith("http://") or self.studies.startswith("https://"):
+            return super().init_datastore()
+        return MsxaiDatastore(
+            self.studies,
+            extensions=("*.nii.gz", "*.nii"),
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def _download_dcmqi_tools(self):
+        # MONAILabelApp downloads dcmqi for DICOMweb datastores; this app never downloads anything
+        logger.info("msxai: dcmqi tools are not downloaded (offline app); DICOM SEG output needs them on PATH")
+
+    # ------------------------------------------------------------------------------------------------ tasks
+    def init_infers(self) -> Dict[str, InferTask]:
+        infers: Dict[str, InferTask] = {}
+        for m in self.service.models:
+            infers[f"segmentation_{m}"] = SegmentationTask(self.service, m)
+        if self.explain:
+            infers["explain_smoothgrad"] = ExplainTask(self.service, "smoothgrad")
+            infers["explain_gradcampp"] = ExplainTask(self.service, "gradcampp")
+        return infers
+
+    def init_trainers(self):
+        return {}  # the bundles train with `msxai`/their own train.json, not through the label server
+
+    def init_strategies(self) -> Dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def init_scoring_methods(self):
+        return {}
+
+    # ---------------------------------------------------------------------------------------------- infer
+    def infer(self, request, datastore=None):
+        """Validate the image id and turn input errors into 4xx answers with the message."""
+        try:
+            model = request.get("model")
+            if model not in self._infers:
+                raise HTTPException(status_code=404, detail=f"no model {model!r}; available: {sorted(self._infers)}")
+            image = request.get("image")
+            if not isinstance(image, str):
+                raise InvalidImageIdError("image must be a datastore image id")
+            if os.path.isabs(image) or os.path.exists(image):
+                raise InvalidImageIdError(
+                    "pass a datastore image id: images uploaded with /infer or given as paths are not accepted "
+                    "(a FLAIR needs its T1 beside it: put both in the studies folder or PUT /datastore/image)"
+                )
+            validate_image_id(image)
+            ds = datastore if datastore else self.datastore()
+            uri = ds.get_image_uri(image)
+            if not uri or not os.path.isfile(uri):
+                known = ds.list_images()
+                raise UnknownImageError(
+                    f"image {image!r} is not in the datastore ({len(known)} image(s), e.g. {sorted(known)[:3]})"
+                )
+            request = dict(request)
+            request["image_id"] = image
+            if model.startswith("explain_"):
+                request["save_label"] = False  # saliency bins are not lesion labels
+            return super().infer(request, datastore)
+        except InputError as exc:
+            logger.info(f"msxai: refused {request.get('model')} request: {exc}")
+            raise HTTPException(status_code=http_status(exc), detail=str(exc)) from None
+        except MONAILabelException as exc:
+            raise HTTPException(status_code=400, detail=exc.msg) from None
