@@ -1,0 +1,205 @@
+"""The saliency engine: (model, image, domains, options) -> per-domain maps and summaries.
+
+One entry point, :func:`explain`, shared by ``msxai explain`` and the MONAI Label app. ``model`` is a loaded bundle
+(``msxai.bundle.Bundle``: ``network``, ``inferer``, ``threshold``, ``gradcam_layer``) or any PyTorch segmentation
+network (then ``spec`` is required). Results are yielded one domain at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from msxai import SEQUENCES, THRESHOLD
+from msxai.errors import EmptyDomainError, InputError
+from msxai.saliency.gradcampp import GradCAMPlusPlus
+from msxai.saliency.sliding import SlidingWindowSpec, check_image
+from msxai.saliency.smoothgrad import (
+    AGGREGATIONS,
+    LESION_CHANNEL,
+    as_domain,
+    instance_smoothgrad_many,
+    lesion_probability,
+    network_device,
+    predict_logits,
+)
+from msxai.saliency.summary import lesion_summary, summary_rows
+
+METHODS = ("smoothgrad", "gradcampp")
+
+
+@dataclass
+class Explanation:
+    """Saliency of one domain: ``maps`` name -> [X, Y, Z] float32 (``smoothgrad_flair``, ``smoothgrad_mprage`` or
+    ``gradcampp``) on the network grid, the domain mask and the :func:`lesion_summary` of the maps."""
+
+    name: str
+    method: str
+    maps: dict[str, np.ndarray]
+    domain: np.ndarray
+    summary: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelParts:
+    network: torch.nn.Module
+    spec: SlidingWindowSpec
+    layer: str | None
+    threshold: float
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> CUDA when available, else CPU; ``cuda`` without a GPU is refused with a clear message."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but no CUDA device is available")
+    return dev
+
+
+def model_parts(model, spec: SlidingWindowSpec | None = None, layer: str | None = None,
+                threshold: float | None = None) -> ModelParts:
+    """Network, sliding-window spec, Grad-CAM++ layer and threshold of a bundle or a bare network."""
+    if isinstance(model, torch.nn.Module):
+        network = model
+        if spec is None:
+            raise ValueError("a bare network needs a SlidingWindowSpec (spec=...)")
+    else:
+        network = getattr(model, "network", None)
+        if not isinstance(network, torch.nn.Module):
+            raise ValueError(f"{type(model).__name__} has no torch network (expected a bundle or an nn.Module)")
+        if spec is None:
+            spec = SlidingWindowSpec.from_inferer(model.inferer)
+        layer = layer or getattr(model, "gradcam_layer", None)
+        if threshold is None:
+            threshold = getattr(model, "threshold", None)
+    return ModelParts(network, spec, layer, THRESHOLD if threshold is None else float(threshold))
+
+
+def lesion_domains(labels: np.ndarray, ids: str | int | Sequence[int] = "all") -> dict[str, np.ndarray]:
+    """``{"lesion_<k>": mask}`` for the requested ids of an instance label map (``"all"``: every lesion).
+
+    Unknown ids raise ``UnknownLesionError`` naming the valid ones; a map without lesions raises
+    ``EmptyDomainError``."""
+    from msxai.lesions import as_label_map, lesion_domain, lesion_ids
+
+    labels = as_label_map(labels)
+    if isinstance(ids, str) and ids.strip().lower() == "all":
+        chosen = lesion_ids(labels)
+        if not chosen:
+            raise EmptyDomainError("the lesion map holds no lesion: nothing to explain")
+    elif isinstance(ids, str):
+        chosen = []
+        for part in ids.split(","):
+            try:
+                chosen.append(int(part))
+            except ValueError:
+                raise InputError(f"lesion id must be an integer or 'all', got {part.strip()!r}") from None
+    elif isinstance(ids, (int, np.integer)):
+        chosen = [int(ids)]
+    else:
+        chosen = [int(i) for i in ids]
+    return {f"lesion_{k}": lesion_domain(labels, k) for k in chosen}
+
+
+def map_names(method: str, n_channels: int) -> list[str]:
+    if method == "gradcampp":
+        return ["gradcampp"]
+    seq = [s.lower() for s in SEQUENCES] if n_channels == len(SEQUENCES) else [f"channel{c}" for c in range(n_channels)]
+    return [f"smoothgrad_{s}" for s in seq]
+
+
+def explain(
+    model,
+    image,
+    domains: Mapping[str, np.ndarray],
+    method: str = "smoothgrad",
+    spec: SlidingWindowSpec | None = None,
+    aggregation: str = "max",
+    n_samples: int = 50,
+    sigma_fraction: float = 0.05,
+    sigma: float | None = None,
+    seed: int = 0,
+    layer: str | None = None,
+    threshold: float | None = None,
+    device=None,
+    prob: np.ndarray | None = None,
+    affine: np.ndarray | None = None,
+    ring_mm: Sequence[float] = (0, 2, 4, 6),
+    channel: int = LESION_CHANNEL,
+    **performance,
+) -> Iterator[Explanation]:
+    """Explain every domain of ``domains`` (name -> bool mask on the image grid) with ``method``; yields one
+    :class:`Explanation` per domain as soon as it is done (SmoothGrad processes domains in groups that share
+    windows, so the order may differ from ``domains``; nothing is held back, memory does not grow with the count).
+
+    ``image``: the network input [C, X, Y, Z] (z-scored FLAIR, MPRAGE). ``prob``: the lesion softmax used in the
+    summaries (computed from the clean image when None). ``performance``: ``noise_batch``, ``max_batch``,
+    ``backend``, ``autocast_dtype``, ``max_group_windows`` (SmoothGrad only).
+    """
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if aggregation not in AGGREGATIONS:
+        raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    parts = model_parts(model, spec, layer, threshold)
+    img = check_image(image).float()
+    if device is not None:
+        dev = resolve_device(device)
+        parts.network.to(dev)
+    else:
+        dev = network_device(parts.network)
+    checked = {str(n): as_domain(m, img.shape[1:], str(n)) for n, m in domains.items()}
+    if not checked:
+        raise EmptyDomainError("no domain to explain")
+    names = map_names(method, img.shape[0])
+
+    if method == "gradcampp":
+        if not parts.layer:
+            raise InputError("Grad-CAM++ needs a layer (--layer NAME; the bundle names none)")
+        cam = GradCAMPlusPlus(parts.network, img, parts.spec, parts.layer, device=dev, channel=channel,
+                              autocast_dtype=performance.get("autocast_dtype"))
+        p = cam.probability if prob is None else prob
+        for name, dom in checked.items():
+            maps = {"gradcampp": cam.instance_map(dom, name)}
+            yield Explanation(name, method, maps, dom, lesion_summary(maps, dom, p, affine, ring_mm))
+        return
+
+    p = prob
+    if p is None:
+        p = lesion_probability(predict_logits(parts.network, img, parts.spec, dev), channel)
+    for name, arr in instance_smoothgrad_many(parts.network, img, checked, parts.spec, n_samples=n_samples,
+                                              sigma_fraction=sigma_fraction, sigma=sigma, aggregation=aggregation,
+                                              seed=seed, device=dev, channel=channel, **performance):
+        maps = {k: v for k, v in zip(names, arr)}
+        yield Explanation(name, method, maps, checked[name], lesion_summary(maps, checked[name], p, affine, ring_mm))
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def write_summaries(explanations: Sequence[Explanation] | Mapping[str, dict], out_dir: str | Path,
+                    settings: dict | None = None) -> tuple[Path, Path]:
+    """``saliency.json`` ({"settings", "domains": {name: summary}}) and ``saliency.csv`` (one row per domain and
+    map) in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(explanations, Mapping):
+        summaries = dict(explanations)
+    else:
+        summaries = {e.name: e.summary for e in explanations}
+    pj, pc = out / "saliency.json", out / "saliency.csv"
+    pj.write_text(json.dumps({"settings": settings or {}, "domains": summaries}, indent=2))
+    rows = [r for name, s in summaries.items() for r in summary_rows(name, s)]
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    with open(pc, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return pj, pc
