@@ -251,7 +251,8 @@ def test_cli_lesions(tmp_path, capsys):
     m = save_volume(tmp_path / "mask.nii.gz", (prob > 0.3).astype(np.uint8), affine, dtype=np.uint8)
     assert main(["lesions", "--prob", str(m), "--min-volume", "7", "--out", str(tmp_path / "m")]) == 0
     assert "1 lesion(s)" in capsys.readouterr().out
-    assert len(json.loads((tmp_path / "m" / "lesions.json").read_text())) == 1
+    mask_rows = json.loads((tmp_path / "m" / "lesions.json").read_text())
+    assert len(mask_rows) == 1 and "mean_probability" not in mask_rows[0]
     assert main(["lesions", "--prob", str(tmp_path / "missing.nii.gz"), "--out", str(out)]) == 2
     assert "file not found" in capsys.readouterr().err
 

@@ -138,8 +138,14 @@ def test_n4_reduces_a_multiplicative_bias_field():
     before, after = cv(vol), cv(corrected)
     assert all(a < 0.4 * b for a, b in zip(after, before)), (before, after)
     assert corrected.dtype == np.float32 and np.all(corrected[~brain] == 0)
-    with pytest.raises(InputError, match="non-negative"):
-        n4_bias_correct(vol - 50)
+    # non-positive voxels are left out of the fit but still corrected
+    shifted = vol.copy()
+    shifted[brain & (g[1] < 6)] = -1.0
+    part = n4_bias_correct(shifted, shrink_factor=2, iterations=(20, 20))
+    keep = brain & (g[1] >= 6)
+    np.testing.assert_allclose(part[keep] / corrected[keep], np.median(part[keep] / corrected[keep]), rtol=0.1)
+    with pytest.raises(EmptyDomainError, match="positive"):
+        n4_bias_correct(-vol)
 
 
 # ------------------------------------------------------------------------------------------------ geometry

@@ -46,7 +46,8 @@ def run(args) -> int:
         truth = truth_vol.array
     labels = prediction_instances(prob.array, affine=prob.affine, threshold=args.threshold,
                                   min_volume_mm3=args.min_volume)
-    is_prob = float(prob.array.max(initial=0)) <= 1.0
+    # probability columns only for a real probability map (not for a 0/1 mask or an instance map)
+    is_prob = float(prob.array.max(initial=0)) <= 1.0 and bool(np.any((prob.array > 0) & (prob.array < 1)))
     rows = lesion_table(labels, prob.affine, prob=prob.array if is_prob else None, truth=truth)
     out = Path(args.out)
     save_volume(out / "lesions.nii.gz", labels.astype(np.int32), prob.affine, dtype=np.int32)
