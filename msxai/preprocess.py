@@ -158,17 +158,29 @@ def estimate_rigid(
     sampling_percentage: float = 0.25,
     max_samples: int = 100_000,
     min_step_mm: float = 1e-4,
+    init: str = "world",
 ) -> sitk.Euler3DTransform:
     """Rigid (Euler3D) transform mapping *fixed* world points to *moving* world points, fitted by Mattes mutual
     information (50 bins, seeded random sampling of ``sampling_percentage`` of the voxels of each pyramid level, at
     most ``max_samples``) with a regular-step gradient descent (first step ~1 mm, halved on
-    every reversal, stops below ``min_step_mm``) over a multi-resolution pyramid, started from the alignment of the
-    two grids' centres."""
+    every reversal, stops below ``min_step_mm``) over a multi-resolution pyramid.
+
+    ``init``: where the search starts - ``"world"`` (default) the identity in world coordinates, right for scans of
+    one session that share the scanner frame; ``"geometry"`` aligns the centres of the two grids; ``"moments"`` the
+    intensity centres of mass (for images whose world coordinates are unrelated).
+    """
     fixed_img = to_sitk(fixed.array.astype(np.float32), fixed.affine)
     moving_img = to_sitk(moving.array.astype(np.float32), moving.affine)
-    initial = sitk.CenteredTransformInitializer(
-        fixed_img, moving_img, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
-    )
+    if init == "world":  # same-session scans share the scanner frame: start from the identity
+        initial = sitk.Euler3DTransform()
+        centre = fixed.affine[:3, :3] @ ((np.array(fixed.array.shape) - 1) / 2.0) + fixed.affine[:3, 3]
+        initial.SetCenter(tuple(float(c) for c in centre))
+    elif init in ("geometry", "moments"):
+        mode = (sitk.CenteredTransformInitializerFilter.GEOMETRY if init == "geometry"
+                else sitk.CenteredTransformInitializerFilter.MOMENTS)
+        initial = sitk.CenteredTransformInitializer(fixed_img, moving_img, sitk.Euler3DTransform(), mode)
+    else:
+        raise InputError(f"registration init must be 'world', 'geometry' or 'moments', got {init!r}")
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
@@ -205,7 +217,7 @@ def resample_onto(moving: Volume, fixed_affine: np.ndarray, fixed_shape: tuple[i
     return Volume(from_sitk(out), np.asarray(fixed_affine, dtype=np.float64))
 
 
-def register_rigid(moving: Volume, fixed: Volume, seed: int = 0) -> Volume:
+def register_rigid(moving: Volume, fixed: Volume, seed: int = 0, init: str = "world") -> Volume:
     """Rigidly register ``moving`` to ``fixed`` (mutual information, Euler3D; see :func:`estimate_rigid`) and return
     it resampled (linear) onto the fixed grid, with the fixed affine. Voxels that map outside ``moving`` are 0."""
     for vol, name in ((moving, "moving"), (fixed, "fixed")):
@@ -213,7 +225,7 @@ def register_rigid(moving: Volume, fixed: Volume, seed: int = 0) -> Volume:
             raise InputError(f"register_rigid: {name} image must be 3-D, got shape {tuple(np.shape(vol.array))}")
         check_finite(vol.array, f"{name} image")
         check_not_empty(vol.array, f"{name} image")
-    transform = estimate_rigid(moving, fixed, seed=seed)
+    transform = estimate_rigid(moving, fixed, seed=seed, init=init)
     return resample_onto(moving, fixed.affine, fixed.array.shape, transform)
 
 

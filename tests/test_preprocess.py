@@ -199,10 +199,13 @@ def test_rigid_registration_recovers_a_known_motion():
     moved = resample_onto(fixed, np.eye(4), fixed.array.shape, truth.GetInverse())
     # a different contrast (inverted inside the head), as between FLAIR and T1: mutual information handles it
     moving = Volume(np.where(moved.array > 1, 200 - moved.array, 0).astype(np.float32), np.eye(4))
-    est = estimate_rigid(moving, fixed)
     pts = np.argwhere(fixed.array > 1)[::40].astype(float)
-    err = [np.linalg.norm(np.subtract(est.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p)))) for p in pts]
-    assert max(err) < 0.6, max(err)  # mm, for a motion of up to ~3 mm and 6 degrees
+    for init in ("world", "moments"):
+        est = estimate_rigid(moving, fixed, init=init)
+        err = [np.linalg.norm(np.subtract(est.TransformPoint(tuple(p)), truth.TransformPoint(tuple(p)))) for p in pts]
+        assert max(err) < 0.6, (init, max(err))  # mm, for a motion of up to ~3 mm and 6 degrees
+    with pytest.raises(InputError, match="init"):
+        estimate_rigid(moving, fixed, init="nope")
     out = register_rigid(moving, fixed)
     assert out.array.shape == fixed.array.shape and np.allclose(out.affine, fixed.affine)
     head = fixed.array > 5
