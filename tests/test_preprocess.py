@@ -189,6 +189,28 @@ def test_resample_to_spacing_reproduces_a_linear_field():
         resample_to_spacing(vol, (1.0, 0.0, 1.0))
 
 
+def test_resample_onto_matches_index_arithmetic():
+    rng = np.random.default_rng(0)
+    arr = rng.random((6, 7, 5)).astype(np.float32)
+    affine = np.array([[2.0, 0, 0, 10], [0, 1.0, 0, -4], [0, 0, 1.5, 3], [0, 0, 0, 1]], float)
+    # target grid: x flipped, shifted by one voxel in y, same voxel centres -> pure index arithmetic
+    target = affine.copy()
+    target[:3, 0] = -affine[:3, 0]
+    target[:3, 3] = (affine @ np.array([5, 1, 0, 1.0]))[:3]
+    for order in (0, 1):
+        out = resample_onto(Volume(arr, affine), target, (6, 5, 5), order=order).array
+        slow = np.zeros((6, 5, 5), np.float32)
+        for i, j, k in np.ndindex(6, 5, 5):  # target (i, j, k) is source (5 - i, j + 1, k)
+            slow[i, j, k] = arr[5 - i, j + 1, k]
+        np.testing.assert_allclose(out, slow, atol=1e-6)
+    # outside the source: the default value
+    far = affine.copy()
+    far[:3, 3] += 1000.0
+    assert np.all(resample_onto(Volume(arr, affine), far, (2, 2, 2)).array == 0)
+    with pytest.raises(InputError, match="order"):
+        resample_onto(Volume(arr, affine), affine, arr.shape, order=2)
+
+
 def test_rigid_registration_recovers_a_known_motion():
     fixed = Volume(phantom(), np.eye(4))
     centre = (np.array(fixed.array.shape) - 1) / 2
