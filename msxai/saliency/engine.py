@@ -203,3 +203,122 @@ def write_summaries(explanations: Sequence[Explanation] | Mapping[str, dict], ou
         writer.writeheader()
         writer.writerows(rows)
     return pj, pc
+
+
+# ----------------------------------------------------------------------------------------------- files
+def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
+    from msxai.io import AFFINE_ATOL
+
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=AFFINE_ATOL)
+
+
+def _load_mask_on_grid(path, what: str, ref, as_labels: bool):
+    from msxai.io import check_same_grid, load_volume
+
+    vol = load_volume(path, what, dtype=np.float64 if as_labels else np.float32)
+    check_same_grid(vol, ref, what, "FLAIR")
+    return vol.array
+
+
+def explain_to_files(
+    model,
+    flair_path,
+    t1_path,
+    out_dir,
+    lesions_path=None,
+    lesion_ids: str | int | Sequence[int] = "all",
+    domain_path=None,
+    method: str = "smoothgrad",
+    aggregation: str = "max",
+    n_samples: int = 50,
+    sigma_fraction: float = 0.05,
+    sigma: float | None = None,
+    layer: str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    **performance,
+) -> dict:
+    """``msxai explain``: prepare FLAIR/T1 with the bundle, explain the chosen lesions of ``lesions_path`` (or the
+    region of ``domain_path``), write per-domain float32 NIfTI maps on the FLAIR grid
+    (``lesion_<K>_smoothgrad_flair.nii.gz``, ``..._smoothgrad_mprage.nii.gz`` or ``lesion_<K>_gradcampp.nii.gz``;
+    ``domain_...`` for a region) and ``saliency.json`` / ``saliency.csv``. Returns ``{"files", "summaries",
+    "settings"}``."""
+    import time
+
+    from tqdm import tqdm
+
+    from msxai.io import Volume, load_volume, save_volume
+
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if domain_path is None and lesions_path is None:
+        raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
+    t0 = time.perf_counter()
+    flair = load_volume(flair_path, "FLAIR")
+    prep = model.prepare(flair_path, t1_path)
+    if domain_path is not None:
+        mask = _load_mask_on_grid(domain_path, "domain", flair, as_labels=False) > 0
+        if not mask.any():
+            raise EmptyDomainError(f"domain {domain_path}: the mask is empty (no voxel > 0)")
+        domains = {"domain": mask}
+    else:
+        labels = _load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True)
+        domains = lesion_domains(labels, lesion_ids)
+    on_input_grid = _same_grid(prep.shape, prep.affine, flair.array.shape, flair.affine)
+    if not on_input_grid:  # the bundle resampled the image: move the domains onto the network grid (nearest)
+        from msxai.preprocess import resample_onto
+
+        moved = {}
+        for name, m in domains.items():
+            r = resample_onto(Volume(m.astype(np.float32), flair.affine), prep.affine, prep.shape, order=0).array > 0.5
+            if not r.any():
+                raise EmptyDomainError(f"{name}: no voxel left on the network grid after resampling")
+            moved[name] = r
+        domains = moved
+    parts = model_parts(model, layer=layer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, list[str]] = {}
+    summaries: dict[str, dict] = {}
+    bar = tqdm(total=len(domains), desc=f"{method} ({aggregation})" if method == "smoothgrad" else method,
+               unit="lesion" if domain_path is None else "domain", disable=not progress)
+    try:
+        for e in explain(model, prep.image, domains, method=method, aggregation=aggregation, n_samples=n_samples,
+                         sigma_fraction=sigma_fraction, sigma=sigma, seed=seed, layer=layer, affine=prep.affine,
+                         **performance):
+            written = []
+            for map_name, arr in e.maps.items():
+                if not on_input_grid:
+                    from msxai.preprocess import resample_onto
+
+                    arr = resample_onto(Volume(arr, prep.affine), flair.affine, flair.array.shape, order=1).array
+                path = out / f"{e.name}_{map_name}.nii.gz"
+                save_volume(path, arr.astype(np.float32), flair.affine, dtype=np.float32)
+                written.append(str(path))
+            files[e.name] = written
+            summaries[e.name] = {"lesion_id": int(e.name.split("_")[1]) if e.name.startswith("lesion_") else None,
+                                 **e.summary}
+            bar.update(1)
+    finally:
+        bar.close()
+    order = sorted(summaries, key=lambda n: (summaries[n]["lesion_id"] is None, summaries[n]["lesion_id"] or 0, n))
+    settings = {
+        "bundle": getattr(model, "name", type(model).__name__),
+        "method": method,
+        "aggregation": aggregation if method == "smoothgrad" else None,
+        "n_samples": int(n_samples) if method == "smoothgrad" else None,
+        "sigma_fraction": None if sigma is not None or method != "smoothgrad" else float(sigma_fraction),
+        "sigma_abs": None if sigma is None or method != "smoothgrad" else float(sigma),
+        "seed": int(seed),
+        "layer": parts.layer if method == "gradcampp" else None,
+        "threshold": parts.threshold,
+        "sliding_window": {"roi_size": list(parts.spec.roi_size), "overlap": list(parts.spec.overlap),
+                           "mode": parts.spec.mode, "sigma_scale": list(parts.spec.sigma_scale),
+                           "padding_mode": parts.spec.padding_mode, "cval": parts.spec.cval},
+        "device": str(network_device(parts.network)),
+        "network_grid_is_input_grid": bool(on_input_grid),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    pj, pc = write_summaries({n: summaries[n] for n in order}, out, settings)
+    return {"files": {n: files[n] for n in order}, "summaries": {n: summaries[n] for n in order},
+            "settings": settings, "json": str(pj), "csv": str(pc)}
