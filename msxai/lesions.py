@@ -400,6 +400,9 @@ def sample_tn_spheres(
 ) -> list[np.ndarray]:
     """``n`` random true-negative balls (bool masks) of about ``volume_mm3`` each.
 
+    The three masks count their non-zero voxels as foreground (pass ``prob > t``, not a probability map). At 1 mm
+    the voxelised 93 mm^3 ball (radius 2.81 mm) holds 81 voxels.
+
     Each ball (the voxels within radius ``(3V/4pi)^(1/3)`` mm of its centre, in mm through the voxel size) lies fully
     inside ``brain_mask``, touches neither ``truth_mask`` nor ``pred_mask`` (these are dilated by one voxel, 26-
     neighbourhood, so a ball is not even adjacent to a lesion) and does not overlap the other balls. Centres are
