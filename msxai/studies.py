@@ -410,7 +410,7 @@ def to_jsonable(obj):
 MAX_SAMPLES_DEFAULT = 200
 EXPLAIN_DEFAULTS = {
     "smoothgrad": {"samples": 50, "sigma": 0.05, "aggregation": "max", "seed": 0},
-    "gradcampp": {"layer": "", "seed": 0},
+    "gradcampp": {"layer": ""},
 }
 EXPLAIN_METHODS = tuple(EXPLAIN_DEFAULTS)
 SEQUENCE_NAMES = ("FLAIR", "MPRAGE")
@@ -506,7 +506,11 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
         raise InputError(f"method must be one of {EXPLAIN_METHODS}, got {method!r}")
     d = dict(EXPLAIN_DEFAULTS[method])
     d.update({k: v for k, v in params.items() if v is not None})
-    model = _first(d.get("model", models[0] if models else None))
+    # MONAI Label's request dict holds the task name under "model"; the app's infer route moves a client's
+    # "model" parameter to "explain_model" (library callers may pass "model" directly)
+    model = _first(d.get("explain_model")) or _first(d.get("model")) or (models[0] if models else None)
+    if isinstance(model, str) and model.startswith("explain_"):
+        model = models[0] if models else None
     if model not in models:
         raise InputError(f"model must be one of {list(models)}, got {model!r}")
     ignored = []
@@ -525,9 +529,11 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
             if params.get(k) not in (None, ""):
                 ignored.append(k)
         layer = _first(d.get("layer")) or default_layer
-        if not isinstance(layer, str) or not layer:
+        if layer is None or not isinstance(layer, str):
             raise InputError("layer must name a module of the network (e.g. the bundle's Grad-CAM++ layer)")
     seed = _as_int(d.get("seed", 0), "seed", 0, 2**32 - 1)
+    if method == "gradcampp" and params.get("seed") not in (None, ""):
+        ignored.append("seed")
     sequence = str(_first(d.get("sequence", "FLAIR"))).upper()
     if sequence == "T1":
         sequence = "MPRAGE"
@@ -725,11 +731,12 @@ class StudyService:
 
         pair = self.study(request)
         device = resolve_device(request.get("device"))
-        model0 = _first(request.get("model")) or self.models[0]
-        bundle_cpu = self.bundle(model0, "cpu") if model0 in self.bundle_paths else None
-        p = parse_explain_params(method, request, self.models, self.max_samples,
-                                 default_layer=getattr(bundle_cpu, "gradcam_layer", None))
+        p = parse_explain_params(method, request, self.models, self.max_samples, default_layer="")
         bundle = self.bundle(p.model, device)
+        if method == "gradcampp" and not p.layer:
+            p.layer = getattr(bundle, "gradcam_layer", None)
+            if not p.layer:
+                raise InputError(f"layer: bundle {p.model} names no Grad-CAM++ layer; pass one")
         label_file = request.get("label")
 
         with self.run_lock:
@@ -743,7 +750,8 @@ class StudyService:
                 source = "uploaded label"
             elif p.foreground is not None:
                 domains["client_points"] = domain_from_points(
-                    p.foreground, shape, affine, p.radius_mm, p.domain_mode, flair=prepared.image[0]
+                    p.foreground, shape, affine, p.radius_mm, p.domain_mode,
+                    flair=(prepared.raw if getattr(prepared, "raw", None) is not None else prepared.image)[0],
                 )
                 source = f"foreground points ({p.domain_mode}, {p.radius_mm} mm)"
             else:
@@ -773,7 +781,7 @@ class StudyService:
         for dm in domains.values():
             union |= dm
         domain_name = _domain_display_name(domains)
-        prefix = p.sequence if method == "smoothgrad" else "Grad-CAM++"
+        prefix = p.sequence if method == "smoothgrad" else "CAM"
         lab, names, edges = saliency_bins(display, union, p.fractions, prefix=prefix, domain_name=domain_name)
         write_labelmap(out_path, lab, affine, dtype=_result_dtype(request.get("result_dtype")))
 
@@ -866,3 +874,27 @@ def _result_dtype(value):
     if dt.kind not in "ui":
         raise InputError(f"result_dtype must be an integer type for a label map, got {value!r}")
     return dt.type
+
+
+def explain_maps(bundle, prepared, domains: Mapping[str, np.ndarray], p: ExplainParams, device: str | None = None,
+                 prob: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """Run the saliency engine (:func:`msxai.saliency.engine.explain`, the one ``msxai explain`` uses) for every
+    domain; returns ``({name: [2, X, Y, Z] (SmoothGrad: FLAIR, MPRAGE) or [X, Y, Z] (Grad-CAM++)}, {name: summary})``
+    in the order of ``domains``. The bundle's network is already on ``device``."""
+    from msxai.saliency.engine import explain
+
+    kwargs: dict[str, Any] = {"method": p.method, "seed": p.seed, "prob": prob, "affine": prepared.affine}
+    if p.method == "smoothgrad":
+        kwargs.update(aggregation=p.aggregation, n_samples=p.samples, sigma_fraction=p.sigma)
+    else:
+        kwargs.update(layer=p.layer)
+    maps: dict[str, np.ndarray] = {}
+    summaries: dict[str, dict] = {}
+    for e in explain(bundle, prepared.image, dict(domains), **kwargs):
+        if p.method == "smoothgrad":
+            maps[e.name] = np.stack([e.maps["smoothgrad_flair"], e.maps["smoothgrad_mprage"]]).astype(np.float32)
+        else:
+            maps[e.name] = np.asarray(e.maps["gradcampp"], dtype=np.float32)
+        summaries[e.name] = e.summary
+    order = [n for n in domains if n in maps]
+    return {n: maps[n] for n in order}, {n: summaries[n] for n in order}

@@ -80,7 +80,7 @@ class ExplainTask(_MsxaiTask):
         super().__init__(
             service,
             type=InferType.SEGMENTATION,  # so that the Slicer module and the OHIF plugin list it and show the result
-            labels=static_saliency_names("FLAIR" if method == "smoothgrad" else "Grad-CAM++"),
+            labels=static_saliency_names("SmoothGrad" if method == "smoothgrad" else "CAM"),
             description=(
                 "Instance-level SmoothGrad (Spagnolo et al. 2026, Eq. 3) of a lesion or a client-drawn domain: "
                 "domain outline + strong/medium positive/negative saliency"

@@ -1,5 +1,18 @@
-"""Read-only HTTP routes of the msxai app for what MONAI Label's datastore API cannot serve: the exact float
-saliency maps and cached segmentations kept in ``<studies>/msxai/<image_id>/``, and the study pairing.
+"""HTTP routes the msxai app adds to MONAI Label's.
+
+``POST /infer/{task}`` (same signature as MONAI Label's, registered in front of it):
+
+* the explain tasks take a parameter ``model`` (which bundle to explain), but MONAI Label 0.8.5 merges the request
+  parameters into a dict whose ``model`` key is the *task* name, so a ``model`` parameter would replace the task
+  and the request would fail; this route moves it to ``explain_model`` and then runs MONAI Label's own
+  ``run_inference`` (nothing else changes, the answer is MONAI Label's);
+* it is a plain (synchronous) route, so FastAPI runs it in its worker threads: the event loop keeps answering
+  ``/info``, the datastore and the other routes while a model runs (MONAI Label's ``async`` infer route blocks the
+  whole server); model runs are serialised by the app (:class:`msxai.studies.StudyService`), so queued requests
+  only wait, and memory stays that of one run.
+
+Read-only routes for what MONAI Label's datastore API cannot serve: the exact float saliency maps and cached
+segmentations kept in ``<studies>/msxai/<image_id>/``, and the study pairing.
 
 * ``GET /msxai/studies`` -> every study image with its T1 (or the naming-rule error);
 * ``GET /msxai/artifacts/{image_id}`` -> the files kept for a study (relative paths);
@@ -10,11 +23,13 @@ Paths are checked (:func:`msxai.studies.safe_artifact_path`): nothing outside th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+from typing import Optional
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
 
 from msxai.errors import InputError
@@ -65,6 +80,39 @@ def build_router(app) -> APIRouter:
     return router
 
 
+def build_infer_router():
+    from monailabel.config import RBAC_USER, settings
+    from monailabel.endpoints.infer import ResultType, run_inference
+    from monailabel.endpoints.user.auth import RBAC, User
+
+    router = APIRouter(prefix="/infer", tags=["Infer"])
+
+    @router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model (msxai: non-blocking, "
+                                     "explain parameter 'model' kept)")
+    def msxai_run_inference(
+        background_tasks: BackgroundTasks,
+        model: str,
+        image: str = "",
+        session_id: str = "",
+        params: str = Form("{}"),
+        file: UploadFile = File(None),
+        label: UploadFile = File(None),
+        output: Optional[ResultType] = None,
+        user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER)),
+    ):
+        try:
+            p = json.loads(params) if params else {}
+        except ValueError:
+            raise HTTPException(status_code=400, detail="params must be a JSON object") from None
+        if not isinstance(p, dict):
+            raise HTTPException(status_code=400, detail="params must be a JSON object")
+        if "model" in p:
+            p["explain_model"] = p.pop("model")
+        return run_inference(background_tasks, model, image, session_id, json.dumps(p), file, label, output)
+
+    return router
+
+
 def install_routes(app) -> bool:
     """Add the routes to the served FastAPI app (``monailabel.app:app``) once; a no-op outside the server."""
     mod = sys.modules.get("monailabel.app")
@@ -75,7 +123,15 @@ def install_routes(app) -> bool:
     fastapi_app.router.routes = [
         r for r in fastapi_app.router.routes if not getattr(r, "path", "").startswith(PREFIX + "/")
     ]
+    from monailabel.config import settings
+
+    fastapi_app.router.routes = [r for r in fastapi_app.router.routes if getattr(r, "name", "") != "msxai_run_inference"]
     fastapi_app.include_router(build_router(app))
+    n = len(fastapi_app.router.routes)
+    fastapi_app.include_router(build_infer_router(), prefix=settings.MONAI_LABEL_API_STR)
+    added = fastapi_app.router.routes[n:]
+    # in front of MONAI Label's POST /infer/{model}: the first matching route answers
+    fastapi_app.router.routes = added + fastapi_app.router.routes[:n]
     fastapi_app.openapi_schema = None
-    logger.info("msxai: routes /msxai/studies, /msxai/artifacts installed")
+    logger.info("msxai: routes POST /infer/{model} (wrapper), /msxai/studies, /msxai/artifacts installed")
     return True
