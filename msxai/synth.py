@@ -60,13 +60,16 @@ class SynthConfig:
 
     voxel_size: float = 1.0  # mm, isotropic; the field of view stays the MNI box
     # anatomy
-    scale_range: tuple[float, float] = (0.82, 1.03)  # global size (the real patient's brain is ~0.85 MNI)
+    scale_range: tuple[float, float] = (0.8, 1.02)  # global size (the real patient's brain is ~0.85 MNI)
     anisotropy: float = 0.04  # per-axis scale jitter
     rotation_deg: float = 4.0
     translation_mm: float = 3.0
     elastic_mm: tuple[float, float] = (1.5, 4.0)  # max elastic displacement
     elastic_sigma_mm: float = 14.0
     ventricle_enlargement: tuple[float, float] = (0.0, 0.45)
+    cortical_thickness_mm: tuple[float, float] = (3.6, 5.0)  # GM within this distance of template WM; beyond: sulcal CSF
+    thin_sulci: tuple[float, float] = (0.3, 0.9)  # depth of random thin sulcal sheets in the cortex
+    mask_margin_mm: tuple[float, float] = (0.5, 3.0)  # CSF kept around the brain by the (simulated) skull stripping
     tissue_sharpening: tuple[float, float] = (1.2, 2.2)  # logit gain; >1 makes sulci/cortex crisper
     tissue_noise: tuple[float, float] = (0.4, 1.0)  # logit noise amplitude (per-subject gyral variation)
     atrophy: tuple[float, float] = (0.0, 0.6)  # logit shift towards CSF (wider sulci)
@@ -94,8 +97,8 @@ class SynthConfig:
     # acquisition
     bias_strength: tuple[float, float] = (0.02, 0.08)
     blur_sigma_mm: tuple[float, float] = (0.0, 0.6)
-    flair_noise: tuple[float, float] = (0.025, 0.06)  # Rician sigma / WM
-    t1_noise: tuple[float, float] = (0.012, 0.035)
+    flair_noise: tuple[float, float] = (0.035, 0.08)  # Rician sigma / WM
+    t1_noise: tuple[float, float] = (0.015, 0.04)
     flair_wm_level: tuple[float, float] = (60.0, 600.0)  # arbitrary units
     t1_wm_level: tuple[float, float] = (200.0, 1200.0)
 
@@ -212,33 +215,69 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- anatomy
 
 
-def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[tuple[slice, ...], np.ndarray, dict]:
-    """Template voxel coordinates ``[3, *crop]`` for the output voxels of the crop around the deformed brain."""
+@dataclass
+class Deformation:
+    """The per-subject map from output voxels to template voxels.
+
+    template world = c + R diag(1/s) (w - c - t) + u(w), then a pull towards the ventricle centre
+    (ventricle enlargement), where ``w`` is the output world position, ``c`` the brain centre and ``u`` an elastic
+    displacement given by its values on a lattice of every ``step``-th output voxel (trilinear in between).
+    """
+
+    linear: np.ndarray  # 3x3
+    shift: np.ndarray  # 3
+    disp: np.ndarray  # [3, *lattice] mm
+    step: int
+    ventricle_enlargement: float
+    affine: np.ndarray  # output voxel -> world
+    template_affine: np.ndarray  # template voxel -> world
+
+    def template_voxels(self, ijk: np.ndarray) -> np.ndarray:
+        """Exact template voxel coordinates ``[3, N]`` of output voxel coordinates ``ijk`` ``[3, N]``."""
+        ijk = np.asarray(ijk, dtype=float)
+        w = self.affine[:3, :3] @ ijk + self.affine[:3, 3:4]
+        tw = self.linear @ (w - BRAIN_CENTER_MM[:, None] - self.shift[:, None]) + BRAIN_CENTER_MM[:, None]
+        lat = ijk / self.step
+        tw = tw + np.stack([ndi.map_coordinates(self.disp[k], lat, order=1, mode="nearest") for k in range(3)])
+        d = tw - VENTRICLE_CENTER_MM[:, None]
+        g = np.exp(-0.5 * ((d[0] / 14.0) ** 2 + (d[1] / 30.0) ** 2 + (d[2] / 16.0) ** 2))
+        tw = tw - self.ventricle_enlargement * d * g
+        tinv = np.linalg.inv(self.template_affine)
+        return tinv[:3, :3] @ tw + tinv[:3, 3:4]
+
+    def lattice_voxels(self) -> np.ndarray:
+        """Template voxel coordinates ``[3, *lattice]`` at the lattice points (output voxels ``step * n``)."""
+        cshape = self.disp.shape[1:]
+        ci = np.stack(np.meshgrid(*[np.arange(c) * self.step for c in cshape], indexing="ij")).reshape(3, -1)
+        return self.template_voxels(ci).reshape(3, *cshape)
+
+    def crop_voxels(self, crop: tuple[slice, ...], lattice: np.ndarray | None = None) -> np.ndarray:
+        """Fast path: template voxel coordinates ``[3, *crop]`` by trilinear upsampling of the lattice values.
+
+        Matches ``template_voxels`` up to the (tiny) curvature of the ventricle pull within one lattice cell.
+        """
+        tv = self.lattice_voxels() if lattice is None else lattice
+        pts = np.stack(np.meshgrid(*[np.arange(c.start, c.stop) / self.step for c in crop], indexing="ij"))
+        return np.stack([ndi.map_coordinates(tv[k], pts, order=1, mode="nearest") for k in range(3)]).astype(np.float32)
+
+
+def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[Deformation, tuple[slice, ...], np.ndarray, dict]:
+    """A random deformation, the crop around the deformed brain and its template voxel coordinates ``[3, *crop]``."""
     v = float(cfg.voxel_size)
     scale = _u(rng, cfg.scale_range)
     scales = scale * (1 + rng.uniform(-cfg.anisotropy, cfg.anisotropy, 3))
     rot = _rotation(rng, cfg.rotation_deg)
     shift = rng.uniform(-cfg.translation_mm, cfg.translation_mm, 3)
-    # output world w -> template world: c + R diag(1/s) (w - c - t) + u_elastic(w) + u_ventricles(w)
-    lin = rot @ np.diag(1.0 / scales)
     elastic = _u(rng, cfg.elastic_mm)
     vent = _u(rng, cfg.ventricle_enlargement)
-    # coarse grid (every `step` output voxels) where the displacement is evaluated, then upsampled
     step = max(1, int(round(4 / v)))
     cshape = tuple(-(-s // step) + 1 for s in shape)
-    ci = np.stack(np.meshgrid(*[np.arange(c) * step for c in cshape], indexing="ij")).reshape(3, -1).astype(float)
-    w = affine[:3, :3] @ ci + affine[:3, 3:4]
-    tw = lin @ (w - BRAIN_CENTER_MM[:, None] - shift[:, None]) + BRAIN_CENTER_MM[:, None]
     sig_c = cfg.elastic_sigma_mm / (step * v)
-    disp = np.stack([smooth_noise(rng, cshape, sig_c, coarse=1) for _ in range(3)]).reshape(3, -1)
-    disp *= elastic / max(1e-6, np.abs(disp).max())
-    tw = tw + disp
-    # ventricle enlargement: pull template coordinates towards the ventricle centre (output ventricles grow)
-    d = tw - VENTRICLE_CENTER_MM[:, None]
-    g = np.exp(-0.5 * ((d[0] / 14.0) ** 2 + (d[1] / 30.0) ** 2 + (d[2] / 16.0) ** 2))
-    tw = tw - vent * d * g
-    tinv = np.linalg.inv(tpl["affine"])
-    tv = (tinv[:3, :3] @ tw + tinv[:3, 3:4]).reshape(3, *cshape)
+    disp = np.stack([smooth_noise(rng, cshape, sig_c, coarse=1) for _ in range(3)])
+    disp *= elastic / max(1e-6, float(np.abs(disp).max()))
+    deform = Deformation(rot @ np.diag(1.0 / scales), shift, disp.astype(np.float64), step, vent,
+                         np.asarray(affine, float), np.asarray(tpl["affine"], float))
+    tv = deform.lattice_voxels()
     # crop: output voxels whose template coordinate is inside the template brain box (plus margin)
     lo, hi = tpl["bbox"]
     margin = 3
@@ -250,10 +289,7 @@ def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[tuple[slice
     c0 = np.maximum(idx.min(0) * step - pad, 0)
     c1 = np.minimum(idx.max(0) * step + pad + 1, shape)
     crop = tuple(slice(int(a), int(b)) for a, b in zip(c0, c1))
-    # trilinear upsampling of the coarse coordinate field onto the crop's voxels
-    grids = np.meshgrid(*[np.arange(a, b) / step for a, b in zip(c0, c1)], indexing="ij", sparse=False)
-    pts = np.stack(grids)
-    coords = np.stack([ndi.map_coordinates(tv[k], pts, order=1, mode="nearest") for k in range(3)])
+    coords = deform.crop_voxels(crop, tv)
     meta = {
         "scale": [round(float(s), 4) for s in scales],
         "rotation_deg_max": cfg.rotation_deg,
@@ -261,16 +297,37 @@ def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[tuple[slice
         "elastic_mm": round(elastic, 3),
         "ventricle_enlargement": round(vent, 3),
     }
-    return crop, coords.astype(np.float32), meta
+    return deform, crop, coords, meta
 
 
 def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
-    """Deformed, sharpened CSF/GM/WM probabilities ``[3, *crop]``, intracranial mask and template T1 texture."""
+    """Deformed, sharpened CSF/GM/WM probabilities ``[3, *crop]``, intracranial mask and the template T1 residual."""
     warp = lambda a: ndi.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)  # noqa: E731
     icv = warp(tpl["icv"])
     gm, wm, t1 = warp(tpl["gm"]), warp(tpl["wm"]), warp(tpl["t1"])
     csf = np.clip(icv - gm - wm, 0, 1)
+    # the template's own fine contrast (deep nuclei etc.) relative to its tissue model, used for the MPRAGE
+    t1 = (t1 / 0.87 - (csf * 0.31 + gm * 0.75 + wm)) * (icv > 0.5)
     v = float(cfg.voxel_size)
+    # Sulci. The template is an average, so its cortex is a thick blur with few sulci. Cortical grey matter lies
+    # within a (random, smoothly varying) thickness of the white matter; template GM farther out than that is
+    # sulcal CSF (the cerebellum, whose folia the template cannot resolve, is left alone).
+    thick = _u(rng, cfg.cortical_thickness_mm)
+    thickness = thick * (1 + 0.15 * smooth_noise(rng, icv.shape, 8.0 / v))
+    d_wm = ndi.distance_transform_edt(wm < 0.5, sampling=v).astype(np.float32)
+    tw = np.tensordot(tpl["affine"][:3, :3], coords, axes=1) + tpl["affine"][:3, 3, None, None, None]
+    cereb = (
+        ((tw[0] / 52.0) ** 2 + ((tw[1] + 60.0) / 30.0) ** 2 + ((tw[2] + 38.0) / 22.0) ** 2) < 1.0
+    ) | ((tw[2] < -30.0) & (np.abs(tw[0]) < 14.0))  # cerebellum and brainstem
+    del tw
+    sulcal = np.clip((d_wm - thickness) / 1.2 + 0.5, 0, 1)
+    # thin sulci: the zero sheets of a smooth random field, inside the cortex away from the white matter
+    sheets = np.exp(-((smooth_noise(rng, icv.shape, 4.0 / v) / 0.15) ** 2)) * np.clip((d_wm - 1.5) / 1.0, 0, 1)
+    sulcal = np.maximum(sulcal, _u(rng, cfg.thin_sulci) * sheets) * ~cereb
+    moved = gm * sulcal
+    gm = gm - moved
+    csf = csf + moved
+    del d_wm, thickness, sulcal, moved, sheets
     gain = _u(rng, cfg.tissue_sharpening)
     amp = _u(rng, cfg.tissue_noise)
     atrophy = _u(rng, cfg.atrophy)
@@ -283,10 +340,33 @@ def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray
     logits -= logits.max(0, keepdims=True)
     p = np.exp(logits)
     p /= p.sum(0, keepdims=True)
-    mask = icv > 0.5
+    mask = _skull_stripped_mask(icv > 0.5, gm + wm, v, _u(rng, cfg.mask_margin_mm))
     p *= mask[None]
-    meta = {"tissue_gain": round(gain, 3), "tissue_noise": round(amp, 3), "atrophy": round(atrophy, 3)}
+    meta = {"cortical_thickness_mm": round(thick, 3), "tissue_gain": round(gain, 3), "tissue_noise": round(amp, 3), "atrophy": round(atrophy, 3)}
     return p.astype(np.float32), mask, t1.astype(np.float32), meta
+
+
+def _skull_stripped_mask(icv: np.ndarray, tissue: np.ndarray, v: float, margin_mm: float) -> np.ndarray:
+    """Brain mask like a skull-stripping tool's: the brain tissue closed over sulci (4 mm), holes (ventricles)
+    filled, grown by ``margin_mm`` into the surrounding CSF and kept inside the intracranial space.
+
+    Computed on a ~2 mm strided grid; the distance to the closed brain is upsampled (trilinear) to the full grid.
+    """
+    f = max(1, int(round(2.0 / v)))
+    t = tissue[::f, ::f, ::f] > 0.5
+    vs = v * f
+    radius = 4.0
+    grown = ndi.distance_transform_edt(~t, sampling=vs) <= radius
+    closed = ndi.distance_transform_edt(np.pad(grown, 1), sampling=vs)[1:-1, 1:-1, 1:-1] > radius
+    closed = ndi.binary_fill_holes(closed | t)
+    dist = ndi.distance_transform_edt(~closed, sampling=vs).astype(np.float32)
+    if f > 1:
+        dist = ndi.zoom(dist, [a / b for a, b in zip(icv.shape, dist.shape)], order=1, grid_mode=True, mode="nearest")
+        out = np.full(icv.shape, 99.0, np.float32)
+        sl = tuple(slice(0, min(a, b)) for a, b in zip(icv.shape, dist.shape))
+        out[sl] = dist[sl]
+        dist = out
+    return icv & (dist <= margin_mm + 0.5 * v)
 
 
 # ----------------------------------------------------------------------------------------------- lesions
@@ -473,8 +553,7 @@ def _intensities(rng, cfg, p, mask, t1_tpl, labels, dist_vent) -> tuple[np.ndarr
     flair = csf * c["flair_csf"] + gm * c["flair_gm"] + wm
     # MPRAGE: the tissue model plus the template's own fine contrast (deep nuclei, etc.)
     t1 = csf * c["t1_csf"] + gm * c["t1_gm"] + wm
-    tpl_model = csf * 0.31 + gm * 0.75 + wm * 1.0
-    t1 = t1 + 0.5 * (t1_tpl / 0.87 - tpl_model) * mask
+    t1 = t1 + 0.5 * t1_tpl * (1 - csf)
     # periventricular caps on FLAIR (normal-appearing, thin hyperintense rim around the ventricles)
     if dist_vent is not None:
         flair = flair * (1 + c["flair_caps"] * np.exp(-dist_vent / 3.0) * wm)
@@ -567,7 +646,7 @@ def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None 
     tpl = mni_template()
     shape, affine = cfg.grid()
     v = float(cfg.voxel_size)
-    crop, coords, meta_def = _deformation(r_anat, cfg, shape, affine, tpl)
+    deform, crop, coords, meta_def = _deformation(r_anat, cfg, shape, affine, tpl)
     p, mask, t1_tpl, meta_t = _tissues(r_anat, cfg, tpl, coords)
     del coords
     sites = _site_maps(p, mask, v)
