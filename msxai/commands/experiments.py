@@ -1,0 +1,88 @@
+"""``msxai experiments``: the paper's experiments on a cohort, per bundle, as CSV tables, PNGs and report.html."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "experiments",
+        help="reproduce the paper's saliency experiments and write an HTML report",
+        description="Run the experiments of Spagnolo et al. (Sci Rep 2026) - aggregation, FLAIR vs MPRAGE signs, "
+        "TP/FP/FN/TN peaks, sanity domains, transplants, context dilation, model randomisation - and the "
+        "saliency-based error flag, per bundle, on a cohort split and/or the real patient.",
+    )
+    p.add_argument("--bundle", action="append", required=True, metavar="B",
+                   help="bundle folder or short name (unet, msxai_dynunet, ...); repeat for several")
+    p.add_argument("--cohort", metavar="DIR|dataset.json", help="synthetic cohort (msxai synth output)")
+    p.add_argument("--split", default="test", help="cohort split to use (default test; 'all' = every subject)")
+    p.add_argument("--real-patient", action="store_true", help="add the shared real MS patient (patient26)")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="output folder (report.html, CSVs, PNGs)")
+    p.add_argument("--samples", type=int, default=8, help="SmoothGrad noise samples N (paper: 50; default 8)")
+    p.add_argument("--max-lesions-per-class", type=int, default=6, metavar="K",
+                   help="explained TP/FP/FN/TN domains per class over the cohort (default 6)")
+    p.add_argument("--aggregation", choices=("max", "mean"), default="max",
+                   help="aggregation of the bulk maps: max = Eq. 3 (paper, default), mean = Eq. 2 (much cheaper)")
+    p.add_argument("--exp1-samples", type=int, default=None, help="N for experiment 1 (default: --samples)")
+    p.add_argument("--exp1-max-voxels", type=int, default=100000,
+                   help="largest lesion (voxels) used as the 'large' lesion of experiment 1")
+    p.add_argument("--transplant-lesions", type=int, default=1)
+    p.add_argument("--context-lesions", type=int, default=2)
+    p.add_argument("--context-max-mm", type=float, default=35.0)
+    p.add_argument("--context-step-mm", type=float, default=1.0)
+    p.add_argument("--randomization-lesions", type=int, default=2)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import torch
+
+    from msxai.errors import InputError
+    from msxai.experiments import run_experiments
+    from msxai.experiments.cohort import cohort_cases, real_patient_case
+    from msxai.experiments.model import ExperimentModel
+    from msxai.experiments.runner import ExperimentConfig
+
+    torch.set_num_threads(int(args.threads or os.environ.get("OMP_NUM_THREADS", 1) or 1))
+    if args.samples < 1:
+        raise InputError(f"--samples must be >= 1, got {args.samples}")
+    if args.max_lesions_per_class < 1:
+        raise InputError(f"--max-lesions-per-class must be >= 1, got {args.max_lesions_per_class}")
+    cases = []
+    if args.cohort:
+        cases += cohort_cases(args.cohort, None if args.split == "all" else args.split)
+    if args.real_patient:
+        cases.append(real_patient_case())
+    if not cases:
+        raise InputError("no cases: give --cohort DIR and/or --real-patient")
+    models = [ExperimentModel.from_bundle(_resolve(b)) for b in args.bundle]
+    cfg = ExperimentConfig(
+        samples=args.samples, max_lesions_per_class=args.max_lesions_per_class, seed=args.seed,
+        aggregation=args.aggregation, exp1_samples=args.exp1_samples, exp1_max_voxels=args.exp1_max_voxels,
+        transplant_lesions=args.transplant_lesions, context_lesions=args.context_lesions,
+        context_max_mm=args.context_max_mm, context_step_mm=args.context_step_mm,
+        randomization_lesions=args.randomization_lesions, n_boot=args.n_boot, progress=not args.no_progress,
+    )
+    settings = {
+        "cohort": ", ".join(sorted({c.source for c in cases})) + f" ({', '.join(c.id for c in cases)})",
+        "command": "msxai experiments " + " ".join(f"--bundle {b}" for b in args.bundle),
+        "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch threads": torch.get_num_threads(),
+    }
+    path, results = run_experiments(models, cases, args.out, cfg, settings)
+    for r in results:
+        print(f"{r.model}: {len(r.lesions)} domains explained in {r.timings.get('total_s', 0):.0f} s")
+    print(f"report: {path}")
+    return 0
+
+
+def _resolve(b: str):
+    from msxai.bundle import resolve_bundle_dir
+
+    return resolve_bundle_dir(b)

@@ -1,0 +1,627 @@
+"""Run the experiments of Spagnolo et al. (Sci Rep 2026) on a cohort, per model, and collect their tables.
+
+``run_model(model, cases, config)`` returns a :class:`ModelResults` (plain lists of dict rows plus small arrays for
+the figures); :func:`msxai.experiments.report.write_report` turns the results of one or more models into CSV files,
+PNG figures and one HTML page. The steps, per model:
+
+0. segment every case (the bundle's sliding-window inference), instances, TP/FP/FN against the truth, 10 TN spheres
+   per case (:func:`msxai.lesions.sample_tn_spheres`);
+1. pick at most ``max_lesions_per_class`` TP, FP, FN and TN domains over the cohort (round robin over cases, seeded)
+   and explain them with instance SmoothGrad (FN with their ground-truth domain);
+2. exp. 1: mean (Eq. 2) vs max (Eq. 3) aggregation on the largest and smallest explained TP;
+3. exp. 2: FLAIR vs MPRAGE values inside TP lesions and in the ring around them (``|g| < min_abs`` discarded);
+4. exp. 3: peak max/min FLAIR saliency per class, pairwise Mann-Whitney U;
+5. exp. 4: sanity domains (healthy white matter ball, single voxel at a TP's centre of mass);
+6. exp. 5: lesion transplants (healthy WM, background, background with a 3 mm margin);
+7. exp. 6: context dilation (forward passes only);
+8. model randomisation (Spearman between maps of the trained and a re-initialised network);
+9. exp. 7: the saliency-based error flag (cross-validated by patient).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from msxai.errors import EmptyDomainError, InputError
+from msxai.experiments import geometry as geo
+from msxai.experiments.cohort import CaseSpec
+from msxai.experiments.error_flag import ErrorFlagModel, SALIENCY_FEATURES, cross_validate
+from msxai.experiments.features import SEQ_KEYS, region_values, saliency_features, value_range
+from msxai.experiments.model import ExperimentModel
+from msxai.experiments.stats import median_ci, pairwise_mwu, spearman
+from msxai.io import load_volume, voxel_volume_mm3
+from msxai.lesions import (
+    TN_SPHERE_MM3,
+    classify_lesions,
+    instances_from_mask,
+    lesion_ids,
+    lesion_instances,
+    sample_tn_spheres,
+)
+from msxai.metrics import dice, lesion_metrics
+
+CLASSES = ("TP", "FP", "FN", "TN")
+
+
+@dataclass
+class ExperimentConfig:
+    samples: int = 8  # SmoothGrad noise copies N (paper: 50)
+    max_lesions_per_class: int = 6
+    seed: int = 0
+    aggregation: str = "max"  # of the bulk maps (experiments 2, 3, 5, 7): "max" = Eq. 3 (paper), "mean" = Eq. 2
+    sigma_fraction: float = 0.05
+    n_tn: int = 10  # TN spheres sampled per case (paper: 10)
+    min_abs: float = 0.1  # |g| below this is discarded in experiment 2 (paper: 0.1)
+    ring_mm: float = 3.0
+    exp1_max_voxels: int = 100000  # the "large" lesion of experiment 1 is the largest explained TP up to this size
+    exp1_samples: int | None = None  # N for experiment 1 (default: samples)
+    transplant_lesions: int = 1
+    transplant_margin_mm: float = 3.0
+    context_lesions: int = 2
+    context_range: tuple[float, float] = (90.0, 120.0)
+    context_max_mm: float = 35.0
+    context_step_mm: float = 1.0
+    randomization_lesions: int = 2
+    n_boot: int = 2000
+    crop_margin: int = 10  # voxels kept around a lesion for the figures
+    progress: bool = True
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass
+class CaseState:
+    spec: CaseSpec
+    image: np.ndarray
+    affine: np.ndarray
+    brain: np.ndarray
+    prob: np.ndarray
+    pred: np.ndarray
+    truth: np.ndarray
+    tn: list
+    classes: object
+    metrics: dict
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+
+@dataclass
+class ModelResults:
+    model: str
+    source: str
+    config: dict
+    segmentation: list[dict] = field(default_factory=list)
+    lesions: list[dict] = field(default_factory=list)  # one row per explained domain (TP/FP/FN/TN)
+    exp1: list[dict] = field(default_factory=list)
+    exp1_crops: list[dict] = field(default_factory=list)
+    exp2_values: dict = field(default_factory=dict)  # seq -> region -> 1-D array (after discarding |g| < min_abs)
+    exp2_counts: dict = field(default_factory=dict)  # seq -> region -> (n_total, n_kept)
+    exp2_lesions: list[dict] = field(default_factory=list)
+    exp2: list[dict] = field(default_factory=list)
+    exp3: list[dict] = field(default_factory=list)
+    exp3_tests: list[dict] = field(default_factory=list)
+    exp4: list[dict] = field(default_factory=list)
+    exp5: list[dict] = field(default_factory=list)
+    exp5_crops: list[dict] = field(default_factory=list)
+    exp6: list[dict] = field(default_factory=list)
+    exp6_note: str = ""
+    randomization: list[dict] = field(default_factory=list)
+    error_flag: dict = field(default_factory=dict)
+    error_flag_rows: list[dict] = field(default_factory=list)
+    error_flag_model: ErrorFlagModel | None = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def _bar(iterable, cfg: ExperimentConfig, **kw):
+    return tqdm(iterable, disable=not cfg.progress, dynamic_ncols=True, **kw)
+
+
+def _crop_box(domain: np.ndarray, margin: int) -> tuple[slice, ...]:
+    idx = np.argwhere(domain)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + margin + 1, domain.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _centre_slice(domain: np.ndarray, sl: tuple[slice, ...]) -> int:
+    """Axial (last axis) index, within the crop, of the slice holding most of the domain."""
+    counts = domain[sl].sum(axis=(0, 1))
+    return int(np.argmax(counts))
+
+
+def crop_record(name: str, image: np.ndarray, maps: np.ndarray, domain: np.ndarray, margin: int) -> dict:
+    """A small axial view (FLAIR, saliency maps, domain outline) through the lesion for the figures."""
+    sl = _crop_box(domain, margin)
+    z = _centre_slice(domain, sl)
+    return {
+        "name": name,
+        "flair": np.asarray(image[0][sl][..., z], np.float32),
+        "maps": np.asarray(maps[(slice(None), *sl)][..., z], np.float32),
+        "domain": np.asarray(domain[sl][..., z], bool),
+    }
+
+
+def select_round_robin(per_case: dict[str, list[int]], k: int, seed: int) -> list[tuple[str, int]]:
+    """At most ``k`` (case, id) items taken in turn from each case (cases and ids in a seeded random order)."""
+    rng = np.random.default_rng(seed)
+    cases = [c for c in per_case if per_case[c]]
+    order = [cases[i] for i in rng.permutation(len(cases))] if cases else []
+    queues = {c: [per_case[c][i] for i in rng.permutation(len(per_case[c]))] for c in order}
+    out: list[tuple[str, int]] = []
+    while len(out) < k and any(queues.values()):
+        for c in order:
+            if queues[c] and len(out) < k:
+                out.append((c, int(queues[c].pop(0))))
+    return out
+
+
+def _detected(prob: np.ndarray, region: np.ndarray, domain: np.ndarray, model: ExperimentModel, affine) -> bool:
+    """A lesion component (prob > t, 18-connected, >= min volume) computed within ``region`` overlaps ``domain``."""
+    p = np.where(region, prob, 0.0)
+    inst = lesion_instances(p, model.threshold, model.min_volume_mm3, affine)
+    return bool(np.any(inst[domain] > 0))
+
+
+# --------------------------------------------------------------------------------------------------- step 0
+def segment_cases(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig) -> list[CaseState]:
+    states = []
+    for i, case in enumerate(_bar(cases, cfg, desc=f"{model.name}: segment", unit="case")):
+        prep = model.prepare(case.flair, case.t1)
+        truth_vol = load_volume(case.truth, "truth")
+        if truth_vol.array.shape != prep.image.shape[1:]:
+            raise InputError(f"{case.id}: truth shape {truth_vol.array.shape} differs from the image grid "
+                             f"{prep.image.shape[1:]}")
+        truth = instances_from_mask(truth_vol.array, prep.affine).astype(np.int32)
+        brain = prep.brain_mask
+        if case.brain_mask:
+            brain = load_volume(case.brain_mask, "brain mask").array > 0
+        prob = model.probability(prep.image)
+        pred = model.lesions(prob, prep.affine)
+        classes = classify_lesions(pred, truth)
+        try:
+            tn = sample_tn_spheres(brain, truth > 0, pred > 0, prep.affine, n=cfg.n_tn, seed=cfg.seed + i)
+        except EmptyDomainError as exc:
+            tn = []
+            print(f"warning: {case.id}: {exc}")
+        m = lesion_metrics(pred, truth)
+        m.update(model=model.name, case=case.id, dice=dice(pred > 0, truth > 0), n_tn_spheres=len(tn))
+        states.append(CaseState(case, prep.image, prep.affine, np.asarray(brain, bool), prob.astype(np.float32),
+                                pred, truth, tn, classes, m))
+    return states
+
+
+def _domains_of(state: CaseState, cls: str, ident: int) -> np.ndarray:
+    if cls in ("TP", "FP"):
+        return state.pred == ident
+    if cls == "FN":
+        return state.truth == ident
+    return state.tn[ident]
+
+
+# --------------------------------------------------------------------------------------------------- main
+def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig | None = None) -> ModelResults:
+    """Run every experiment for one model on ``cases``."""
+    cfg = cfg or ExperimentConfig()
+    if not cases:
+        raise InputError("no cases to run the experiments on")
+    res = ModelResults(model.name, model.source, cfg.as_dict())
+    t0 = time.time()
+    states = segment_cases(model, cases, cfg)
+    by_id = {s.id: s for s in states}
+    res.segmentation = [s.metrics for s in states]
+    res.timings["segment_s"] = time.time() - t0
+
+    # ---- selection
+    per_class = {
+        "TP": {s.id: list(s.classes.tp) for s in states},
+        "FP": {s.id: list(s.classes.fp) for s in states},
+        "FN": {s.id: list(s.classes.fn) for s in states},
+        "TN": {s.id: list(range(len(s.tn))) for s in states},
+    }
+    available = {c: sum(len(v) for v in per_class[c].values()) for c in CLASSES}
+    selected = {c: select_round_robin(per_class[c], cfg.max_lesions_per_class, cfg.seed + 7 * k)
+                for k, c in enumerate(CLASSES)}
+    res.notes.append("lesions available / explained per class: " + ", ".join(
+        f"{c} {available[c]}/{len(selected[c])}" for c in CLASSES))
+
+    # experiment 1 / 4 / randomisation targets among the selected TPs
+    tp_sel = [(cid, lid, int((by_id[cid].pred == lid).sum())) for cid, lid in selected["TP"]]
+    keep_crops: set[str] = set()
+    exp1_targets: list[tuple[str, str, int]] = []
+    if tp_sel:
+        small = min(tp_sel, key=lambda t: t[2])
+        capped = [t for t in tp_sel if t[2] <= cfg.exp1_max_voxels] or [small]
+        large = max(capped, key=lambda t: t[2])
+        exp1_targets = [("large", large[0], large[1])]
+        if (small[0], small[1]) != (large[0], large[1]):
+            exp1_targets.append(("small", small[0], small[1]))
+        for _, cid, lid in exp1_targets:
+            keep_crops.add(f"{cid}|TP:{lid}")
+    rand_targets = selected["TP"][: cfg.randomization_lesions]
+
+    # ---- bulk explanation (per case, all of its selected domains in one engine call)
+    t1 = time.time()
+    full_maps_keep: dict[str, np.ndarray] = {}  # maps of the randomisation/exp-1 targets (cropped box)
+    rand_keys = {f"{c}|TP:{l}" for c, l in rand_targets}
+    exp2_vals = {k: {"inside": [], "ring": []} for k in SEQ_KEYS}
+    exp2_counts = {k: {"inside": [0, 0], "ring": [0, 0]} for k in SEQ_KEYS}
+    n_domains = sum(len(v) for v in selected.values())
+    bar = _bar(range(n_domains), cfg, desc=f"{model.name}: explain ({cfg.aggregation}, N={cfg.samples})",
+               unit="domain")
+    for state in states:
+        domains = {}
+        for cls in CLASSES:
+            for cid, ident in selected[cls]:
+                if cid == state.id:
+                    domains[f"{cls}:{ident}"] = _domains_of(state, cls, ident)
+        if not domains:
+            continue
+        for name, maps in model.explain(state.image, domains, cfg.samples, cfg.aggregation, cfg.seed,
+                                        cfg.sigma_fraction):
+            bar.update(1)
+            cls, ident = name.split(":")
+            dom = domains[name]
+            feats = saliency_features(maps, dom, state.prob, state.affine, cfg.ring_mm)
+            row = {"model": model.name, "case": state.id, "cls": cls, "lesion_id": int(ident),
+                   "voxels": int(dom.sum()), "volume_mm3": feats["volume_mm3"],
+                   "mean_prob": feats["mean_prob"], "max_prob": feats["max_prob"]}
+            for key in SEQ_KEYS:
+                row[f"{key}_peak_max"] = feats[f"{key}_peak_max"]
+                row[f"{key}_peak_min"] = feats[f"{key}_peak_min"]
+                row[f"{key}_ring_mean"] = feats[f"{key}_ring_mean"]
+            row["flair_share"] = feats.get("flair_share", float("nan"))
+            row["features"] = feats
+            res.lesions.append(row)
+            key_full = f"{state.id}|{name}"
+            if cls == "TP":
+                vals = region_values(maps, dom, state.affine, cfg.ring_mm)
+                lesion_row = {"model": model.name, "case": state.id, "lesion_id": int(ident),
+                              "volume_mm3": feats["volume_mm3"]}
+                for key in SEQ_KEYS:
+                    for region in ("inside", "ring"):
+                        v = vals[key][region]
+                        kept = v[np.abs(v) >= cfg.min_abs]
+                        exp2_counts[key][region][0] += int(v.size)
+                        exp2_counts[key][region][1] += int(kept.size)
+                        exp2_vals[key][region].append(kept)
+                        lesion_row[f"{key}_{region}_n_kept"] = int(kept.size)
+                        lesion_row[f"{key}_{region}_median"] = float(np.median(v)) if v.size else float("nan")
+                        lesion_row[f"{key}_{region}_pos_frac"] = float((v > 0).mean()) if v.size else float("nan")
+                        lesion_row[f"{key}_{region}_abs_sum"] = float(np.abs(v).sum())
+                res.exp2_lesions.append(lesion_row)
+            if key_full in keep_crops or key_full in rand_keys:
+                sl = _crop_box(dom, cfg.crop_margin)
+                full_maps_keep[key_full] = (sl, maps[(slice(None), *sl)].copy())
+            if key_full in keep_crops:
+                res.exp1_crops.append({**crop_record(key_full, state.image, maps, dom, cfg.crop_margin),
+                                       "aggregation": cfg.aggregation})
+    bar.close()
+    res.timings["explain_s"] = time.time() - t1
+    res.exp2_values = {k: {r: (np.concatenate(v) if v else np.zeros(0)) for r, v in d.items()}
+                       for k, d in exp2_vals.items()}
+    res.exp2_counts = exp2_counts
+    res.exp2 = exp2_table(res.exp2_values, exp2_counts, res.exp2_lesions, cfg)
+    res.exp3, res.exp3_tests = exp3_tables(res.lesions, cfg)
+
+    # ---- experiment 1: mean vs max on the largest / smallest explained TP
+    t1 = time.time()
+    other = "mean" if cfg.aggregation == "max" else "max"
+    n1 = cfg.exp1_samples or cfg.samples
+    for label, cid, lid in _bar(exp1_targets, cfg, desc=f"{model.name}: exp1 {other} aggregation", unit="lesion"):
+        st = by_id[cid]
+        dom = st.pred == lid
+        sl, kept = full_maps_keep[f"{cid}|TP:{lid}"]
+        maps_by = {cfg.aggregation: kept}
+        if n1 != cfg.samples:  # recompute the bulk aggregation with exp-1's N too
+            m = next(iter(model.explain(st.image, {"d": dom}, n1, cfg.aggregation, cfg.seed, cfg.sigma_fraction)))[1]
+            maps_by[cfg.aggregation] = m[(slice(None), *sl)]
+        m_other = next(iter(model.explain(st.image, {"d": dom}, n1, other, cfg.seed, cfg.sigma_fraction)))[1]
+        maps_by[other] = m_other[(slice(None), *sl)]
+        res.exp1_crops.append({**crop_record(f"{cid}|TP:{lid}", st.image, m_other, dom, cfg.crop_margin),
+                               "aggregation": other})
+        for agg in ("max", "mean"):
+            m = maps_by[agg]
+            dcrop = dom[sl]
+            row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid),
+                   "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)), "aggregation": agg,
+                   "samples": n1}
+            for c, key in enumerate(SEQ_KEYS):
+                row[f"{key}_min"] = float(m[c].min())
+                row[f"{key}_max"] = float(m[c].max())
+                row[f"{key}_min_in"] = float(m[c][dcrop].min())
+                row[f"{key}_max_in"] = float(m[c][dcrop].max())
+            res.exp1.append(row)
+    # keep only one crop per (lesion, aggregation)
+    seen, crops = set(), []
+    for c in res.exp1_crops:
+        k = (c["name"], c["aggregation"])
+        if k not in seen:
+            seen.add(k)
+            crops.append(c)
+    res.exp1_crops = crops
+    res.timings["exp1_s"] = time.time() - t1
+
+    # ---- experiment 4: sanity domains
+    t1 = time.time()
+    if exp1_targets:
+        res.exp4 = exp4_sanity(model, by_id, exp1_targets[0], full_maps_keep, cfg)
+    res.timings["exp4_s"] = time.time() - t1
+
+    # ---- experiment 5: transplant
+    t1 = time.time()
+    tr_targets = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
+    for cid, lid, _ in _bar(tr_targets[: cfg.transplant_lesions], cfg, desc=f"{model.name}: exp5 transplant",
+                            unit="lesion"):
+        rows, crops = exp5_transplant(model, by_id[cid], lid, cfg)
+        res.exp5 += rows
+        res.exp5_crops += crops
+    res.timings["exp5_s"] = time.time() - t1
+
+    # ---- experiment 6: context dilation
+    t1 = time.time()
+    res.exp6, res.exp6_note = exp6_context(model, states, cfg)
+    res.timings["exp6_s"] = time.time() - t1
+
+    # ---- model randomisation
+    t1 = time.time()
+    if rand_targets:
+        rnd = model.randomized(cfg.seed + 1)
+        for cid, lid in _bar(rand_targets, cfg, desc=f"{model.name}: randomised network", unit="lesion"):
+            st = by_id[cid]
+            dom = st.pred == lid
+            sl, trained = full_maps_keep[f"{cid}|TP:{lid}"]
+            rmap = next(iter(rnd.explain(st.image, {"d": dom}, cfg.samples, cfg.aggregation, cfg.seed,
+                                         cfg.sigma_fraction)))[1][(slice(None), *sl)]
+            near = geo.dilate_mm(dom, st.affine, 5.0)[sl]
+            row = {"model": model.name, "case": cid, "lesion_id": int(lid), "voxels_compared": int(near.sum())}
+            for c, key in enumerate(SEQ_KEYS):
+                row[f"{key}_spearman"] = spearman(trained[c][near], rmap[c][near])
+                row[f"{key}_trained_range"] = float(trained[c][near].max() - trained[c][near].min())
+                row[f"{key}_random_range"] = float(rmap[c][near].max() - rmap[c][near].min())
+            res.randomization.append(row)
+    res.timings["randomization_s"] = time.time() - t1
+
+    # ---- experiment 7: error flag
+    t1 = time.time()
+    records = [{"case": r["case"], "lesion_id": r["lesion_id"], "cls": r["cls"], "features": r["features"]}
+               for r in res.lesions if r["cls"] in ("TP", "FP")]
+    case_book = [{"case": s.id, "pairs": s.classes.pairs, "pred_ids": lesion_ids(s.pred),
+                  "truth_ids": lesion_ids(s.truth), "fp_ids": list(s.classes.fp)} for s in states]
+    ev = cross_validate(records, case_book, n_boot=cfg.n_boot // 2, seed=cfg.seed)
+    res.error_flag = ev
+    if ev.get("status") == "ok":
+        for r, s, b in zip(records, ev["scores"], ev["baseline_scores"]):
+            res.error_flag_rows.append({"model": model.name, "case": r["case"], "lesion_id": r["lesion_id"],
+                                        "cls": r["cls"], "error_score_oof": s, "baseline_score_oof": b,
+                                        "flagged": bool(s > 0.5)})
+        y = [r["cls"] == "FP" for r in records]
+        res.error_flag_model = ErrorFlagModel.fit(
+            [r["features"] for r in records], y, SALIENCY_FEATURES,
+            info={"model": model.name, "aggregation": cfg.aggregation, "samples": cfg.samples,
+                  "cases": [s.id for s in states], "auc_oof": ev["auc"].estimate})
+    res.timings["error_flag_s"] = time.time() - t1
+    res.timings["total_s"] = time.time() - t0
+    return res
+
+
+# --------------------------------------------------------------------------------------------------- tables
+def exp2_table(values: dict, counts: dict, lesion_rows: list[dict], cfg: ExperimentConfig) -> list[dict]:
+    """Per sequence and region: the fraction of kept values that are positive, medians of the positive, negative
+    and all kept values (95 % bootstrap CIs), and the per-lesion sign pattern."""
+    rows = []
+    for key in SEQ_KEYS:
+        for region in ("inside", "ring"):
+            v = values[key][region]
+            pos, neg = v[v > 0], v[v < 0]
+            frac_ci = _mean_ci((v > 0).astype(float), cfg)
+            med_pos, med_neg, med_all = (median_ci(x, cfg.n_boot, seed=cfg.seed) for x in (pos, neg, v))
+            per_lesion = [r[f"{key}_{region}_median"] for r in lesion_rows]
+            per_lesion = [x for x in per_lesion if np.isfinite(x)]
+            rows.append({
+                "sequence": "FLAIR" if key == "flair" else "MPRAGE", "region": region,
+                "n_values": counts[key][region][0], "n_kept": counts[key][region][1],
+                "frac_positive": frac_ci[0], "frac_positive_lo": frac_ci[1], "frac_positive_hi": frac_ci[2],
+                "median_positive": med_pos.estimate, "median_positive_lo": med_pos.lo, "median_positive_hi": med_pos.hi,
+                "median_negative": med_neg.estimate, "median_negative_lo": med_neg.lo, "median_negative_hi": med_neg.hi,
+                "median_all": med_all.estimate, "median_all_lo": med_all.lo, "median_all_hi": med_all.hi,
+                "n_lesions": len(per_lesion),
+                "lesions_with_positive_median": int(sum(1 for x in per_lesion if x > 0)),
+                "sum_abs": float(sum(r[f"{key}_{region}_abs_sum"] for r in lesion_rows)),
+            })
+    return rows
+
+
+def _mean_ci(x: np.ndarray, cfg: ExperimentConfig) -> tuple[float, float, float]:
+    from msxai.experiments.stats import bootstrap_ci
+
+    c = bootstrap_ci(x, np.mean, cfg.n_boot, seed=cfg.seed)
+    return c.estimate, c.lo, c.hi
+
+
+def exp3_tables(lesion_rows: list[dict], cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
+    rows, tests = [], []
+    for stat in ("flair_peak_max", "flair_peak_min", "mprage_peak_max", "mprage_peak_min"):
+        groups = {c: np.array([r[stat] for r in lesion_rows if r["cls"] == c]) for c in CLASSES}
+        for c, v in groups.items():
+            ci = median_ci(v, cfg.n_boot, seed=cfg.seed)
+            rows.append({"statistic": stat, "cls": c, "n": ci.n, "median": ci.estimate, "ci_lo": ci.lo,
+                         "ci_hi": ci.hi})
+        for t in pairwise_mwu(groups):
+            tests.append({"statistic": stat, **t})
+    return rows, tests
+
+
+# --------------------------------------------------------------------------------------------------- exp 4
+def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0.9) -> np.ndarray | None:
+    """A 93 mm^3 ball in healthy white matter: inside the brain, at least ``avoid_mm`` from any true or predicted
+    lesion, where the local mean T1 (WM is brightest on MPRAGE) is in the top decile of the admissible positions;
+    the one nearest to the brain's centre of mass."""
+    from msxai.io import voxel_spacing
+    from msxai.lesions import ball_structure, tn_sphere_radius_mm
+
+    ball = ball_structure(tn_sphere_radius_mm(TN_SPHERE_MM3), voxel_spacing(state.affine))
+    lesions = (state.truth > 0) | (state.pred > 0)
+    far = geo.distance_mm(lesions, state.affine) > avoid_mm if lesions.any() else np.ones_like(state.brain)
+    allowed = state.brain & far
+    patch = np.zeros(state.brain.shape, bool)
+    h = np.array(ball.shape) // 2
+    c = np.array(state.brain.shape) // 2
+    patch[tuple(slice(int(a - b), int(a - b + s)) for a, b, s in zip(c, h, ball.shape))] = ball
+    score = ndimage.uniform_filter(state.image[1].astype(np.float32), size=ball.shape)
+    off = geo.find_target(patch, allowed, score=score, quantile=quantile,
+                          prefer_near=np.argwhere(state.brain).mean(0))
+    if off is None:
+        return None
+    return geo.shift_mask(patch, off)
+
+
+def exp4_sanity(model: ExperimentModel, by_id: dict, target, kept_maps: dict, cfg: ExperimentConfig) -> list[dict]:
+    label, cid, lid = target
+    st = by_id[cid]
+    dom = st.pred == lid
+    centre = geo.centre_of_mass_voxel(dom)
+    single = np.zeros(dom.shape, bool)
+    single[centre] = True
+    domains = {"single voxel at the TP's centre of mass": single}
+    wm = healthy_wm_ball(st)
+    if wm is not None:
+        domains["healthy-WM ball (93 mm^3)"] = wm
+    rows = []
+    sl, tp_maps = kept_maps[f"{cid}|TP:{lid}"]
+    row = {"model": model.name, "case": cid, "domain": f"TP lesion {lid}", "voxels": int(dom.sum()),
+           "mean_prob": float(st.prob[dom].mean())}
+    for c, key in enumerate(SEQ_KEYS):
+        row[f"{key}_min"], row[f"{key}_max"] = float(tp_maps[c].min()), float(tp_maps[c].max())
+    rows.append(row)
+    for name, maps in _bar(model.explain(st.image, domains, cfg.samples, cfg.aggregation, cfg.seed,
+                                         cfg.sigma_fraction), cfg, desc=f"{model.name}: exp4 sanity",
+                           total=len(domains), unit="domain"):
+        d = domains[name]
+        row = {"model": model.name, "case": cid, "domain": name, "voxels": int(d.sum()),
+               "mean_prob": float(st.prob[d].mean())}
+        for c, key in enumerate(SEQ_KEYS):
+            row[f"{key}_min"], row[f"{key}_max"] = float(maps[c].min()), float(maps[c].max())
+        rows.append(row)
+    tp_row = rows[0]
+    for r in rows:
+        for key in SEQ_KEYS:
+            span_tp = tp_row[f"{key}_max"] - tp_row[f"{key}_min"]
+            r[f"{key}_range_vs_tp"] = (r[f"{key}_max"] - r[f"{key}_min"]) / span_tp if span_tp > 0 else float("nan")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------- exp 5
+def transplant_conditions(state: CaseState, domain: np.ndarray, margin_mm: float = 3.0) -> dict:
+    """The transplant conditions of one lesion: ``{name: (image, moved Ω) or None}``.
+
+    * ``healthy WM``: the lesion voxels (Ω only) moved to a place in the brain at least 3 mm from any lesion where
+      the local mean T1 is in the top quartile (white matter), nearest to the lesion's own position;
+    * ``background``: Ω moved outside the head (at least 5 mm from the brain mask), nearest to the lesion;
+    * ``background + {margin} mm``: Ω with every voxel within ``margin_mm`` of it moved there.
+    """
+    out = {}
+    lesions = (state.truth > 0) | (state.pred > 0)
+    far = geo.distance_mm(lesions, state.affine) > 3.0
+    score = ndimage.uniform_filter(state.image[1].astype(np.float32), size=5)
+    off = geo.find_target(domain, state.brain & far, score=score, quantile=0.75)
+    out["healthy WM"] = None if off is None else geo.transplant(state.image, domain, off)
+    outside = geo.distance_mm(state.brain, state.affine) > 5.0
+    patch = geo.dilate_mm(domain, state.affine, margin_mm)
+    for name, p in (("background", domain), (f"background + {margin_mm:g} mm", patch)):
+        off = geo.find_target(p, outside)
+        if off is None:
+            out[name] = None
+            continue
+        img, _ = geo.transplant(state.image, p, off)
+        out[name] = (img, geo.shift_mask(domain, off))
+    return out
+
+
+def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cfg: ExperimentConfig):
+    dom = state.pred == lesion_id
+    rows, crops = [], []
+    base = {"model": model.name, "case": state.id, "lesion_id": int(lesion_id), "voxels": int(dom.sum())}
+    conds = {"original": (state.image, dom), **transplant_conditions(state, dom, cfg.transplant_margin_mm)}
+    for name, item in conds.items():
+        if item is None:
+            rows.append({**base, "condition": name, "status": "no place found"})
+            continue
+        img, omega = item
+        region = geo.dilate_mm(omega, state.affine, 5.0)
+        prob = state.prob if name == "original" else model.probability(img, region)
+        maps = next(iter(model.explain(img, {"d": omega}, cfg.samples, cfg.aggregation, cfg.seed,
+                                       cfg.sigma_fraction)))[1]
+        near = geo.dilate_mm(omega, state.affine, 3.0)
+        row = {**base, "condition": name, "status": "ok", "mean_prob": float(prob[omega].mean()),
+               "detected": _detected(prob, region, omega, model, state.affine),
+               "centre_vox": str(tuple(int(v) for v in np.argwhere(omega).mean(0).round()))}
+        for c, key in enumerate(SEQ_KEYS):
+            row[f"{key}_peak_max"] = float(maps[c][omega].max())
+            row[f"{key}_peak_min"] = float(maps[c][omega].min())
+            tot = float(np.abs(maps[c]).sum())
+            row[f"{key}_abs_share_within_3mm"] = float(np.abs(maps[c][near]).sum() / tot) if tot > 0 else float("nan")
+        rows.append(row)
+        crops.append({**crop_record(f"{name}", img, maps, omega, cfg.crop_margin), "condition": name,
+                      "mean_prob": row["mean_prob"], "detected": row["detected"]})
+    return rows, crops
+
+
+# --------------------------------------------------------------------------------------------------- exp 6
+def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int) -> tuple[list, str]:
+    """TP lesions with volume in [lo, hi] mm^3 (the range is widened by 50 % steps, up to 10x, when none)."""
+    cands = []
+    for s in states:
+        vox = voxel_volume_mm3(s.affine)
+        counts = np.bincount(s.pred.ravel())
+        for lid in s.classes.tp:
+            cands.append((s.id, lid, float(counts[lid] * vox)))
+    if not cands:
+        return [], "no TP lesion in the cohort"
+    a, b = lo, hi
+    for _ in range(12):
+        pick = [c for c in cands if a <= c[2] <= b]
+        if pick:
+            note = (f"TP lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
+                    f"no TP lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
+            pick.sort(key=lambda c: abs(c[2] - (lo + hi) / 2))
+            return pick[:k], note
+        a, b = a / 1.5, b * 1.5
+    pick = sorted(cands, key=lambda c: abs(c[2] - (lo + hi) / 2))[:k]
+    return pick, f"no TP lesion near {lo:g}-{hi:g} mm^3; used the TP lesions closest in volume"
+
+
+def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: ExperimentConfig) -> tuple[list[dict], str]:
+    picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions)
+    by_id = {s.id: s for s in states}
+    rows = []
+    steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
+    total = len(picks) * len(steps)
+    bar = _bar(range(total), cfg, desc=f"{model.name}: exp6 context", unit="step")
+    for cid, lid, vol in picks:
+        st = by_id[cid]
+        dom = st.pred == lid
+        dist = geo.distance_mm(dom, st.affine)
+        bg = geo.background_value(st.image, st.brain)
+        region = dist <= 3.0 + 1e-6
+        for r in steps:
+            img = geo.context_image(st.image, dist, r, bg)
+            prob = model.probability(img, region)
+            rows.append({"model": model.name, "case": cid, "lesion_id": int(lid), "volume_mm3": vol,
+                         "radius_mm": r, "mean_prob": float(prob[dom].mean()),
+                         "detected": _detected(prob, region, dom, model, st.affine),
+                         "full_context_mean_prob": float(st.prob[dom].mean())})
+            bar.update(1)
+    bar.close()
+    return rows, note
