@@ -8,7 +8,6 @@ lesion Ω (bool ``[X, Y, Z]``), ``prob`` the lesion probability, ``affine`` the 
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats as sps
 
 from msxai.errors import GeometryError
 from msxai.experiments.geometry import distance_mm
@@ -60,10 +59,12 @@ def _radiomics(v: np.ndarray, prefix: str) -> dict:
     hist, _ = np.histogram(a, bins=16, range=(0.0, float(a.max()) or 1.0))
     pk = hist[hist > 0] / hist.sum()
     std = float(v.std())
+    flat = std <= 1e-9 * max(float(a.max()), 1e-30)  # (nearly) constant map: shape moments are undefined -> 0
+    z = (v - v.mean()) / (std if not flat else 1.0)
     return {
         f"{prefix}_std": std,
-        f"{prefix}_skew": float(sps.skew(v)) if v.size > 2 and std > 0 else 0.0,
-        f"{prefix}_kurt": float(sps.kurtosis(v)) if v.size > 3 and std > 0 else 0.0,
+        f"{prefix}_skew": float((z**3).mean()) if v.size > 2 and not flat else 0.0,
+        f"{prefix}_kurt": float((z**4).mean() - 3.0) if v.size > 3 and not flat else 0.0,
         f"{prefix}_entropy": float(-(pk * np.log(pk)).sum()),
         f"{prefix}_pos_frac": float((v > 0).mean()),
     }

@@ -1,0 +1,237 @@
+"""Rings, distances, transplants, context images, saliency features and the error flag against brute-force twins."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from msxai.errors import EmptyDomainError, GeometryError, InputError
+from msxai.experiments import geometry as geo
+from msxai.experiments.error_flag import (
+    ErrorFlagModel,
+    case_counts,
+    cross_validate,
+    error_score_from_maps,
+    f1_from_counts,
+    f1_gain,
+)
+from msxai.experiments.features import region_values, saliency_features
+from msxai.experiments.runner import select_round_robin
+from msxai.metrics import lesion_metrics
+
+ANISO = np.diag([0.8, 1.0, 2.5, 1.0])
+
+
+def random_domain(shape=(9, 8, 7), seed=0, n=4):
+    rng = np.random.default_rng(seed)
+    m = np.zeros(shape, bool)
+    for _ in range(n):
+        m[tuple(rng.integers(1, s - 1) for s in shape)] = True
+    return m
+
+
+def brute_distance(domain, spacing):
+    pts = np.argwhere(domain) * np.asarray(spacing)
+    out = np.zeros(domain.shape)
+    for v in itertools.product(*map(range, domain.shape)):
+        out[v] = np.sqrt(((pts - np.asarray(v) * np.asarray(spacing)) ** 2).sum(1)).min()
+    return out
+
+
+def test_distance_and_rings_match_brute_force_anisotropic():
+    dom = random_domain()
+    brute = brute_distance(dom, (0.8, 1.0, 2.5))
+    np.testing.assert_allclose(geo.distance_mm(dom, ANISO), brute, atol=1e-9)
+    ring = geo.ring_mask(dom, ANISO, 1.0, 3.0)
+    np.testing.assert_array_equal(ring, (brute > 1.0 + 1e-6) & (brute <= 3.0 + 1e-6))
+    assert not (ring & dom).any()
+    np.testing.assert_array_equal(geo.dilate_mm(dom, ANISO, 2.0), brute <= 2.0 + 1e-6)
+    with pytest.raises(InputError):
+        geo.ring_mask(dom, ANISO, 3.0, 1.0)
+    with pytest.raises(EmptyDomainError):
+        geo.distance_mm(np.zeros((3, 3, 3), bool))
+
+
+def test_corner_fits_matches_a_loop():
+    rng = np.random.default_rng(4)
+    allowed = rng.random((10, 9, 8)) > 0.25
+    allowed[2:8, 2:8, 1:7] = True
+    fp = rng.random((3, 2, 3)) > 0.4
+    fp[0, 0, 0] = True
+    fits = geo._corner_fits(allowed, fp)
+    for a in itertools.product(*map(range, allowed.shape)):
+        ok = True
+        for k in np.argwhere(fp):
+            p = np.asarray(a) + k
+            if np.any(p >= allowed.shape) or not allowed[tuple(p)]:
+                ok = False
+                break
+        assert fits[a] == ok, a
+
+
+def test_transplant_matches_a_voxel_loop_and_find_target_fits():
+    rng = np.random.default_rng(5)
+    img = rng.normal(size=(2, 12, 11, 10)).astype(np.float32)
+    patch = np.zeros((12, 11, 10), bool)
+    patch[2:4, 3:6, 2:4] = True
+    patch[4, 4, 3] = True
+    off = (5, 2, 4)
+    out, moved = geo.transplant(img, patch, off)
+    ref = img.copy()
+    for v in np.argwhere(patch):
+        ref[(slice(None), *(v + off))] = img[(slice(None), *v)]
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(moved, geo.shift_mask(patch, off))
+    assert moved.sum() == patch.sum()
+    with pytest.raises(GeometryError):
+        geo.transplant(img, patch, (9, 0, 0))
+    allowed = np.zeros(patch.shape, bool)
+    allowed[6:12, 5:11, 4:10] = True
+    o = geo.find_target(patch, allowed)
+    assert o is not None and (allowed[geo.shift_mask(patch, o)]).all()
+    assert geo.find_target(patch, np.zeros_like(allowed)) is None
+
+
+def test_context_image_and_radii():
+    rng = np.random.default_rng(6)
+    img = rng.normal(size=(2, 8, 8, 8))
+    dom = np.zeros((8, 8, 8), bool)
+    dom[3:5, 3:5, 3:5] = True
+    d = geo.distance_mm(dom)
+    bg = np.array([-1.0, -2.0])
+    for r in (0.0, 1.0, 2.5):
+        out = geo.context_image(img, d, r, bg)
+        for v in itertools.product(range(8), repeat=3):
+            expect = img[(slice(None), *v)] if d[v] <= r + 1e-6 else bg
+            np.testing.assert_array_equal(out[(slice(None), *v)], expect)
+    assert geo.radii(3, 1) == [0, 1, 2, 3] and geo.radii(35, 1)[-1] == 35 and len(geo.radii(35, 1)) == 36
+    brain = np.zeros((8, 8, 8), bool)
+    brain[1:7, 1:7, 1:7] = True
+    img2 = np.where(brain, 5.0, -3.0)[None].repeat(2, 0)
+    np.testing.assert_array_equal(geo.background_value(img2, brain), [-3.0, -3.0])
+
+
+def test_centre_of_mass_voxel_is_in_the_domain():
+    dom = np.zeros((9, 9, 9), bool)
+    dom[1:8, 1, 1] = True
+    dom[1, 1:8, 1] = True  # an L: its centre of mass lies outside
+    c = geo.centre_of_mass_voxel(dom)
+    assert dom[c]
+    com = np.argwhere(dom).mean(0)
+    best = min(np.argwhere(dom).tolist(), key=lambda v: ((np.array(v) - com) ** 2).sum())
+    assert list(c) == best
+
+
+def test_saliency_features_hand_values():
+    shape = (9, 9, 9)
+    dom = np.zeros(shape, bool)
+    dom[3:6, 3:6, 3:6] = True  # 27 voxels
+    maps = np.zeros((2, *shape))
+    maps[0][dom] = 0.5
+    maps[0, 4, 4, 4] = 2.0
+    maps[0][geo.ring_mask(dom, None, 0, 1.0)] = -0.25
+    maps[1][dom] = -0.1
+    prob = np.where(dom, 0.8, 0.0)
+    f = saliency_features(maps, dom, prob, np.diag([2.0, 1.0, 1.0, 1.0]), ring_mm=1.0)  # 2 mm^3 voxels
+    assert f["volume_mm3"] == 54.0
+    assert f["flair_peak_max"] == 2.0 and f["flair_peak_min"] == 0.5
+    assert f["flair_mass_pos"] == pytest.approx((26 * 0.5 + 2.0) * 2.0)
+    assert f["mprage_mass_neg"] == pytest.approx(-0.1 * 27 * 2.0)
+    assert f["mean_prob"] == pytest.approx(0.8)
+    # with 2 mm along x, the 1 mm ring holds the face neighbours along y and z only
+    ring = geo.ring_mask(dom, np.diag([2.0, 1.0, 1.0, 1.0]), 0, 1.0)
+    assert f["flair_ring_mean"] == pytest.approx(maps[0][ring].mean())
+    vals = region_values(maps, dom, np.diag([2.0, 1.0, 1.0, 1.0]), 1.0)
+    assert vals["flair"]["inside"].size == 27 and vals["flair"]["ring"].size == int(ring.sum())
+    tot_f = np.abs(maps[0][dom]).sum() + np.abs(maps[0][ring]).sum()
+    tot_m = np.abs(maps[1][dom]).sum() + np.abs(maps[1][ring]).sum()
+    assert f["flair_share"] == pytest.approx(tot_f / (tot_f + tot_m))
+    with pytest.raises(GeometryError):
+        saliency_features(maps[:, :5], dom)
+
+
+def _toy_features(n, seed):
+    rng = np.random.default_rng(seed)
+    feats, y = [], []
+    for i in range(n):
+        fp = i % 2 == 1
+        f = saliency_features(
+            np.stack([rng.normal(0.3 if not fp else -0.1, 0.1, (7, 7, 7)), rng.normal(0, 0.1, (7, 7, 7))]),
+            np.pad(np.ones((3, 3, 3), bool), 2), np.full((7, 7, 7), 0.6))
+        feats.append(f)
+        y.append(fp)
+    return feats, np.array(y)
+
+
+def test_error_flag_fit_score_save_load(tmp_path):
+    feats, y = _toy_features(24, 0)
+    m = ErrorFlagModel.fit(feats, y)
+    s = m.scores(feats)
+    assert ((s > 0.5) == y).mean() > 0.9  # separable toy data
+    # error_score is the logistic function of the standardised linear score
+    f0 = feats[0]
+    z = sum(c * (f0[n] - mu) / sd for n, c, mu, sd in zip(m.feature_names, m.coef, m.mean, m.scale)) + m.intercept
+    assert m.error_score(f0) == pytest.approx(1 / (1 + np.exp(-z)))
+    p = m.save(tmp_path / "flag.json")
+    m2 = ErrorFlagModel.load(p)
+    np.testing.assert_allclose(m2.scores(feats), s)
+    assert json.loads(p.read_text())["kind"] == "msxai-error-flag"
+    with pytest.raises(InputError):
+        m.error_score({"flair_peak_max": 1.0})
+    with pytest.raises(InputError):
+        ErrorFlagModel.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError):
+        ErrorFlagModel.load(tmp_path / "bad.json")
+    with pytest.raises(InputError):
+        ErrorFlagModel.fit(feats[:3], [True, True, True])
+    maps = np.zeros((2, 7, 7, 7))
+    dom = np.pad(np.ones((3, 3, 3), bool), 2)
+    assert 0.0 <= error_score_from_maps(m, maps, dom, np.full((7, 7, 7), 0.5)) <= 1.0
+
+
+def test_f1_gain_matches_lesion_metrics():
+    # case with pred lesions 1 (TP, matches truth 1), 2 (FP), 3 (TP, matches truth 2); truth 3 missed
+    pred = np.zeros((12, 4, 4), int)
+    truth = np.zeros((12, 4, 4), int)
+    pred[0:2], truth[0:2] = 1, 1
+    pred[3:5] = 2
+    pred[6:8], truth[6:8] = 3, 2
+    truth[10:12] = 3
+    from msxai.lesions import classify_lesions
+
+    cl = classify_lesions(pred, truth)
+    case = {"case": "a", "pairs": cl.pairs, "pred_ids": [1, 2, 3], "truth_ids": [1, 2, 3], "fp_ids": cl.fp}
+    for dropped in (set(), {2}, {1}, {1, 2, 3}):
+        kept_pred = np.where(np.isin(pred, list(dropped)), 0, pred)
+        c = case_counts(case["pairs"], case["pred_ids"], case["truth_ids"], case["fp_ids"], dropped)
+        ref = lesion_metrics(kept_pred, truth)
+        assert f1_from_counts(c["tp"], c["n_pred"], c["detected"], c["n_truth"]) == pytest.approx(ref["F1"])
+    g = f1_gain([case], {"a": {2}}, n_boot=50)
+    assert g["f1_before"] == pytest.approx(lesion_metrics(pred, truth)["F1"])
+    assert g["gain"].estimate == pytest.approx(lesion_metrics(np.where(pred == 2, 0, pred), truth)["F1"] - g["f1_before"])
+    assert g["n_dropped"] == 1
+
+
+def test_cross_validate_by_patient():
+    feats, y = _toy_features(24, 1)
+    records = [{"case": f"p{i % 4}", "lesion_id": i, "cls": "FP" if fp else "TP", "features": f}
+               for i, (f, fp) in enumerate(zip(feats, y))]
+    cases = [{"case": f"p{k}", "pairs": [], "pred_ids": [i for i in range(24) if i % 4 == k], "truth_ids": [],
+              "fp_ids": [i for i in range(24) if i % 4 == k and y[i]]} for k in range(4)]
+    for c in cases:
+        c["pairs"] = [(i, i) for i in c["pred_ids"] if i not in c["fp_ids"]]
+        c["truth_ids"] = [i for i, _ in c["pairs"]]
+    ev = cross_validate(records, cases, n_boot=100)
+    assert ev["status"] == "ok" and ev["n_folds"] == 4 and ev["auc"].estimate > 0.8
+    assert ev["f1"]["f1_after"] >= ev["f1"]["f1_before"]
+    one = cross_validate([dict(r, case="p0") for r in records], cases[:1])
+    assert one["status"].startswith("not evaluated")
+
+
+def test_select_round_robin_spreads_over_cases():
+    sel = select_round_robin({"a": [1, 2, 3, 4], "b": [7], "c": []}, 3, seed=0)
+    assert len(sel) == 3 and sum(1 for c, _ in sel if c == "b") == 1
+    assert len(set(sel)) == 3
+    assert select_round_robin({"a": [1]}, 5, seed=0) == [("a", 1)]
