@@ -1,0 +1,190 @@
+"""Pieces the bundles' ``configs/train.json`` assembles into MONAI/ignite engines.
+
+- :func:`cohort_datalist`: a cohort's split as ``[{"id", "flair", "t1", "label"}]`` (``dataset.json`` of ``msxai synth``);
+- :class:`PrepareSubjectd`: loads one subject through :func:`msxai.preprocess.prepare_image` (the same z-scoring as at
+  inference) and its lesion label, cropped to the brain's bounding box (+ margin) to save memory and time;
+- :class:`LesionMaskd`: validation post-processing, 2-class logits -> one-hot of ``softmax[1] > 0.3``;
+- :class:`TimeLimit`: stops training after ``max_minutes`` (checked at epoch end, after a last validation);
+- :class:`TrainingRecord`: writes ``training.json`` (epochs, minutes, best validation Dice and epoch, losses).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from msxai import THRESHOLD
+from msxai.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_cohort() -> str:
+    """``<repo>/data/synth`` (made by ``msxai synth --out data/synth --n 24 --seed 0``)."""
+    return str(REPO_ROOT / "data" / "synth")
+
+
+def default_run_dir(name: str) -> str:
+    return str(REPO_ROOT / "runs" / name)
+
+
+def cohort_datalist(cohort, split: str) -> list[dict]:
+    """``[{"id", "flair", "t1", "label"}]`` of a cohort split (absolute paths)."""
+    from msxai.inference import resolve_cases
+
+    return resolve_cases(cohort, split)
+
+
+def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
+    """Bounding box of the non-zero voxels of ``mask`` grown by ``margin`` voxels (clipped to the grid)."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return tuple(slice(0, s) for s in mask.shape)
+    lo = np.maximum(idx.min(0) - margin, 0)
+    hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+class PrepareSubjectd:
+    """``{"id", "flair", "t1", "label"}`` -> ``{"id", "image": float32 [2, ...], "label": float32 [1, ...]}``.
+
+    The image is :func:`msxai.preprocess.prepare_image` (z-scored within the brain); label = ``label > 0``; both are
+    cropped to the brain's bounding box grown by ``margin`` voxels (``crop=False`` keeps the full grid).
+    """
+
+    def __init__(self, margin: int = 8, crop: bool = True):
+        self.margin = int(margin)
+        self.crop = bool(crop)
+
+    def __call__(self, data: dict) -> dict:
+        from msxai.io import load_volume
+        from msxai.preprocess import prepare_image
+
+        prepared = prepare_image(data["flair"], data["t1"])
+        label = load_volume(data["label"], "label").array
+        if label.shape != prepared.shape:
+            raise InputError(f"{data.get('id', '?')}: label grid {label.shape} differs from the image grid {prepared.shape}")
+        sl = brain_bbox(prepared.brain_mask, self.margin) if self.crop else tuple(slice(None) for _ in range(3))
+        image = np.ascontiguousarray(prepared.image[(slice(None),) + sl], dtype=np.float32)
+        lab = np.ascontiguousarray((label[sl] > 0)[None], dtype=np.float32)
+        return {"id": data.get("id", ""), "image": image, "label": lab}
+
+
+class LesionMaskd:
+    """Validation post-processing: ``pred`` 2-class logits ``[2, ...]`` -> one-hot ``[2, ...]`` of
+    ``softmax[1] > threshold``; ``label`` ``[1, ...]`` -> one-hot ``[2, ...]``."""
+
+    def __init__(self, threshold: float = THRESHOLD, pred_key: str = "pred", label_key: str = "label"):
+        self.threshold = float(threshold)
+        self.pred_key, self.label_key = pred_key, label_key
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        pred = d[self.pred_key]
+        fg = (torch.softmax(torch.as_tensor(pred).float(), dim=0)[1:2] > self.threshold).float()
+        d[self.pred_key] = torch.cat([1 - fg, fg], 0)
+        if self.label_key in d:
+            lab = (torch.as_tensor(d[self.label_key]).float()[:1] > 0.5).float()
+            d[self.label_key] = torch.cat([1 - lab, lab], 0)
+        return d
+
+
+class TimeLimit:
+    """Terminate the trainer once ``max_minutes`` have passed (checked at each epoch end). If the epoch that hits
+    the limit was not a validation epoch, ``validation`` (a :class:`monai.handlers.ValidationHandler`) is run first so
+    the best checkpoint sees the last weights."""
+
+    def __init__(self, max_minutes: float | None, validation=None):
+        self.max_minutes = None if max_minutes in (None, 0) else float(max_minutes)
+        self.validation = validation
+        self.start = None
+        self.stopped_early = False
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _started(self, engine) -> None:
+        self.start = time.monotonic()
+
+    def minutes(self) -> float:
+        return 0.0 if self.start is None else (time.monotonic() - self.start) / 60.0
+
+    def __call__(self, engine) -> None:
+        if self.max_minutes is None or self.minutes() < self.max_minutes:
+            return
+        if engine.state.epoch < engine.state.max_epochs:
+            v = self.validation
+            if v is not None and engine.state.epoch % int(v.interval) != 0:
+                v.validator.run(engine.state.epoch)
+            self.stopped_early = True
+            engine.logger.info(f"TimeLimit: {self.minutes():.1f} min >= {self.max_minutes} min, stopping")
+            engine.terminate()
+
+
+class TrainingRecord:
+    """Write ``path`` (JSON) at every epoch end and at completion: epochs run, wall minutes, mean training loss per
+    epoch, validation Dice per validation, best Dice and its epoch."""
+
+    def __init__(self, path, validator=None, time_limit: TimeLimit | None = None, info: dict | None = None):
+        self.path = Path(path)
+        self.validator = validator
+        self.time_limit = time_limit
+        self.info = dict(info or {})
+        self.losses: list[float] = []
+        self._epoch_losses: list[float] = []
+        self.validations: list[dict] = []
+        self.start = None
+
+    def attach(self, engine) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
+        engine.add_event_handler(Events.COMPLETED, self._epoch)
+        if self.validator is not None:
+            self.validator.add_event_handler(Events.COMPLETED, self._validated)
+
+    def _started(self, engine) -> None:
+        self.start = time.monotonic()
+
+    def _iteration(self, engine) -> None:
+        out = engine.state.output
+        loss = out[0]["loss"] if isinstance(out, list) else out.get("loss") if isinstance(out, dict) else out
+        self._epoch_losses.append(float(torch.as_tensor(loss).detach().float().mean()))
+
+    def _validated(self, evaluator) -> None:
+        self.validations.append({"epoch": int(evaluator.state.epoch), "minutes": round(self.minutes(), 2),
+                                 **{k: float(v) for k, v in evaluator.state.metrics.items()}})
+
+    def minutes(self) -> float:
+        return 0.0 if self.start is None else (time.monotonic() - self.start) / 60.0
+
+    def summary(self) -> dict:
+        best = None
+        if self.validator is not None and self.validator.state is not None:
+            best = {"metric": float(self.validator.state.best_metric), "epoch": int(self.validator.state.best_metric_epoch)}
+        return {
+            **self.info,
+            "epochs": len(self.losses),
+            "minutes": round(self.minutes(), 2),
+            "stopped_by_time_limit": bool(self.time_limit.stopped_early) if self.time_limit else False,
+            "best_val_dice": best["metric"] if best else None,
+            "best_epoch": best["epoch"] if best else None,
+            "epoch_loss": [round(x, 5) for x in self.losses],
+            "validations": self.validations,
+        }
+
+    def _epoch(self, engine) -> None:
+        if self._epoch_losses:
+            self.losses.append(float(np.mean(self._epoch_losses)))
+            self._epoch_losses = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.summary(), indent=2) + "\n")
