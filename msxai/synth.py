@@ -132,9 +132,13 @@ class SynthSubject:
 
 
 def _nilearn_data_dir() -> Path:
-    import nilearn.datasets
+    """nilearn's bundled data folder, found without importing nilearn (its import takes seconds)."""
+    import importlib.util
 
-    return Path(nilearn.datasets.__file__).parent / "data"
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nilearn is not installed; it ships the MNI152 2009a templates msxai.synth needs")
+    return Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
 
 
 @lru_cache(maxsize=1)
@@ -155,7 +159,7 @@ def mni_template() -> dict:
         out["affine"] = np.asarray(img.affine, dtype=np.float64)
     icv = (out["t1"] > 0).astype(np.float32)
     # smooth the intracranial edge a little so that the mask resamples to a smooth boundary
-    icv = np.clip(ndi.gaussian_filter(icv, 0.6) * 1.2, 0, 1) * (ndi.binary_dilation(out["t1"] > 0))
+    icv = np.clip(ndi.gaussian_filter(icv, 0.6) * 1.2, 0, 1)
     out["icv"] = icv.astype(np.float32)
     out["csf"] = np.clip(icv - out["gm"] - out["wm"], 0, 1).astype(np.float32)
     nz = np.argwhere(out["t1"] > 0)
@@ -814,6 +818,7 @@ def generate_cohort(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = config or SynthConfig()
+    cfg.grid()  # validates the voxel size before any work
     ids = [f"{prefix}{i:03d}" for i in range(n_subjects)]
     jobs = [(str(out_dir), sid, subject_seed(seed, i), bool(skull), asdict(cfg)) for i, sid in enumerate(ids)]
     results: dict[str, dict] = {}
