@@ -44,7 +44,7 @@ def write_csv(path: Path, rows: list[dict], exclude=("features",)) -> Path:
         w = csv.DictWriter(fh, fieldnames=cols or ["empty"])
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+            w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
     return path
 
 

@@ -1,0 +1,248 @@
+"""The whole experiment pipeline on a tiny synthetic cohort (2 subjects, a hand-made network, N = 2 samples):
+report files exist and the CSV tables agree with each other and with independent recomputations."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats as sps
+
+from test_experiments_helpers import BlobNet, tiny_model, write_cohort
+
+from msxai.experiments import run_experiments
+from msxai.experiments.cohort import cohort_cases
+from msxai.experiments.error_flag import ErrorFlagModel
+from msxai.experiments.runner import ExperimentConfig
+
+torch.set_num_threads(1)
+K = 2
+CFG = dict(samples=2, max_lesions_per_class=K, n_tn=3, context_max_mm=4.0, context_step_mm=2.0, n_boot=200,
+           randomization_lesions=1, progress=False)
+
+
+def rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    ds = write_cohort(root / "cohort", n=2)
+    cases = cohort_cases(ds)
+    path, results = run_experiments([tiny_model()], cases, root / "report", ExperimentConfig(**CFG),
+                                    {"cohort": "tiny phantom"})
+    return path, results, cases
+
+
+def test_report_files(pipeline):
+    path, results, _ = pipeline
+    out = path.parent
+    text = path.read_text()
+    for heading in ("1. Mean (Eq. 2) vs max (Eq. 3)", "2. FLAIR vs MPRAGE", "3. Peak FLAIR saliency",
+                    "4. Sanity checks", "5. Lesion transplant", "6. Context dilation", "Model randomisation",
+                    "7. Beyond the paper", "Findings: paper vs ours", "noise samples N = 2 (paper: 50)"):
+        assert heading in text, heading
+    assert text.count("data:image/png;base64,") >= 5  # self-contained: the figures are embedded
+    for name in ("segmentation", "lesions", "exp1_aggregation", "exp2_sign", "exp2_lesions", "exp3_peaks",
+                 "exp3_mannwhitney", "exp4_sanity", "exp5_transplant", "exp6_context", "randomization",
+                 "error_flag_scores", "error_flag_summary"):
+        assert (out / f"{name}.csv").is_file(), name
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) >= 5 and all(p.stat().st_size < 300_000 for p in pngs)
+    assert json.loads((out / "settings.json").read_text())["config"]["samples"] == 2
+
+
+def test_selection_and_segmentation_tables(pipeline):
+    path, results, cases = pipeline
+    out = path.parent
+    seg = rows(out / "segmentation.csv")
+    les = rows(out / "lesions.csv")
+    avail = {"TP": sum(int(r["tp"]) for r in seg), "FP": sum(int(r["fp"]) for r in seg),
+             "FN": sum(int(r["fn"]) for r in seg), "TN": sum(int(r["n_tn_spheres"]) for r in seg)}
+    for cls, n in avail.items():
+        assert sum(1 for r in les if r["cls"] == cls) == min(n, K), cls
+    assert all(n > 0 for n in avail.values())  # the phantom has every class
+    # segmentation metrics recomputed independently with MONAI's own sliding-window inferer
+    from msxai.lesions import instances_from_mask, lesion_instances
+    from msxai.io import load_volume
+    from msxai.metrics import lesion_metrics
+    from msxai.preprocess import prepare_image
+
+    model = tiny_model()
+    inferer = model.spec.to_inferer()
+    for case, r in zip(cases, seg):
+        prep = prepare_image(case.flair, case.t1)
+        with torch.no_grad():
+            logits = inferer(torch.as_tensor(prep.image)[None], BlobNet().eval())
+        prob = torch.softmax(logits[0], 0)[1].numpy()
+        pred = lesion_instances(prob, 0.3, 5.0, prep.affine)
+        truth = instances_from_mask(load_volume(case.truth).array, prep.affine)
+        m = lesion_metrics(pred, truth)
+        for key in ("n_pred", "n_truth", "tp", "fp", "fn"):
+            assert int(r[key]) == m[key], (case.id, key)
+    # TP/FP domains are predicted lesions: their mean probability is above the threshold somewhere
+    for r in les:
+        if r["cls"] in ("TP", "FP"):
+            assert float(r["max_prob"]) > 0.3
+
+
+def test_peak_statistics_agree_with_the_lesion_table(pipeline):
+    path, _, _ = pipeline
+    out = path.parent
+    les = rows(out / "lesions.csv")
+    peaks = rows(out / "exp3_peaks.csv")
+    tests = rows(out / "exp3_mannwhitney.csv")
+    vals = {(s, c): np.array([float(r[s]) for r in les if r["cls"] == c])
+            for s in ("flair_peak_max", "flair_peak_min") for c in ("TP", "FP", "FN", "TN")}
+    for r in peaks:
+        if r["statistic"] not in ("flair_peak_max", "flair_peak_min"):
+            continue
+        v = vals[(r["statistic"], r["cls"])]
+        assert int(r["n"]) == v.size
+        if v.size:
+            assert float(r["median"]) == pytest.approx(np.median(v), rel=1e-5)
+            assert float(r["ci_lo"]) <= float(r["median"]) + 1e-12 <= float(r["ci_hi"]) + 2e-12
+    checked = 0
+    for t in tests:
+        if t["statistic"] not in ("flair_peak_max", "flair_peak_min"):
+            continue
+        a, b = vals[(t["statistic"], t["a"])], vals[(t["statistic"], t["b"])]
+        if a.size and b.size:
+            ref = sps.mannwhitneyu(a, b, alternative="two-sided")
+            assert float(t["p"]) == pytest.approx(ref.pvalue, rel=1e-4)
+            assert float(t["U"]) == pytest.approx(ref.statistic)
+            checked += 1
+    assert checked == 12  # 6 pairs x 2 statistics
+    # TN spheres lie away from lesions: the hand-made network gives them lower FLAIR peaks than TP lesions
+    assert np.median(vals[("flair_peak_max", "TN")]) < np.median(vals[("flair_peak_max", "TP")])
+
+
+def test_sign_table_counts(pipeline):
+    path, results, _ = pipeline
+    out = path.parent
+    les = rows(out / "lesions.csv")
+    sign = rows(out / "exp2_sign.csv")
+    tp_voxels = sum(int(r["voxels"]) for r in les if r["cls"] == "TP")
+    for r in sign:
+        assert int(r["n_kept"]) <= int(r["n_values"])
+        if r["region"] == "inside":
+            assert int(r["n_values"]) == tp_voxels
+        if int(r["n_kept"]):
+            assert 0.0 <= float(r["frac_positive"]) <= 1.0
+    res = results[0]
+    kept = res.exp2_values["flair"]["inside"]
+    assert np.all(np.abs(kept) >= 0.1)
+
+
+def test_aggregation_sanity_transplant_context_randomisation(pipeline):
+    path, results, _ = pipeline
+    out = path.parent
+    e1 = rows(out / "exp1_aggregation.csv")
+    assert {r["aggregation"] for r in e1} == {"max", "mean"} and {r["lesion"] for r in e1} <= {"large", "small"}
+    e4 = rows(out / "exp4_sanity.csv")
+    assert e4[0]["domain"].startswith("TP lesion") and float(e4[0]["flair_range_vs_tp"]) == 1.0
+    assert any(r["domain"].startswith("single voxel") and int(r["voxels"]) == 1 for r in e4)
+    e5 = rows(out / "exp5_transplant.csv")
+    conds = {r["condition"]: r for r in e5}
+    assert set(conds) == {"original", "healthy WM", "background", "background + 3 mm"}
+    assert conds["original"]["detected"] == "True"
+    assert all(r["status"] == "ok" for r in e5)
+    e6 = rows(out / "exp6_context.csv")
+    by_lesion = {}
+    for r in e6:
+        by_lesion.setdefault((r["case"], r["lesion_id"]), []).append(r)
+    assert len(by_lesion) == 2
+    for steps in by_lesion.values():
+        assert [float(r["radius_mm"]) for r in steps] == [0.0, 2.0, 4.0]
+        # the hand-made network sees 1 voxel (2 mm) around each output voxel: with 4 mm of context restored the
+        # probability inside the lesion is exactly the full-image one
+        assert float(steps[-1]["mean_prob"]) == pytest.approx(float(steps[-1]["full_context_mean_prob"]), abs=1e-5)
+    rnd = rows(out / "randomization.csv")
+    assert len(rnd) == 1 and abs(float(rnd[0]["flair_spearman"])) < 0.99
+
+
+def test_error_flag_outputs(pipeline):
+    path, results, _ = pipeline
+    out = path.parent
+    res = results[0]
+    summ = rows(out / "error_flag_summary.csv")[0]
+    assert summ["status"] == "ok", summ
+    scores = rows(out / "error_flag_scores.csv")
+    les = rows(out / "lesions.csv")
+    assert len(scores) == sum(1 for r in les if r["cls"] in ("TP", "FP"))
+    assert all(0.0 <= float(r["error_score_oof"]) <= 1.0 for r in scores)
+    model = ErrorFlagModel.load(out / "error_flag_tiny.json")
+    for r in res.lesions:
+        if r["cls"] in ("TP", "FP"):
+            assert model.error_score(r["features"]) == pytest.approx(res.error_flag_model.error_score(r["features"]))
+    seg = rows(out / "segmentation.csv")
+    tp, n_pred = sum(int(r["tp"]) for r in seg), sum(int(r["n_pred"]) for r in seg)
+    det, n_truth = sum(int(r["detected"]) for r in seg), sum(int(r["n_truth"]) for r in seg)
+    p, rec = tp / n_pred, det / n_truth
+    assert float(summ["f1_before"]) == pytest.approx(2 * p * rec / (p + rec))  # cohort F1 from summed counts
+    assert float(summ["f1_gain"]) == pytest.approx(float(summ["f1_after"]) - float(summ["f1_before"]))
+
+
+def _write_tiny_bundle(root):
+    """A bundle folder whose inference.json builds the hand-made network through msxai.inference."""
+    b = root / "tiny_bundle"
+    (b / "configs").mkdir(parents=True)
+    (b / "models").mkdir()
+    torch.save(BlobNet().state_dict(), b / "models" / "model.pt")
+    cfg = {
+        "imports": ["$import torch", "$import msxai", "$import msxai.networks", "$import msxai.inference"],
+        "bundle_root": str(b),
+        "checkpoint": "$@bundle_root + '/models/model.pt'",
+        "device": "$torch.device('cpu')",
+        "threshold": 0.3,
+        "min_volume_mm3": 5.0,
+        "gradcam_layer": "c1",
+        "network_def": {"_target_": "test_experiments_helpers.BlobNet"},
+        "network": "$msxai.networks.load_weights(@network_def, @checkpoint, @device)",
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16], "sw_batch_size": 1,
+                    "overlap": 0.25, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant",
+                    "cval": 0.0},
+        "segmenter": {"_target_": "msxai.inference.LesionSegmentation", "network": "@network",
+                      "inferer": "@inferer", "threshold": "@threshold", "min_volume_mm3": "@min_volume_mm3",
+                      "device": "@device"},
+    }
+    (b / "configs" / "inference.json").write_text(json.dumps(cfg))
+    return b
+
+
+def test_command_line_with_a_bundle(tmp_path, capsys):
+    from msxai.cli import main
+
+    ds = write_cohort(tmp_path / "cohort", n=2)
+    bundle = _write_tiny_bundle(tmp_path)
+    out = tmp_path / "report"
+    rc = main(["experiments", "--bundle", str(bundle), "--cohort", str(ds), "--out", str(out), "--samples", "1",
+               "--max-lesions-per-class", "1", "--context-max-mm", "2", "--context-step-mm", "2", "--n-boot", "50",
+               "--randomization-lesions", "1", "--no-progress"])
+    assert rc == 0
+    assert (out / "report.html").is_file()
+    les = rows(out / "lesions.csv")
+    assert {r["cls"] for r in les} == {"TP", "FP", "FN", "TN"} and len(les) == 4
+    assert "report:" in capsys.readouterr().out
+    assert "sha256" in (out / "report.html").read_text()  # the weights used are identified
+
+
+def test_command_line_errors(tmp_path, capsys):
+    from msxai.cli import main
+
+    bundle = _write_tiny_bundle(tmp_path)
+    assert main(["experiments", "--bundle", str(bundle), "--out", str(tmp_path / "o")]) == 2
+    assert "no cases" in capsys.readouterr().err
+    assert main(["experiments", "--bundle", str(bundle), "--cohort", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "dataset.json not found" in capsys.readouterr().err
+    ds = write_cohort(tmp_path / "cohort", n=1)
+    assert main(["experiments", "--bundle", str(bundle), "--cohort", str(ds), "--split", "val",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "split 'val' is empty" in capsys.readouterr().err
+    assert main(["experiments", "--bundle", str(tmp_path / "nobundle"), "--cohort", str(ds),
+                 "--out", str(tmp_path / "o")]) == 2
