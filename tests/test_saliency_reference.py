@@ -240,3 +240,27 @@ def test_bf16_autocast_error_is_small_but_nonzero():
     low = instance_smoothgrad(net, img, dom, spec, n_samples=2, autocast_dtype=torch.bfloat16)
     rel = np.abs(low - ref).max() / np.abs(ref).max()
     assert 0 < rel < 0.1
+
+
+def test_exact_ties_follow_raster_order_like_the_naive_loop():
+    """Two voxels of Ω, in cells processed in the opposite of raster order, give gradients +1 and -1 at the same
+    input voxel: Eq. 3 keeps the one of the voxel first in raster order (as the naive loop does)."""
+    net = torch.nn.Conv3d(2, 2, (3, 1, 9), padding=(1, 0, 4), bias=False)
+    with torch.no_grad():
+        net.weight.zero_()
+        net.weight[1, 0, 2, 0, 1] = 1.0  # y[v] += x[v + (1, 0, -3)]
+        net.weight[1, 0, 0, 0, 8] = -1.0  # y[v] -= x[v + (-1, 0, 4)]
+    shape = (8, 8, 12)
+    img = random_image(shape, seed=0)
+    inf = SlidingWindowInferer((8, 8, 8), overlap=0.5, mode="constant")
+    spec = SlidingWindowSpec.from_inferer(inf)
+    dom = np.zeros(shape, bool)
+    # cells: {(3,4,2), (6,4,2)} (window 0 only, first in raster order), {(4,4,5)} (both), {(4,4,9)} (window 1 only):
+    # (6,4,2) is processed before (4,4,9) although it comes after it in raster order
+    for v in [(3, 4, 2), (4, 4, 9), (6, 4, 2), (4, 4, 5)]:
+        dom[v] = True
+    ref = naive_instance_smoothgrad(net, img, dom, inf, n_samples=1, sigma=0.0)
+    assert ref[0, 5, 4, 6] == 1.0
+    for backend in ("loop", "batched"):
+        got = instance_smoothgrad(net, img, dom, spec, n_samples=1, sigma=0.0, backend=backend)
+        np.testing.assert_array_equal(got, ref)

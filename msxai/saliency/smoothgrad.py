@@ -206,14 +206,42 @@ def _region_cotangents(grid: WindowGrid, windows, mask_padded: np.ndarray, scale
     return cots
 
 
-def _merge_max_abs(running: torch.Tensor | None, g: torch.Tensor) -> torch.Tensor:
-    """``g``: [K, ...]. Keep, per element, the value of largest |.| over K and over ``running`` (first one on ties,
-    sign kept) — the order-respecting reduction of Eq. 3."""
-    idx = g.abs().argmax(dim=0, keepdim=True)
-    sel = g.gather(0, idx)[0]
-    if running is None:
-        return sel
-    return torch.where(sel.abs() > running.abs(), sel, running)
+class _MaxAbs:
+    """Running Eq. 3 reduction over the voxels of Ω: per input element, the gradient of largest |.| (sign kept);
+    on exact ties the voxel that comes first in raster order wins, whatever order the voxels are processed in."""
+
+    def __init__(self):
+        self.value: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+
+    def update(self, g: torch.Tensor, order: torch.Tensor) -> None:
+        """``g``: [k, ...] gradients of k voxels whose raster ranks ``order`` [k] increase."""
+        a = g.abs()
+        arg = a.argmax(dim=0, keepdim=True)  # first maximal = smallest rank within the chunk
+        sel = g.gather(0, arg)[0]
+        rank = order.to(g.device)[arg[0]]
+        if self.value is None:
+            self.value, self.index = sel, rank
+            return
+        sa, ra = sel.abs(), self.value.abs()
+        take = (sa > ra) | ((sa == ra) & (rank < self.index))
+        self.value = torch.where(take, sel, self.value)
+        self.index = torch.where(take, rank, self.index)
+
+
+def _voxel_cells(grid: WindowGrid, windows: Sequence[int], voxels: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
+    """Split Ω's voxels (raster order) into cells with the same set of covering windows: ``[(windows, rows)]``,
+    ordered by each cell's first voxel; ``rows`` index ``voxels`` and increase."""
+    roi = np.asarray(grid.roi)
+    inside = np.stack([np.all((voxels >= grid.starts[w]) & (voxels < grid.starts[w] + roi), axis=1) for w in windows],
+                      axis=1)
+    keys, first, inverse = np.unique(inside, axis=0, return_index=True, return_inverse=True)
+    inverse = np.asarray(inverse).reshape(-1)
+    cells = []
+    for c in np.argsort(first):
+        rows = np.nonzero(inverse == c)[0]
+        cells.append(([w for w, on in zip(windows, keys[c]) if on], rows))
+    return cells
 
 
 def _group_domains(grid: WindowGrid, states: list[_DomainState], max_windows: int) -> list[list[_DomainState]]:
@@ -234,9 +262,13 @@ def _group_domains(grid: WindowGrid, states: list[_DomainState], max_windows: in
     return groups
 
 
-def _resolve_backend(backend: str) -> str:
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: batched VJPs (vmap over the backward) on CUDA; on the CPU one backward per voxel over the batch of
+    noise copies, which measured faster there (``docs/saliency.md``)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "batched" if device.type == "cuda" else "loop"
     return backend
 
 
@@ -272,9 +304,10 @@ def instance_smoothgrad_many(
         raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
     if int(n_samples) < 1:
         raise InputError(f"the number of noise samples must be >= 1, got {n_samples}")
-    backend = _resolve_backend(backend)
     img = check_image(image)
     device = torch.device(device) if device is not None else network_device(network)
+    fallback = backend == "auto" and device.type == "cuda"
+    backend = _resolve_backend(backend, device)
     grid = spec.grid(img.shape[1:])
     dtype = img.dtype
     items = list(domains.items()) if isinstance(domains, Mapping) else list(domains)
@@ -287,7 +320,9 @@ def instance_smoothgrad_many(
         states.append(_DomainState(str(name), mp, np.argwhere(mp), grid.windows_covering(m)))
     sig = noise_sigma(img, sigma_fraction, sigma)
     n_samples = int(n_samples)
-    B = int(noise_batch or min(n_samples, 4))
+    if noise_batch is None:
+        noise_batch = 4 if device.type == "cuda" else 8
+    B = max(1, min(int(noise_batch), n_samples))
     if max_batch is None:
         max_batch = 64 if device.type == "cuda" else 32
     K = max(1, int(max_batch) // B)
@@ -307,9 +342,9 @@ def instance_smoothgrad_many(
                 xs.requires_grad_(True)
                 args = (network, grid, windows, xs, box, group, aggregation, K, nb, dtype, device)
                 try:
-                    _accumulate_group(*args, "batched" if backend == "auto" else backend, autocast_dtype, channel)
+                    _accumulate_group(*args, backend, autocast_dtype, channel)
                 except RuntimeError as exc:
-                    if backend != "auto":
+                    if not fallback or backend == "loop":
                         raise
                     warnings.warn(f"batched VJP failed ({exc}); falling back to one backward per voxel")
                     backend = "loop"
@@ -334,13 +369,14 @@ def _accumulate_group(network, grid, windows, xs, box, group, aggregation, K, nb
             g = jac.vjp({w: c[None] for w, c in cots.items()})[0]  # [B, C, box]
             results.append(g.sum(0))
         else:
-            running = None
-            for i in range(0, len(s.voxels), K):
-                chunk = s.voxels[i : i + K]
-                cots = _voxel_cotangents(grid, s.windows, chunk, nb, dtype, device)
-                g = jac.vjp(cots)  # [K, B, C, box]
-                running = _merge_max_abs(running, g)
-            results.append(running.sum(0))
+            best = _MaxAbs()
+            for cell_windows, rows in _voxel_cells(grid, s.windows, s.voxels):
+                for i in range(0, len(rows), K):
+                    chunk = rows[i : i + K]
+                    cots = _voxel_cotangents(grid, cell_windows, s.voxels[chunk], nb, dtype, device)
+                    g = jac.vjp(cots)  # [k, B, C, box]
+                    best.update(g, torch.as_tensor(chunk, dtype=torch.int64))
+            results.append(best.value.sum(0))
     for s, r in zip(group, results):
         s.acc += r.detach()
 
