@@ -409,8 +409,8 @@ def to_jsonable(obj):
 # ------------------------------------------------------------------------------------------- explain parameters
 MAX_SAMPLES_DEFAULT = 200
 EXPLAIN_DEFAULTS = {
-    "smoothgrad": {"samples": 50, "sigma": 0.05, "aggregation": "max", "seed": 0},
-    "gradcampp": {"layer": ""},
+    "smoothgrad": {"lesion": "all", "samples": 50, "sigma": 0.05, "aggregation": "max", "seed": 0},
+    "gradcampp": {"lesion": "all", "layer": ""},
 }
 EXPLAIN_METHODS = tuple(EXPLAIN_DEFAULTS)
 SEQUENCE_NAMES = ("FLAIR", "MPRAGE")
@@ -567,6 +567,18 @@ class BundleLoadError(RuntimeError):
     """A bundle that cannot be served (missing weights, broken config): raised at app start-up."""
 
 
+def _root_message(exc: BaseException) -> str:
+    """The message of the innermost InputError in an exception chain (MONAI's ConfigParser wraps the bundle's own
+    'model weights not found: ...' in a generic 'Failed to evaluate ConfigExpression'), else ``str(exc)``."""
+    seen, e, best = set(), exc, None
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, InputError):
+            best = e
+        e = e.__cause__ or e.__context__
+    return str(best) if best is not None else f"{type(exc).__name__}: {exc}"
+
+
 def resolve_device(value) -> str:
     """``"cpu"``, ``"cuda"``/``"cuda:N"`` or a GPU name as MONAI Label clients list it -> a torch device string;
     CUDA when available and nothing (or a GPU) is asked for, the CPU otherwise."""
@@ -651,7 +663,9 @@ class StudyService:
                 try:
                     self._bundles[key] = loader(path, device=device)
                 except Exception as exc:
-                    raise BundleLoadError(f"bundle '{model}' ({path}) cannot be loaded on {device}: {exc}") from exc
+                    raise BundleLoadError(
+                        f"bundle '{model}' ({path}) cannot be loaded on {device}: {_root_message(exc)}"
+                    ) from exc
             return self._bundles[key]
 
     # ----------------------------------------------------------------------------------------------- helpers

@@ -153,12 +153,12 @@ class MsxaiApp(MONAILabelApp):
             image = request.get("image")
             if not isinstance(image, str):
                 raise InvalidImageIdError("image must be a datastore image id")
-            if os.path.isabs(image) or os.path.exists(image):
+            if os.path.isabs(image):
                 raise InvalidImageIdError(
                     "pass a datastore image id: images uploaded with /infer or given as paths are not accepted "
                     "(a FLAIR needs its T1 beside it: put both in the studies folder or PUT /datastore/image)"
                 )
-            validate_image_id(image)
+            validate_image_id(image)  # no separators, no '..': never a path outside the datastore
             ds = datastore if datastore else self.datastore()
             uri = ds.get_image_uri(image)
             if not uri or not os.path.isfile(uri):

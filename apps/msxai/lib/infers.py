@@ -72,7 +72,7 @@ class ExplainTask(_MsxaiTask):
         self.method = method
         models = service.models
         defaults = EXPLAIN_DEFAULTS[method]
-        config = {"model": list(models), "lesion": "all", "device": device_list()}
+        config = {"model": list(models), "device": device_list()}
         config.update({k: v for k, v in defaults.items()})
         if method == "smoothgrad":
             config["sequence"] = ["FLAIR", "MPRAGE"]

@@ -1,0 +1,485 @@
+"""The msxai MONAI Label app served for real: `monailabel start_server` in a subprocess on 127.0.0.1 with a small
+synthetic studies folder (3 mm voxels, 61x73x61), driven with monailabel's own client (MONAILabelClient).
+
+Checked: /info and the datastore listing; every segmentation task against `msxai segment`; both explain tasks
+against `msxai explain` with the same seed; a client-drawn domain (uploaded label, click points); bad input over
+HTTP (4xx with a message, server keeps serving, no label lost); 8 concurrent explain requests (all complete,
+same seed -> same maps, bounded memory); a saved label surviving a server restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "msxai"
+PY = sys.executable
+BUNDLES = {m: REPO / "bundles" / f"msxai_{m}" for m in ("unet", "dynunet", "swinunetr")}
+
+# the server serves the bundles that have weights; test_info requires all three
+AVAILABLE = [m for m, p in BUNDLES.items() if (p / "models" / "model.pt").is_file()]
+pytestmark = pytest.mark.skipif("unet" not in AVAILABLE, reason="bundles/msxai_unet has no weights")
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+           MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, studies: Path, log: Path, models: str = "all"):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        self._fh = open(log, "ab")
+        self.proc = subprocess.Popen(
+            [PY, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
+             "--conf", "models", models, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=str(REPO), env=ENV, stdout=self._fh, stderr=subprocess.STDOUT,
+        )
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{log.read_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/info/", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except Exception:
+                time.sleep(1.0)
+        self.stop()
+        raise RuntimeError(f"server did not answer in time:\n{log.read_text()[-4000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._fh.close()
+
+
+def _write_like(path, array, affine):
+    nib.save(nib.Nifti1Image(np.asarray(array, np.float32), affine), str(path))
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    d = tmp_path_factory.mktemp("studies")
+    subprocess.run([PY, "-m", "msxai", "synth", "--out", str(d), "--n", "2", "--seed", "3", "--voxel-size", "3",
+                    "--no-progress"], check=True, env=ENV, cwd=str(REPO), capture_output=True)
+    f = nib.load(str(d / "synth000_FLAIR.nii.gz"))
+    flair = np.asarray(f.dataobj, np.float32)
+    t1 = np.asarray(nib.load(str(d / "synth000_T1.nii.gz")).dataobj, np.float32)
+    # a study without its T1
+    _write_like(d / "lonely_FLAIR.nii.gz", flair, f.affine)
+    # a T1 on another grid
+    _write_like(d / "mis_FLAIR.nii.gz", flair, f.affine)
+    _write_like(d / "mis_T1.nii.gz", t1[:-4], f.affine)
+    # NaN voxels
+    bad = flair.copy()
+    bad[30, 30, 30] = np.nan
+    _write_like(d / "nan_FLAIR.nii.gz", bad, f.affine)
+    _write_like(d / "nan_T1.nii.gz", t1, f.affine)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(studies, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    s = Server(studies, log, models=",".join(AVAILABLE))
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(server.url, tmpdir=str(server.log.parent))
+
+
+def _get(url):
+    with urllib.request.urlopen(url, timeout=600) as r:
+        return r.status, r.read()
+
+
+def _post(url, params: dict, files: dict | None = None):
+    """POST /infer with multipart params like the clients do; returns (status, body bytes)."""
+    import requests
+
+    fs = {k: (Path(v).name, open(v, "rb")) for k, v in (files or {}).items()}
+    try:
+        r = requests.post(url, data={"params": json.dumps(params)}, files=fs or None, timeout=600)
+    finally:
+        for _, (_, fh) in fs.items():
+            fh.close()
+    return r.status_code, r.content
+
+
+def _cli(*args):
+    """Run an `msxai` command line in this process (the same parser and code as the console script, without
+    paying a new interpreter's imports for every call)."""
+    import torch
+
+    from msxai.cli import main
+
+    threads = torch.get_num_threads()
+    try:
+        assert main([str(a) for a in args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------------ info
+def test_info_lists_tasks_and_only_study_images(client, studies):
+    info = client.info()
+    models = info["models"]
+    assert set(models) == {"segmentation_unet", "segmentation_dynunet", "segmentation_swinunetr",
+                           "explain_smoothgrad", "explain_gradcampp"}
+    for name, m in models.items():
+        assert m["type"] == "segmentation", name  # Slicer and OHIF list only these types
+        assert m["labels"], name
+    assert models["segmentation_unet"]["labels"] == {"lesion": 1}
+    assert sorted(models["explain_smoothgrad"]["labels"].values()) == [1, 2, 3, 4, 5]
+    assert models["explain_smoothgrad"]["config"]["model"] == ["unet", "dynunet", "swinunetr"]
+    assert models["explain_gradcampp"]["config"]["layer"] == ""  # "" = the chosen bundle's own layer
+    ds = client.datastore()
+    ids = sorted(ds["objects"])
+    assert ids == ["lonely_FLAIR", "mis_FLAIR", "nan_FLAIR", "synth000_FLAIR", "synth001_FLAIR"]
+    status, body = _get(client.get_server_url() + "/msxai/studies")
+    rows = {r["image"]: r for r in json.loads(body)}
+    assert rows["synth000_FLAIR"]["t1"] == "synth000_T1.nii.gz"
+    assert "no T1/MPRAGE found" in rows["lonely_FLAIR"]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ segmentation
+def _seg_cli(studies, model, out):
+    _cli("segment", "--bundle", BUNDLES[model], "--flair", studies / "synth000_FLAIR.nii.gz",
+         "--t1", studies / "synth000_T1.nii.gz", "--out", out, "--threads", "1")
+    return out
+
+
+@pytest.fixture(scope="module")
+def cli_seg(studies, tmp_path_factory):
+    """`msxai segment` of synth000 with every bundle (what the segmentation tasks must reproduce)."""
+    root = tmp_path_factory.mktemp("cli_seg")
+    return {m: _seg_cli(studies, m, root / m) for m in AVAILABLE}
+
+
+@pytest.mark.parametrize("model", list(BUNDLES))
+def test_segmentation_matches_cli(client, cli_seg, model):
+    assert model in AVAILABLE, f"bundles/msxai_{model}/models/model.pt is missing"
+    f, params = client.infer(f"segmentation_{model}", "synth000_FLAIR", {})
+    out = nib.load(f)
+    ref = nib.load(str(cli_seg[model] / "lesions.nii.gz"))
+    assert out.shape == ref.shape
+    assert np.allclose(out.affine, ref.affine, atol=1e-4)
+    ref_labels = np.asarray(ref.dataobj)
+    assert np.array_equal(np.asarray(out.dataobj), ref_labels)
+    table = json.loads((cli_seg[model] / "lesions.json").read_text())
+    assert params["label_mode"] == "instances"
+    assert params["n_lesions"] == len(table) == int(ref_labels.max())
+    got = {r["id"]: r for r in params["lesions"]}
+    for r in table:
+        g = got[r["id"]]
+        assert g["volume_mm3"] == pytest.approx(r["volume_mm3"])
+        assert np.allclose(g["centroid_mm"], r["centroid_mm"], atol=1e-3)
+        assert g["mean_probability"] == pytest.approx(r["mean_probability"], abs=1e-5)
+    # label names: one per lesion, value = id (what Slicer maps label values to)
+    assert sorted(params["label_names"].values()) == list(range(1, len(table) + 1))
+
+
+def test_segmentation_ohif_request_gets_binary_nrrd_on_the_image_grid(client, cli_seg, studies):
+    # what the OHIF v3 plugin sends (and the Slicer module sends .nrrd/uint8 too)
+    f, params = client.infer("segmentation_unet", "synth000_FLAIR",
+                             {"result_extension": ".nrrd", "result_dtype": "uint8", "restore_label_idx": False})
+    from msxai.labelmaps import read_labelmap
+
+    assert f.endswith(".nrrd")
+    arr, aff = read_labelmap(f)
+    assert arr.dtype == np.uint8 and params["label_mode"] == "binary" and params["label_names"] == {"lesion": 1}
+    ref = nib.load(str(cli_seg["unet"] / "lesions.nii.gz"))
+    assert np.array_equal(arr, (np.asarray(ref.dataobj) > 0).astype(np.uint8))
+    assert np.allclose(aff, nib.load(str(studies / "synth000_FLAIR.nii.gz")).affine, atol=1e-4)
+    # the second request was served from the cache
+    assert params["cache"] in ("memory", "disk")
+
+
+# ------------------------------------------------------------------------------------------------- explain
+def _smallest_lesion(cli_seg, model="unet"):
+    table = json.loads((cli_seg[model] / "lesions.json").read_text())
+    assert table, "the unet bundle finds no lesion in synth000: nothing to explain"
+    return min(table, key=lambda r: (r["voxels"], r["id"]))
+
+
+def _download(client, url, dest):
+    status, body = _get(client.get_server_url() + url)
+    assert status == 200
+    dest.write_bytes(body)
+    return dest
+
+
+def _explain_cli(studies, cli_seg, out, method, lesion_id, **kw):
+    args = ["explain", "--bundle", BUNDLES["unet"], "--flair", studies / "synth000_FLAIR.nii.gz",
+            "--t1", studies / "synth000_T1.nii.gz", "--lesions", cli_seg["unet"] / "lesions.nii.gz",
+            "--lesion-id", lesion_id, "--method", method, "--device", "cpu", "--no-progress", "--out", out]
+    for k, v in kw.items():
+        args += [f"--{k}", v]
+    _cli(*args)
+    return out
+
+
+@pytest.mark.parametrize("method", ["smoothgrad", "gradcampp"])
+def test_explain_matches_cli(client, studies, cli_seg, tmp_path, method):
+    from msxai.labelmaps import saliency_bins
+
+    les = _smallest_lesion(cli_seg)
+    k = les["id"]
+    params = {"model": "unet", "lesion": k}
+    cli_kw = {}
+    if method == "smoothgrad":
+        # Eq. 3 (max) costs one vector-Jacobian product per domain voxel and noise copy: keep it for small lesions
+        agg = "max" if les["voxels"] <= 40 else "mean"
+        params.update(samples=2, seed=7, aggregation=agg, sigma=0.05)
+        cli_kw = {"samples": 2, "seed": 7, "aggregation": agg, "sigma": 0.05}
+    f, res = client.infer(f"explain_{method}", "synth000_FLAIR", params)
+    ref_dir = _explain_cli(studies, cli_seg, tmp_path / "cli", method, k, **cli_kw)
+    ref_json = json.loads((ref_dir / "saliency.json").read_text())["domains"][f"lesion_{k}"]
+
+    assert res["domains"] == {f"lesion_{k}": les["voxels"]}
+    names = ["smoothgrad_flair", "smoothgrad_mprage"] if method == "smoothgrad" else ["gradcampp"]
+    files = {Path(u).name: u for u in res["urls"]}
+    maps = {}
+    for n in names:
+        ours = f"lesion_{k}_{'FLAIR' if n.endswith('flair') else 'MPRAGE' if n.endswith('mprage') else 'gradcampp'}.nii.gz"
+        got = nib.load(str(_download(client, files[ours], tmp_path / ours)))
+        ref = nib.load(str(ref_dir / f"lesion_{k}_{n}.nii.gz"))
+        a, b = np.asarray(got.dataobj), np.asarray(ref.dataobj)
+        assert np.allclose(got.affine, ref.affine, atol=1e-4)
+        assert np.allclose(a, b, rtol=1e-4, atol=1e-6 * max(1e-12, float(np.abs(b).max()))), n
+        assert np.abs(b).max() > 0
+        maps[n] = b
+        for key in ("peak_max", "peak_min", "peak_max_in_domain", "peak_min_in_domain", "positive_mass_in_domain",
+                    "negative_mass_in_domain"):
+            assert res["summary"][f"lesion_{k}"]["maps"][n][key] == pytest.approx(ref_json["maps"][n][key],
+                                                                                   rel=1e-3, abs=1e-6)
+    # the label map is the binning of the FLAIR (or CAM) map with the lesion outline, names carry the ranges
+    dom = np.asarray(nib.load(str(cli_seg["unet"] / "lesions.nii.gz")).dataobj) == k
+    lab_ref, names_ref, edges_ref = saliency_bins(maps[names[0]], dom,
+                                                  prefix="FLAIR" if method == "smoothgrad" else "CAM",
+                                                  domain_name=f"lesion {k}")
+    lab = np.asarray(nib.load(f).dataobj)
+    assert np.array_equal(lab, lab_ref)
+    assert res["label_names"] == names_ref
+    assert res["bins"]["scale"] == pytest.approx(edges_ref["scale"], rel=1e-4)
+    assert set(np.unique(lab)) <= {0, 1, 2, 3, 4, 5} and (lab == 1).any()
+
+
+def test_explain_client_domain_label_and_points(client, studies, cli_seg, tmp_path):
+    """'Why was this missed?': explain a spot the model did not segment, given as an uploaded label or a click."""
+    from msxai.labelmaps import ball, domain_outline
+
+    img = nib.load(str(studies / "synth000_FLAIR.nii.gz"))
+    pred = np.asarray(nib.load(str(cli_seg["unet"] / "lesions.nii.gz")).dataobj) > 0
+    truth = np.asarray(nib.load(str(studies / "synth000_lesions.nii.gz")).dataobj)
+    missed = [i for i in np.unique(truth) if i and not (pred & (truth == i)).any()]
+    if missed:  # a true lesion the model missed (the paper's false negative)
+        spot = truth == missed[0]
+    else:  # no missed lesion: a small ball in brain tissue away from the prediction
+        brain = np.asarray(nib.load(str(studies / "synth000_brainmask.nii.gz")).dataobj) > 0
+        far = brain & ~ndimage.binary_dilation(pred, iterations=3)
+        c = np.argwhere(far)[len(np.argwhere(far)) // 2]
+        spot = ball(pred.shape, c, 4.0, img.affine) & far
+    lab_path = tmp_path / "drawn.nii.gz"
+    nib.save(nib.Nifti1Image(spot.astype(np.uint8), img.affine), str(lab_path))
+    f, res = client.infer("explain_smoothgrad", "synth000_FLAIR",
+                          {"model": "unet", "samples": 1, "seed": 3, "aggregation": "mean"}, label_in=str(lab_path))
+    assert res["domain_source"] == "uploaded label" and res["domains"] == {"client_label": int(spot.sum())}
+    lab = np.asarray(nib.load(f).dataobj)
+    assert np.array_equal(lab == 1, domain_outline(spot))
+    s = res["summary"]["client_label"]
+    assert s["domain_voxels"] == int(spot.sum()) and s["mean_probability"] is not None
+    assert s["maps"]["smoothgrad_flair"]["peak_max"] > s["maps"]["smoothgrad_flair"]["peak_min"]
+
+    # the same question with a click point: a ball of radius_mm around it
+    c = [int(round(x)) for x in np.argwhere(spot).mean(axis=0)]
+    f2, res2 = client.infer("explain_gradcampp", "synth000_FLAIR",
+                            {"model": "unet", "foreground": [c], "radius_mm": 4.5})
+    expected = ball(pred.shape, c, 4.5, img.affine)
+    assert res2["domains"] == {"client_points": int(expected.sum())}
+    assert res2["domain_source"].startswith("foreground points")
+    assert np.array_equal(np.asarray(nib.load(f2).dataobj) == 1, domain_outline(expected))
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_input_answers_4xx_keeps_serving_and_keeps_labels(client, server, studies, tmp_path):
+    url = server.url
+    # a finished label that must survive everything below
+    img = nib.load(str(studies / "synth001_FLAIR.nii.gz"))
+    keep = np.zeros(img.shape, np.uint8)
+    keep[20:24, 30:33, 25:28] = 1
+    keep_path = tmp_path / "keep.nii.gz"
+    nib.save(nib.Nifti1Image(keep, img.affine), str(keep_path))
+    client.save_label("synth001_FLAIR", str(keep_path), tag="final")
+
+    empty = tmp_path / "empty.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine), str(empty))
+    wrong = tmp_path / "wrong.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.uint8), img.affine), str(wrong))
+    seg, sg, gc = "segmentation_unet", "explain_smoothgrad", "explain_gradcampp"
+    cases = [
+        (seg, "no_such_FLAIR", {}, None, 404, "not in the datastore"),
+        (seg, "../synth000_FLAIR", {}, None, 400, "path separator"),
+        (seg, "..", {}, None, 400, ".."),
+        (seg, "a\\b", {}, None, 400, "path separator"),
+        (seg, str(studies / "synth000_FLAIR.nii.gz"), {}, None, 400, "datastore image id"),
+        (seg, "lonely_FLAIR", {}, None, 422, "no T1/MPRAGE found"),
+        (seg, "mis_FLAIR", {}, None, 422, "different grids"),
+        (seg, "nan_FLAIR", {}, None, 422, "NaN"),
+        ("segmentation_resnet", "synth000_FLAIR", {}, None, 404, "no model"),
+        (sg, "synth000_FLAIR", {"lesion": 999}, None, 404, "unknown lesion id 999"),
+        (sg, "synth000_FLAIR", {"lesion": "x"}, None, 400, "lesion"),
+        (sg, "synth000_FLAIR", {"samples": 10**9}, None, 400, "samples must be an integer in [1, 200]"),
+        (sg, "synth000_FLAIR", {"samples": -1}, None, 400, "samples"),
+        (sg, "synth000_FLAIR", {"sigma": "loud"}, None, 400, "sigma"),
+        (sg, "synth000_FLAIR", {"model": "resnet"}, None, 400, "model must be one of"),
+        (sg, "synth000_FLAIR", {"samples": 1}, {"label": empty}, 422, "empty"),
+        (sg, "synth000_FLAIR", {"samples": 1}, {"label": wrong}, 422, "shape"),
+        (sg, "synth000_FLAIR", {"foreground": [[999, 0, 0]]}, None, 400, "outside the image"),
+        (gc, "synth000_FLAIR", {"layer": "no.such.layer"}, None, 400, "not a module of the network"),
+        (gc, "synth000_FLAIR", {"device": "tpu"}, None, 400, "device"),
+    ]
+    for model, image, params, files, status, msg in cases:
+        code, body = _post(f"{url}/infer/{model}?image={urllib.request.quote(image, safe='')}", params, files)
+        detail = body.decode(errors="replace")
+        assert code == status, (model, image, params, code, detail)
+        assert msg in json.loads(detail)["detail"], (model, image, params, detail)
+        # the server keeps serving
+        assert _get(url + "/info/")[0] == 200
+    # nothing was lost, and no result was saved as a label for a refused request
+    back = client.download_label("synth001_FLAIR", "final")
+    assert np.array_equal(np.asarray(nib.load(back).dataobj), keep)
+    ds = client.datastore()
+    assert "final" in ds["objects"]["synth001_FLAIR"]["labels"]
+    # after all that, a good request still works
+    f, res = client.infer("segmentation_unet", "synth000_FLAIR", {})
+    assert res["model"] == "unet"
+
+
+# ------------------------------------------------------------------------------------------------------ load
+def _rss_mb(pid: int) -> float:
+    import psutil
+
+    p = psutil.Process(pid)
+    return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
+
+
+def test_eight_concurrent_explain_requests(client, server, cli_seg):
+    """8 explain requests at once: all complete, the same request gives the same maps, /info stays responsive
+    while they queue (model runs are serialised), and the server's memory stays bounded."""
+    from monailabel.client import MONAILabelClient
+
+    k = _smallest_lesion(cli_seg)["id"]
+    reqs = []
+    for i in range(8):
+        if i % 2 == 0:
+            reqs.append(("explain_smoothgrad", {"model": "unet", "lesion": k, "samples": 1, "aggregation": "mean",
+                                                "seed": 11 + (i % 4 == 0)}))
+        else:
+            reqs.append(("explain_gradcampp", {"model": "unet", "lesion": k}))
+    results: dict[int, tuple] = {}
+    errors: list = []
+    rss = [_rss_mb(server.proc.pid)]
+
+    def run(i):
+        try:
+            c = MONAILabelClient(server.url, tmpdir=str(server.log.parent / f"c{i}"))
+            os.makedirs(server.log.parent / f"c{i}", exist_ok=True)
+            f, res = c.infer(reqs[i][0], "synth000_FLAIR", reqs[i][1])
+            results[i] = (np.asarray(nib.load(f).dataobj).copy(), res)
+        except Exception as exc:  # collected and reported below
+            errors.append((i, repr(exc)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    t0 = time.time()
+    for t in threads:
+        t.start()
+    info_latency = []
+    while any(t.is_alive() for t in threads):
+        t1 = time.time()
+        assert _get(server.url + "/info/")[0] == 200
+        info_latency.append(time.time() - t1)
+        rss.append(_rss_mb(server.proc.pid))
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    elapsed = time.time() - t0
+    assert not errors, errors
+    assert len(results) == 8
+    # same request -> same label map and the same numbers
+    groups: dict[str, list[int]] = {}
+    for i, (model, params) in enumerate(reqs):
+        groups.setdefault(json.dumps([model, params], sort_keys=True), []).append(i)
+    assert any(len(g) > 1 for g in groups.values())
+    for g in groups.values():
+        for j in g[1:]:
+            assert np.array_equal(results[g[0]][0], results[j][0])
+            assert results[g[0]][1]["summary"] == results[j][1]["summary"]
+            assert results[g[0]][1]["label_names"] == results[j][1]["label_names"]
+    # different seeds give different SmoothGrad maps
+    a = results[0][1]["summary"][f"lesion_{k}"]["maps"]["smoothgrad_flair"]["peak_max"]
+    b = results[2][1]["summary"][f"lesion_{k}"]["maps"]["smoothgrad_flair"]["peak_max"]
+    assert reqs[0][1]["seed"] != reqs[2][1]["seed"] and a != b
+    # the event loop was never blocked for the whole queue (it answers between model runs at worst)
+    assert max(info_latency) < max(10.0, elapsed / 2), (info_latency, elapsed)
+    # bounded memory: one model run at a time, no growth with the number of queued requests
+    assert max(rss) - rss[0] < 1500, rss
+    print(f"8 concurrent explain requests: {elapsed:.1f} s, /info max {max(info_latency):.2f} s, "
+          f"RSS {rss[0]:.0f} -> max {max(rss):.0f} MB")
+
+
+# --------------------------------------------------------------------------------------------------- restart
+def test_saved_label_and_cache_survive_restart(client, server, studies, tmp_path, tmp_path_factory):
+    img = nib.load(str(studies / "synth000_FLAIR.nii.gz"))
+    lab = np.zeros(img.shape, np.uint8)
+    lab[25:30, 30:34, 28:31] = 1
+    p = tmp_path / "corrected.nii.gz"
+    nib.save(nib.Nifti1Image(lab, img.affine), str(p))
+    r = client.save_label("synth000_FLAIR", str(p), tag="final", params={"comment": "corrected"})
+    assert r["label"] == "synth000_FLAIR"
+    server.stop()
+    log = tmp_path_factory.mktemp("logs2") / "server.log"
+    s2 = Server(studies, log, models=",".join(AVAILABLE))
+    try:
+        from monailabel.client import MONAILabelClient
+
+        c2 = MONAILabelClient(s2.url, tmpdir=str(log.parent))
+        back = c2.download_label("synth000_FLAIR", "final")
+        assert np.array_equal(np.asarray(nib.load(back).dataobj), lab)
+        assert "final" in c2.datastore()["objects"]["synth000_FLAIR"]["labels"]
+        # the segmentation computed before the restart is reused from the datastore
+        f, res = c2.infer("segmentation_unet", "synth000_FLAIR", {})
+        assert res["cache"] == "disk"
+    finally:
+        s2.stop()
