@@ -33,8 +33,10 @@ def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     ds = write_cohort(root / "cohort", n=2)
     cases = cohort_cases(ds)
-    path, results = run_experiments([tiny_model()], cases, root / "report", ExperimentConfig(**CFG),
-                                    {"cohort": "tiny phantom"})
+    light = tiny_model("tiny-ctx")
+    light.network = BlobNet(gain=2.0).eval()
+    path, results = run_experiments([tiny_model(), light], cases, root / "report", ExperimentConfig(**CFG),
+                                    {"cohort": "tiny phantom"}, context_only=[light])
     return path, results, cases
 
 
@@ -154,13 +156,31 @@ def test_aggregation_sanity_transplant_context_randomisation(pipeline):
     e6 = rows(out / "exp6_context.csv")
     by_lesion = {}
     for r in e6:
-        by_lesion.setdefault((r["case"], r["lesion_id"]), []).append(r)
-    assert len(by_lesion) == 2
+        by_lesion.setdefault((r["model"], r["case"], r["lesion_id"]), []).append(r)
+    assert len(by_lesion) == 4  # 2 lesions x (the full model, the context-only model)
+    assert {k[1:] for k in by_lesion if k[0] == "tiny"} == {k[1:] for k in by_lesion if k[0] == "tiny-ctx"}
     for steps in by_lesion.values():
         assert [float(r["radius_mm"]) for r in steps] == [0.0, 2.0, 4.0]
         # the hand-made network sees 1 voxel (2 mm) around each output voxel: with 4 mm of context restored the
         # probability inside the lesion is exactly the full-image one
         assert float(steps[-1]["mean_prob"]) == pytest.approx(float(steps[-1]["full_context_mean_prob"]), abs=1e-5)
+        assert steps[-1]["detected"] == steps[-1]["full_context_detected"]
+    # the full-context probability (windows covering Ω only) equals MONAI's full-image inference
+    from msxai.io import load_volume
+    from msxai.lesions import instances_from_mask
+    from msxai.preprocess import prepare_image
+
+    specs = {c.id: c for c in pipeline[2]}
+    for (model, cid, tid), steps in by_lesion.items():
+        net = BlobNet().eval() if model == "tiny" else BlobNet(gain=2.0).eval()
+        prep = prepare_image(specs[cid].flair, specs[cid].t1)
+        with torch.no_grad():
+            prob = torch.softmax(tiny_model().spec.to_inferer()(torch.as_tensor(prep.image)[None], net)[0], 0)[1]
+        truth = instances_from_mask(load_volume(specs[cid].truth).array, prep.affine)
+        ref = float(prob.numpy()[truth == int(tid)].mean())
+        assert float(steps[0]["full_context_mean_prob"]) == pytest.approx(ref, abs=1e-5)
+    assert results[1].kind == "context" and not results[1].lesions
+    assert "Context dilation only" in path.read_text()
     rnd = rows(out / "randomization.csv")
     assert len(rnd) == 1 and abs(float(rnd[0]["flair_spearman"])) < 0.99
 

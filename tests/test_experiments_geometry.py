@@ -235,3 +235,20 @@ def test_select_round_robin_spreads_over_cases():
     assert len(sel) == 3 and sum(1 for c, _ in sel if c == "b") == 1
     assert len(set(sel)) == 3
     assert select_round_robin({"a": [1]}, 5, seed=0) == [("a", 1)]
+
+
+def test_radiomics_moments_match_scipy_and_exp2_cut():
+    from scipy import stats as sps
+
+    from msxai.experiments.features import _radiomics
+    from msxai.experiments.runner import ExperimentConfig, exp2_cut
+
+    v = np.random.default_rng(8).gamma(2.0, size=200) - 1.0
+    r = _radiomics(v, "x")
+    assert r["x_skew"] == pytest.approx(sps.skew(v)) and r["x_kurt"] == pytest.approx(sps.kurtosis(v))
+    assert r["x_pos_frac"] == pytest.approx((v > 0).mean()) and r["x_std"] == pytest.approx(v.std())
+    assert _radiomics(np.full(5, 0.3), "c")["c_skew"] == 0.0
+    vals = {"flair": {"inside": np.array([0.5, -2.0]), "ring": np.array([0.1])},
+            "mprage": {"inside": np.array([1.0]), "ring": np.zeros(0)}}
+    assert exp2_cut(vals, ExperimentConfig()) == 0.1
+    assert exp2_cut(vals, ExperimentConfig(min_abs_relative=0.25)) == pytest.approx(0.5)

@@ -16,6 +16,8 @@ def register(subparsers) -> None:
     )
     p.add_argument("--bundle", action="append", required=True, metavar="B",
                    help="bundle folder or short name (unet, msxai_dynunet, ...); repeat for several")
+    p.add_argument("--context-only-bundle", action="append", default=[], metavar="B",
+                   help="a bundle that runs the context-dilation experiment only (forward passes; cheap); repeatable")
     p.add_argument("--cohort", metavar="DIR|dataset.json", help="synthetic cohort (msxai synth output)")
     p.add_argument("--split", default="test", help="cohort split to use (default test; 'all' = every subject)")
     p.add_argument("--real-patient", action="store_true", help="add the shared real MS patient (patient26)")
@@ -25,6 +27,11 @@ def register(subparsers) -> None:
                    help="explained TP/FP/FN/TN domains per class over the cohort (default 6)")
     p.add_argument("--aggregation", choices=("max", "mean"), default="max",
                    help="aggregation of the bulk maps: max = Eq. 3 (paper, default), mean = Eq. 2 (much cheaper)")
+    p.add_argument("--min-abs", type=float, default=0.1,
+                   help="experiment 2: discard |g| below this (paper: 0.1, for Eq. 3 maps)")
+    p.add_argument("--min-abs-relative", type=float, default=None, metavar="F",
+                   help="experiment 2: discard |g| below F x the lesion's peak |g| instead (for Eq. 2 maps, whose "
+                        "values shrink with the lesion size)")
     p.add_argument("--exp1-samples", type=int, default=None, help="N for experiment 1 (default: --samples)")
     p.add_argument("--exp1-max-voxels", type=int, default=100000,
                    help="largest lesion (voxels) used as the 'large' lesion of experiment 1")
@@ -62,9 +69,11 @@ def run(args) -> int:
     if not cases:
         raise InputError("no cases: give --cohort DIR and/or --real-patient")
     models = [ExperimentModel.from_bundle(_resolve(b)) for b in args.bundle]
+    light = [ExperimentModel.from_bundle(_resolve(b)) for b in args.context_only_bundle]
     cfg = ExperimentConfig(
         samples=args.samples, max_lesions_per_class=args.max_lesions_per_class, seed=args.seed,
-        aggregation=args.aggregation, exp1_samples=args.exp1_samples, exp1_max_voxels=args.exp1_max_voxels,
+        aggregation=args.aggregation, min_abs=args.min_abs, min_abs_relative=args.min_abs_relative,
+        exp1_samples=args.exp1_samples, exp1_max_voxels=args.exp1_max_voxels,
         transplant_lesions=args.transplant_lesions, context_lesions=args.context_lesions,
         context_max_mm=args.context_max_mm, context_step_mm=args.context_step_mm,
         randomization_lesions=args.randomization_lesions, n_boot=args.n_boot, progress=not args.no_progress,
@@ -74,10 +83,14 @@ def run(args) -> int:
         "command": "msxai experiments " + " ".join(f"--bundle {b}" for b in args.bundle),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch threads": torch.get_num_threads(),
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
     }
-    path, results = run_experiments(models, cases, args.out, cfg, settings)
+    if light:
+        settings["command"] += " " + " ".join(f"--context-only-bundle {b}" for b in args.context_only_bundle)
+    path, results = run_experiments(models + light, cases, args.out, cfg, settings, context_only=light)
     for r in results:
-        print(f"{r.model}: {len(r.lesions)} domains explained in {r.timings.get('total_s', 0):.0f} s")
+        print(f"{r.model}: {len(r.lesions)} domains explained, {len(r.exp6)} context steps, "
+              f"{r.timings.get('total_s', 0):.0f} s")
     print(f"report: {path}")
     return 0
 

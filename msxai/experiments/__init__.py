@@ -15,14 +15,30 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def run_experiments(models, cases, out_dir, config=None, settings: dict | None = None, title: str | None = None):
+def run_experiments(models, cases, out_dir, config=None, settings: dict | None = None, title: str | None = None,
+                    context_only=()):
     """Run every experiment for each model in ``models`` (``ExperimentModel``) on ``cases`` (``CaseSpec`` list) and
-    write the report into ``out_dir``; returns ``(report_path, results)``."""
+    write the report into ``out_dir``; returns ``(report_path, results)``.
+
+    Models in ``context_only`` (ExperimentModel objects) run experiment 6 alone (forward passes only) on the lesions
+    picked for the first full model; at least one model must run in full."""
+    from msxai.errors import InputError
     from msxai.experiments.report import write_report
-    from msxai.experiments.runner import ExperimentConfig, run_model
+    from msxai.experiments.runner import ExperimentConfig, run_context_only, run_model
 
     config = config or ExperimentConfig()
-    results = [run_model(m, cases, config) for m in models]
+    light = {id(m) for m in context_only}
+    full = [m for m in models if id(m) not in light]
+    if not full:
+        raise InputError("at least one bundle must run the saliency experiments (not only the context dilation)")
+    results = {}
+    for m in full:
+        results[id(m)] = run_model(m, cases, config)
+    first = results[id(full[0])]
+    for m in models:
+        if id(m) in light:
+            results[id(m)] = run_context_only(m, cases, first.exp6_picks, first.exp6_note, config)
+    results = [results[id(m)] for m in models]
     path = write_report(results, Path(out_dir), title or "msxai: instance-level saliency experiments",
                         settings=settings)
     return path, results

@@ -353,9 +353,12 @@ def _section_model(res: ModelResults, files: dict) -> str:
                  "wider value range, and the mean aggregation's range shrinks for large lesions).</p>")
     # exp 2
     s.append("<h3>2. FLAIR vs MPRAGE inside and around TP lesions</h3>")
+    rel = res.config.get("min_abs_relative")
+    cut_text = (f"values with |g| &lt; {res.config['min_abs']:g} are discarded (as in the paper)" if rel is None else
+                f"values with |g| &lt; {rel:g} × the lesion's peak |g| (over both maps) are discarded (the paper's "
+                f"absolute cut of 0.1 is meant for Eq. 3 maps; with Eq. 2 the values shrink with the lesion size)")
     s.append(f"<p>Values of the maps inside each explained TP lesion and in the ring of voxels within "
-             f"{res.config['ring_mm']:g} mm around it; values with |g| &lt; {res.config['min_abs']:g} are discarded "
-             "(as in the paper). Medians with 95% percentile bootstrap CIs; the sign pattern is measured as the fraction "
+             f"{res.config['ring_mm']:g} mm around it; {cut_text}. Medians with 95% percentile bootstrap CIs; the sign pattern is measured as the fraction "
              "of kept values that are positive.</p>")
     s.append(_table(res.exp2, ["sequence", "region", "n_values", "n_kept", "frac_positive", "frac_positive_lo",
                                "frac_positive_hi", "median_positive", "median_positive_lo", "median_positive_hi",
@@ -447,7 +450,13 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
                        f1_after=ev["f1"]["f1_after"], f1_gain=ev["f1"]["gain"].estimate,
                        f1_gain_lo=ev["f1"]["gain"].lo, f1_gain_hi=ev["f1"]["gain"].hi,
                        n_dropped=ev["f1"]["n_dropped"], n_folds=ev["n_folds"])
-        flag_sum.append(row)
+        if res.kind != "context":
+            flag_sum.append(row)
+        if res.kind == "context":
+            html_models.append(f"<h2 id='{slug(res.model)}'>Model {html.escape(res.model)}</h2><p class=note>weights: "
+                               f"{html.escape(res.source)}</p><p>Context dilation only (experiment 6, forward passes): "
+                               "the saliency experiments were not run for this bundle (CPU budget).</p>")
+            continue
         files = {}
         m = slug(res.model)
         for key, fn in (("fig1", fig_exp1), ("fig2", fig_exp2), ("fig3", fig_exp3), ("fig5", fig_exp5)):
@@ -469,6 +478,7 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
     if fig6 is not None and save_pngs:
         (out / "fig6_context.png").write_bytes(fig6)
     cfg = results[0].config if results else {}
+    light = [r.model for r in results if r.kind == "context"]
     n_cases = len({r["case"] for r in seg})
     (out / "settings.json").write_text(json.dumps({**settings, "config": cfg}, indent=1, default=str))
     head = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
@@ -490,6 +500,8 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
         f"in steps of {cfg.get('context_step_mm')} mm; transplants: {cfg.get('transplant_lesions')} lesion(s)",
         f"bootstrap resamples: {cfg.get('n_boot')}; seed {cfg.get('seed')}",
     ]
+    if light:
+        diffs.append("context dilation only (no saliency) for: " + html.escape(", ".join(light)))
     head.append("<h2>Settings (where they differ from the paper)</h2><ul>" + "".join(f"<li>{d}</li>" for d in diffs)
                 + "</ul>")
     for k, v in settings.items():
@@ -499,9 +511,11 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
                 + ". Tables: " + ", ".join(f"<a href='{n}'>{n}</a>" for n in tables) + ".</p>")
     body = html_models
     body.append("<h2>6. Context dilation (all models)</h2>")
-    body.append("<p>TP lesions with every voxel farther than r mm from the lesion set to the background value (the "
-                "median outside the brain, per channel), r = 0 (lesion alone) ... max; mean softmax in Ω and detection "
-                "per step (forward passes only; detection computed within 3 mm of Ω). "
+    body.append("<p>Ω = a ground-truth lesion detected by the first model (the same Ω for every architecture). "
+                "Every voxel farther than r mm from Ω is set to the background value (the median outside the brain, "
+                "per channel), r = 0 (lesion alone) ... max; mean softmax in Ω and detection per step (forward passes "
+                "only; detection = a component of softmax &gt; 0.3, 18-connected, ≥ 5 mm³, computed within 3 mm of "
+                "Ω, overlaps Ω). "
                 + html.escape(" ".join(f"{r.model}: {r.exp6_note}." for r in results)) + "</p>")
     body.append(_img(fig6, "experiment 6"))
     ctx_first = []
@@ -512,6 +526,7 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
             det = [r["radius_mm"] for r in rr if r["detected"]]
             ctx_first.append({"model": res.model, "case": c, "lesion_id": l, "volume_mm3": rr[0]["volume_mm3"],
                               "prob_lesion_alone": rr[0]["mean_prob"], "prob_full_context": rr[0]["full_context_mean_prob"],
+                              "detected_full_context": rr[0]["full_context_detected"],
                               "first_detected_mm": det[0] if det else "never",
                               "prob_at_max_radius": rr[-1]["mean_prob"]})
     body.append(_table(ctx_first))

@@ -57,6 +57,7 @@ class ExperimentConfig:
     sigma_fraction: float = 0.05
     n_tn: int = 10  # TN spheres sampled per case (paper: 10)
     min_abs: float = 0.1  # |g| below this is discarded in experiment 2 (paper: 0.1)
+    min_abs_relative: float | None = None  # if set, the cut is this fraction of the lesion's peak |g| (both maps)
     ring_mm: float = 3.0
     exp1_max_voxels: int = 100000  # the "large" lesion of experiment 1 is the largest explained TP up to this size
     exp1_samples: int | None = None  # N for experiment 1 (default: samples)
@@ -115,6 +116,8 @@ class ModelResults:
     exp5_crops: list[dict] = field(default_factory=list)
     exp6: list[dict] = field(default_factory=list)
     exp6_note: str = ""
+    exp6_picks: list = field(default_factory=list)
+    kind: str = "full"  # "full" = every experiment, "context" = experiment 6 only (forward passes)
     randomization: list[dict] = field(default_factory=list)
     error_flag: dict = field(default_factory=dict)
     error_flag_rows: list[dict] = field(default_factory=list)
@@ -287,12 +290,13 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
             key_full = f"{state.id}|{name}"
             if cls == "TP":
                 vals = region_values(maps, dom, state.affine, cfg.ring_mm)
+                cut = exp2_cut(vals, cfg)
                 lesion_row = {"model": model.name, "case": state.id, "lesion_id": int(ident),
-                              "volume_mm3": feats["volume_mm3"]}
+                              "volume_mm3": feats["volume_mm3"], "cut": cut}
                 for key in SEQ_KEYS:
                     for region in ("inside", "ring"):
                         v = vals[key][region]
-                        kept = v[np.abs(v) >= cfg.min_abs]
+                        kept = v[np.abs(v) >= cut]
                         exp2_counts[key][region][0] += int(v.size)
                         exp2_counts[key][region][1] += int(kept.size)
                         exp2_vals[key][region].append(kept)
@@ -371,7 +375,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
 
     # ---- experiment 6: context dilation
     t1 = time.time()
-    res.exp6, res.exp6_note = exp6_context(model, states, cfg)
+    res.exp6, res.exp6_note, res.exp6_picks = exp6_context(model, states, cfg)
     res.timings["exp6_s"] = time.time() - t1
 
     # ---- model randomisation
@@ -417,6 +421,15 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
 
 
 # --------------------------------------------------------------------------------------------------- tables
+def exp2_cut(vals: dict, cfg: ExperimentConfig) -> float:
+    """The |g| below which values are discarded in experiment 2: ``min_abs`` (absolute, the paper's 0.1), or
+    ``min_abs_relative`` x the largest |g| of the lesion over both maps, inside and in the ring."""
+    if cfg.min_abs_relative is None:
+        return float(cfg.min_abs)
+    peak = max((float(np.abs(v).max()) for d in vals.values() for v in d.values() if v.size), default=0.0)
+    return float(cfg.min_abs_relative) * peak
+
+
 def exp2_table(values: dict, counts: dict, lesion_rows: list[dict], cfg: ExperimentConfig) -> list[dict]:
     """Per sequence and region: the fraction of kept values that are positive, medians of the positive, negative
     and all kept values (95 % bootstrap CIs), and the per-lesion sign pattern."""
@@ -580,48 +593,84 @@ def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cf
 
 # --------------------------------------------------------------------------------------------------- exp 6
 def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int) -> tuple[list, str]:
-    """TP lesions with volume in [lo, hi] mm^3 (the range is widened by 50 % steps, up to 10x, when none)."""
+    """Detected true lesions (a predicted lesion overlaps them) with volume in [lo, hi] mm^3, as
+    ``(case id, truth id, volume)``; the range is widened by 50 % steps when none qualifies."""
     cands = []
     for s in states:
         vox = voxel_volume_mm3(s.affine)
-        counts = np.bincount(s.pred.ravel())
-        for lid in s.classes.tp:
-            cands.append((s.id, lid, float(counts[lid] * vox)))
+        counts = np.bincount(s.truth.ravel())
+        for tid in s.classes.detected:
+            cands.append((s.id, int(tid), float(counts[tid] * vox)))
     if not cands:
-        return [], "no TP lesion in the cohort"
+        return [], "no detected true lesion in the cohort"
     a, b = lo, hi
     for _ in range(12):
         pick = [c for c in cands if a <= c[2] <= b]
         if pick:
-            note = (f"TP lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
-                    f"no TP lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
-            pick.sort(key=lambda c: abs(c[2] - (lo + hi) / 2))
+            note = (f"detected lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
+                    f"no detected lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
+            pick.sort(key=lambda c: (abs(c[2] - (lo + hi) / 2), c[0], c[1]))
             return pick[:k], note
         a, b = a / 1.5, b * 1.5
     pick = sorted(cands, key=lambda c: abs(c[2] - (lo + hi) / 2))[:k]
-    return pick, f"no TP lesion near {lo:g}-{hi:g} mm^3; used the TP lesions closest in volume"
+    return pick, f"no detected lesion near {lo:g}-{hi:g} mm^3; used the detected lesions closest in volume"
 
 
-def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: ExperimentConfig) -> tuple[list[dict], str]:
-    picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions)
+def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, dom: np.ndarray, affine,
+                  cfg: ExperimentConfig, bar=None) -> list[dict]:
+    """Mean softmax in Ω and detection with the full image and with context restored up to each radius."""
+    dist = geo.distance_mm(dom, affine)
+    bg = geo.background_value(image, brain)
+    region = dist <= 3.0 + 1e-6
+    full = model.probability(image, region)
+    rows = []
+    base = {"full_context_mean_prob": float(full[dom].mean()),
+            "full_context_detected": _detected(full, region, dom, model, affine)}
+    for r in geo.radii(cfg.context_max_mm, cfg.context_step_mm):
+        prob = model.probability(geo.context_image(image, dist, r, bg), region)
+        rows.append({"radius_mm": r, "mean_prob": float(prob[dom].mean()),
+                     "detected": _detected(prob, region, dom, model, affine), **base})
+        if bar is not None:
+            bar.update(1)
+    return rows
+
+
+def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: ExperimentConfig,
+                 picks: list | None = None) -> tuple[list[dict], str, list]:
+    """Context dilation of detected true lesions (Ω = the ground-truth lesion, the same for every architecture)."""
+    note = ""
+    if picks is None:
+        picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions)
     by_id = {s.id: s for s in states}
     rows = []
     steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
-    total = len(picks) * len(steps)
-    bar = _bar(range(total), cfg, desc=f"{model.name}: exp6 context", unit="step")
-    for cid, lid, vol in picks:
+    bar = _bar(range(len(picks) * len(steps)), cfg, desc=f"{model.name}: exp6 context", unit="step")
+    for cid, tid, vol in picks:
         st = by_id[cid]
-        dom = st.pred == lid
-        dist = geo.distance_mm(dom, st.affine)
-        bg = geo.background_value(st.image, st.brain)
-        region = dist <= 3.0 + 1e-6
-        for r in steps:
-            img = geo.context_image(st.image, dist, r, bg)
-            prob = model.probability(img, region)
-            rows.append({"model": model.name, "case": cid, "lesion_id": int(lid), "volume_mm3": vol,
-                         "radius_mm": r, "mean_prob": float(prob[dom].mean()),
-                         "detected": _detected(prob, region, dom, model, st.affine),
-                         "full_context_mean_prob": float(st.prob[dom].mean())})
-            bar.update(1)
+        dom = st.truth == tid
+        for r in context_curve(model, st.image, st.brain, dom, st.affine, cfg, bar):
+            rows.append({"model": model.name, "case": cid, "lesion_id": int(tid), "volume_mm3": vol, **r})
     bar.close()
-    return rows, note
+    return rows, note, picks
+
+
+def run_context_only(model: ExperimentModel, cases: list[CaseSpec], picks: list, note: str,
+                     cfg: ExperimentConfig) -> ModelResults:
+    """Experiment 6 alone (forward passes only) for another architecture, on the lesions picked for the first model."""
+    res = ModelResults(model.name, model.source, cfg.as_dict(), kind="context")
+    t0 = time.time()
+    specs = {c.id: c for c in cases}
+    steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
+    bar = _bar(range(len(picks) * len(steps)), cfg, desc=f"{model.name}: exp6 context", unit="step")
+    for cid, tid, vol in picks:
+        case = specs[cid]
+        prep = model.prepare(case.flair, case.t1)
+        truth = instances_from_mask(load_volume(case.truth, "truth").array, prep.affine)
+        brain = load_volume(case.brain_mask).array > 0 if case.brain_mask else prep.brain_mask
+        dom = truth == tid
+        for r in context_curve(model, prep.image, brain, dom, prep.affine, cfg, bar):
+            res.exp6.append({"model": model.name, "case": cid, "lesion_id": int(tid), "volume_mm3": vol, **r})
+    bar.close()
+    res.exp6_note = note
+    res.timings["exp6_s"] = res.timings["total_s"] = time.time() - t0
+    return res
