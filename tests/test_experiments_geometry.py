@@ -252,3 +252,31 @@ def test_radiomics_moments_match_scipy_and_exp2_cut():
             "mprage": {"inside": np.array([1.0]), "ring": np.zeros(0)}}
     assert exp2_cut(vals, ExperimentConfig()) == 0.1
     assert exp2_cut(vals, ExperimentConfig(min_abs_relative=0.25)) == pytest.approx(0.5)
+
+
+def test_randomized_model_changes_every_weight_and_keeps_the_original():
+    import torch
+
+    from msxai.experiments.model import ExperimentModel
+    from msxai.saliency.sliding import SlidingWindowSpec
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 2, 3, padding=1)
+            self.table = torch.nn.Parameter(torch.arange(12.0).reshape(3, 4))  # no reset_parameters: permuted
+
+        def forward(self, x):
+            return self.conv(x) + self.table.sum()
+
+    torch.manual_seed(0)
+    net = Net()
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    m = ExperimentModel("n", net, SlidingWindowSpec(roi_size=(8, 8, 8)))
+    r = m.randomized(seed=3)
+    for n, p in r.network.named_parameters():
+        assert not torch.equal(p, before[n]), n
+    for n, p in net.named_parameters():
+        assert torch.equal(p, before[n])  # the trained network is untouched
+    assert sorted(r.network.table.detach().reshape(-1).tolist()) == list(range(12))
+    assert r.name == "n (randomised)" and type(r.network) is Net

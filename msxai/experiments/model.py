@@ -133,18 +133,24 @@ class ExperimentModel:
                                             sigma_fraction=sigma_fraction, aggregation=aggregation, seed=seed)
 
     def randomized(self, seed: int = 0) -> "ExperimentModel":
-        """The same architecture with re-initialised weights (model-randomisation sanity check, Adebayo et al.)."""
+        """The same architecture with re-initialised weights (model-randomisation sanity check, Adebayo et al. 2018).
+
+        Every submodule with ``reset_parameters`` is re-initialised with its own default initialiser (seeded with
+        ``torch.manual_seed(seed)``); parameters that this leaves unchanged (e.g. a Swin transformer's relative
+        position tables, created without such a method) have their elements randomly permuted, so no trained weight
+        keeps its place. Constant parameters (e.g. norm weights still at 1) stay constant."""
         net = copy.deepcopy(self.network)
+        original = {n: p.detach().clone() for n, p in self.network.named_parameters()}
         torch.manual_seed(int(seed))
-        n_reset = 0
         for m in net.modules():
             if m is not net and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
-                n_reset += 1
-        if n_reset == 0:
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.normal_(0.0, 0.1)
+        gen = torch.Generator().manual_seed(int(seed))
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if p.numel() > 1 and torch.equal(p.detach().cpu(), original[n].cpu()):
+                    perm = torch.randperm(p.numel(), generator=gen).to(p.device)
+                    p.copy_(p.detach().reshape(-1)[perm].reshape(p.shape))
         out = copy.copy(self)
         out.network = net.eval()
         out.name = f"{self.name} (randomised)"

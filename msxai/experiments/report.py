@@ -80,9 +80,9 @@ def _show_map(ax, m, title, cmap="RdBu_r"):
     return im
 
 
-def _outline(ax, dom):
+def _outline(ax, dom, color="k"):
     if dom.any() and not dom.all():
-        ax.contour(dom.T.astype(float), levels=[0.5], colors="k", linewidths=0.6, origin="lower")
+        ax.contour(dom.T.astype(float), levels=[0.5], colors=color, linewidths=0.6, origin="lower")
 
 
 def fig_exp1(res: ModelResults) -> bytes | None:
@@ -96,7 +96,7 @@ def fig_exp1(res: ModelResults) -> bytes | None:
         crops = {c["aggregation"]: c for c in res.exp1_crops if c["name"] == n}
         first = next(iter(crops.values()))
         axes[i, 0].imshow(first["flair"].T, origin="lower", cmap="gray")
-        _outline(axes[i, 0], first["domain"])
+        _outline(axes[i, 0], first["domain"], "yellow")
         axes[i, 0].set_title(f"{labels.get(n, '')} TP ({n.split('|')[0]})", fontsize=7)
         axes[i, 0].axis("off")
         for j, (agg, c) in enumerate((a, crops.get(a)) for a in ("max", "mean")):
@@ -176,7 +176,7 @@ def fig_exp5(res: ModelResults) -> bytes | None:
     fig, axes = plt.subplots(2, len(crops), figsize=(2.0 * len(crops), 4.0), squeeze=False)
     for j, c in enumerate(crops):
         axes[0, j].imshow(c["flair"].T, origin="lower", cmap="gray")
-        _outline(axes[0, j], c["domain"])
+        _outline(axes[0, j], c["domain"], "yellow")
         axes[0, j].set_title(f"{c['condition']}\np={c['mean_prob']:.2f} "
                              f"{'detected' if c['detected'] else 'missed'}", fontsize=7)
         axes[0, j].axis("off")
@@ -332,8 +332,8 @@ def _section_model(res: ModelResults, files: dict) -> str:
     s.append("<table><tr><th class=l>paper (Spagnolo et al. 2026)</th><th class=l>ours (measured)</th><th>verdict</th></tr>"
              + "".join(f"<tr><td class=l>{html.escape(r['paper'])}</td><td class=l>{html.escape(r['ours'])}</td>"
                        f"<td>{_verdict(r['verdict'])}</td></tr>" for r in f) + "</table>")
-    s.append("<p class=note>verdict: 'agrees' when our 95% CI (sign fractions), the Mann-Whitney p < 0.05 (TP vs FP), "
-             "the FLAIR share > 0.5, or detection only with context > 0 mm supports the paper's statement; "
+    s.append("<p class=note>verdict: 'agrees' when our 95% CI (sign fractions), the Mann-Whitney p &lt; 0.05 (TP vs FP), "
+             "the FLAIR share &gt; 0.5, or detection only with context &gt; 0 mm supports the paper's statement; "
              "'inconclusive' when the CI contains 0.5 or a class is empty.</p>")
     # exp 1
     s.append("<h3>1. Mean (Eq. 2) vs max (Eq. 3) aggregation</h3>")

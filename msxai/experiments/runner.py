@@ -592,15 +592,29 @@ def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cf
 
 
 # --------------------------------------------------------------------------------------------------- exp 6
-def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int) -> tuple[list, str]:
+def _n_windows(spec, shape, truth: np.ndarray, tid: int, margin: int = 3) -> int:
+    """Number of sliding windows that overlap the lesion's bounding box grown by ``margin`` voxels (cost proxy)."""
+    sl = ndimage.find_objects((truth == tid).astype(np.int8))[0]
+    box = np.zeros(shape, bool)
+    box[tuple(slice(max(s.start - margin, 0), s.stop + margin) for s in sl)] = True
+    return len(spec.grid(shape).windows_covering(box))
+
+
+def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int, spec=None) -> tuple[list, str]:
     """Detected true lesions (a predicted lesion overlaps them) with volume in [lo, hi] mm^3, as
-    ``(case id, truth id, volume)``; the range is widened by 50 % steps when none qualifies."""
+    ``(case id, truth id, volume)``; the range is widened by 50 % steps when none qualifies. Among those in range,
+    lesions read by fewer sliding windows (cheaper) come first when ``spec`` is given, then by volume."""
     cands = []
     for s in states:
         vox = voxel_volume_mm3(s.affine)
         counts = np.bincount(s.truth.ravel())
         for tid in s.classes.detected:
             cands.append((s.id, int(tid), float(counts[tid] * vox)))
+    by_id = {s.id: s for s in states}
+
+    def cost(c):
+        return 0 if spec is None else _n_windows(spec, by_id[c[0]].truth.shape, by_id[c[0]].truth, c[1])
+
     if not cands:
         return [], "no detected true lesion in the cohort"
     a, b = lo, hi
@@ -609,7 +623,7 @@ def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int) 
         if pick:
             note = (f"detected lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
                     f"no detected lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
-            pick.sort(key=lambda c: (abs(c[2] - (lo + hi) / 2), c[0], c[1]))
+            pick.sort(key=lambda c: (cost(c), abs(c[2] - (lo + hi) / 2), c[0], c[1]))
             return pick[:k], note
         a, b = a / 1.5, b * 1.5
     pick = sorted(cands, key=lambda c: abs(c[2] - (lo + hi) / 2))[:k]
@@ -640,7 +654,7 @@ def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: Experimen
     """Context dilation of detected true lesions (Ω = the ground-truth lesion, the same for every architecture)."""
     note = ""
     if picks is None:
-        picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions)
+        picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions, model.spec)
     by_id = {s.id: s for s in states}
     rows = []
     steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
