@@ -304,6 +304,14 @@ def findings(res: ModelResults) -> list[dict]:
                      "ours": f"median TP {_fmt(med['TP']['median'])} (n={med['TP']['n']}) vs FP "
                              f"{_fmt(med['FP']['median'])} (n={med['FP']['n']}); Mann-Whitney p = {_fmt(t['p'])}",
                      "verdict": bool(t["p"] < 0.05)})
+    t = next((t for t in res.exp3_tests if t["statistic"] == "flair_peak_max" and {t["a"], t["b"]} == {"TP", "TN"}),
+             None)
+    med = {r["cls"]: r for r in res.exp3 if r["statistic"] == "flair_peak_max"}
+    if t is not None and np.isfinite(t["p"]):
+        rows.append({"paper": "healthy tissue (TN) has much lower peak FLAIR saliency than TP lesions",
+                     "ours": f"median TP {_fmt(med['TP']['median'])} vs TN {_fmt(med['TN']['median'])}; "
+                             f"Mann-Whitney p = {_fmt(t['p'])}",
+                     "verdict": bool(t["p"] < 0.05 and med["TN"]["median"] < med["TP"]["median"])})
     ctx = res.exp6
     if ctx:
         first = {}
