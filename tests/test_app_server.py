@@ -161,6 +161,7 @@ def test_info_lists_tasks_and_only_study_images(client, studies):
         assert m["type"] == "segmentation", name  # Slicer and OHIF list only these types
         assert m["labels"], name
     assert models["segmentation_unet"]["labels"] == {"lesion": 1}
+    assert info["labels"] == ["lesion"]  # the Slicer module makes one empty segment per app label
     assert sorted(models["explain_smoothgrad"]["labels"].values()) == [1, 2, 3, 4, 5]
     assert models["explain_smoothgrad"]["config"]["model"] == ["unet", "dynunet", "swinunetr"]
     assert models["explain_gradcampp"]["config"]["layer"] == ""  # "" = the chosen bundle's own layer
@@ -410,6 +411,9 @@ def test_eight_concurrent_explain_requests(client, server, cli_seg):
             reqs.append(("explain_gradcampp", {"model": "unet", "lesion": k}))
     results: dict[int, tuple] = {}
     errors: list = []
+    # one run of each kind first: the memory of a single run (allocators keep their peak afterwards)
+    for model, params in reqs[:2]:
+        client.infer(model, "synth000_FLAIR", params)
     rss = [_rss_mb(server.proc.pid)]
 
     def run(i):
@@ -453,10 +457,11 @@ def test_eight_concurrent_explain_requests(client, server, cli_seg):
     assert reqs[0][1]["seed"] != reqs[2][1]["seed"] and a != b
     # the event loop was never blocked for the whole queue (it answers between model runs at worst)
     assert max(info_latency) < max(10.0, elapsed / 2), (info_latency, elapsed)
-    # bounded memory: one model run at a time, no growth with the number of queued requests
-    assert max(rss) - rss[0] < 1500, rss
+    # bounded memory: one model run at a time, queued requests hold only their parameters, so 8 at once need
+    # no more than one did (plus allocator slack)
+    assert max(rss) - rss[0] < 400, rss
     print(f"8 concurrent explain requests: {elapsed:.1f} s, /info max {max(info_latency):.2f} s, "
-          f"RSS {rss[0]:.0f} -> max {max(rss):.0f} MB")
+          f"RSS after one run of each {rss[0]:.0f} MB -> max {max(rss):.0f} MB while 8 queued")
 
 
 # --------------------------------------------------------------------------------------------------- restart

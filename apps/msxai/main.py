@@ -106,6 +106,8 @@ class MsxaiApp(MONAILabelApp):
                 "naming rule) and instance-level saliency (SmoothGrad, Grad-CAM++) of a lesion or a drawn domain"
             ),
             version=_msxai.__version__,
+            # what is labelled: the Slicer module creates one empty segment per app label on every sample
+            labels=["lesion"],
         )
         install_routes(self)
 
