@@ -10,7 +10,7 @@ ship inside the nilearn wheel (nothing is downloaded):
 2. **Lesions.** Irregular blobs (a union of randomly oriented ellipsoids whose implicit field is perturbed by
    smooth noise and cut to a sampled volume) placed in white matter at periventricular, deep and juxtacortical
    sites; periventricular lesions point away from the ventricles (Dawson's fingers); some are seeded next to an
-   earlier lesion so that confluent lesions occur. Volumes are log-normal (heavy-tailed, median ~60 mm^3).
+   earlier lesion so that confluent lesions occur. Volumes are log-normal (heavy-tailed, median ~70-100 mm^3 after merging).
    The label map stores the 18-connected components of the final binary mask that have at least
    ``msxai.MIN_LESION_MM3`` mm^3 (from the voxel size); smaller components are removed from label and images.
 3. **Sequences.** FLAIR (CSF suppressed, GM brighter than WM, lesions hyperintense) and MPRAGE (WM bright, GM
@@ -66,7 +66,7 @@ class SynthConfig:
     translation_mm: float = 3.0
     elastic_mm: tuple[float, float] = (1.5, 4.0)  # max elastic displacement
     elastic_sigma_mm: float = 14.0
-    ventricle_enlargement: tuple[float, float] = (0.0, 0.45)
+    ventricle_enlargement: tuple[float, float] = (0.0, 0.4)
     cortical_thickness_mm: tuple[float, float] = (3.6, 5.0)  # GM within this distance of template WM; beyond: sulcal CSF
     thin_sulci: tuple[float, float] = (0.3, 0.9)  # depth of random thin sulcal sheets in the cortex
     mask_margin_mm: tuple[float, float] = (0.5, 3.0)  # CSF kept around the brain by the (simulated) skull stripping
@@ -77,10 +77,10 @@ class SynthConfig:
     n_lesions: int | None = None  # fixed lesion count; None = random
     lesion_count_range: tuple[int, int] = (0, 80)
     lesion_count_mean: float = 22.0
-    lesion_volume_median_mm3: float = 60.0
-    lesion_volume_sigma: float = 1.25  # of log-volume
+    lesion_volume_median_mm3: float = 70.0
+    lesion_volume_sigma: float = 1.35  # of log-volume
     lesion_volume_max_mm3: float = 6000.0
-    confluent_fraction: float = 0.2  # fraction of lesions seeded next to an earlier one
+    confluent_fraction: float = 0.25  # fraction of lesions seeded next to an earlier one
     site_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)  # periventricular, deep, juxtacortical
     min_lesion_mm3: float = MIN_LESION_MM3
     # contrasts (relative to white matter = 1)
@@ -350,12 +350,30 @@ def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray
     return p.astype(np.float32), mask, t1.astype(np.float32), meta
 
 
+def upsample_strided(a: np.ndarray, f: int, shape) -> np.ndarray:
+    """Trilinear upsampling of ``a = full[::f, ::f, ::f]`` back to ``shape``: full voxel ``i`` reads ``a`` at ``i / f``.
+
+    Beyond the last strided sample the edge value is repeated.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    if f == 1:
+        return a[tuple(slice(0, s) for s in shape)].copy()
+    exact = tuple(f * (n - 1) + 1 for n in a.shape)
+    up = ndi.zoom(a, [e / n if n > 1 else 1 for e, n in zip(exact, a.shape)], order=1, grid_mode=False, mode="nearest")
+    pad = [(0, max(0, s - u)) for s, u in zip(shape, up.shape)]
+    up = np.pad(up, pad, mode="edge")
+    return up[tuple(slice(0, s) for s in shape)]
+
+
 def _skull_stripped_mask(icv: np.ndarray, tissue: np.ndarray, v: float, margin_mm: float) -> np.ndarray:
     """Brain mask like a skull-stripping tool's: the brain tissue closed over sulci (4 mm), holes (ventricles)
-    filled, grown by ``margin_mm`` into the surrounding CSF and kept inside the intracranial space.
+    filled, grown by about ``margin_mm`` into the surrounding CSF and kept inside the intracranial space.
 
-    Computed on a ~2 mm strided grid; the distance to the closed brain is upsampled (trilinear) to the full grid.
+    The closing runs on a ~2 mm strided grid; its upsampled result, united with the full-resolution tissue, is
+    smoothed (Gaussian, 1.2 mm) and thresholded at the level a blurred flat edge has ``margin_mm`` outside.
     """
+    from math import erfc, sqrt
+
     f = max(1, int(round(2.0 / v)))
     t = tissue[::f, ::f, ::f] > 0.5
     vs = v * f
@@ -363,14 +381,12 @@ def _skull_stripped_mask(icv: np.ndarray, tissue: np.ndarray, v: float, margin_m
     grown = ndi.distance_transform_edt(~t, sampling=vs) <= radius
     closed = ndi.distance_transform_edt(np.pad(grown, 1), sampling=vs)[1:-1, 1:-1, 1:-1] > radius
     closed = ndi.binary_fill_holes(closed | t)
-    dist = ndi.distance_transform_edt(~closed, sampling=vs).astype(np.float32)
-    if f > 1:
-        dist = ndi.zoom(dist, [a / b for a, b in zip(icv.shape, dist.shape)], order=1, grid_mode=True, mode="nearest")
-        out = np.full(icv.shape, 99.0, np.float32)
-        sl = tuple(slice(0, min(a, b)) for a, b in zip(icv.shape, dist.shape))
-        out[sl] = dist[sl]
-        dist = out
-    return icv & (dist <= margin_mm + 0.5 * v)
+    fine_tissue = tissue > 0.5
+    c = np.maximum(upsample_strided(closed, f, icv.shape), fine_tissue)
+    sigma = 1.2
+    smooth = ndi.gaussian_filter(c, sigma / v)
+    level = 0.5 * erfc(margin_mm / (sigma * sqrt(2)))
+    return icv & ((smooth > max(level, 1e-3)) | fine_tissue)
 
 
 # ----------------------------------------------------------------------------------------------- lesions
@@ -402,13 +418,7 @@ def _site_maps(p: np.ndarray, mask: np.ndarray, v: float) -> dict:
         "deep": core & (dist_vent > 9.0) & (dist_gm > 4.0),
         "juxtacortical": (wm > 0.5) & (dist_gm > 0.5) & (dist_gm <= 3.0 + vs / 2),
     }
-    if f > 1:
-        dist_vent = ndi.zoom(dist_vent, [a / b for a, b in zip(mask.shape, dist_vent.shape)], order=1, grid_mode=True,
-                             mode="grid-constant", cval=99.0)[: mask.shape[0], : mask.shape[1], : mask.shape[2]]
-        if dist_vent.shape != mask.shape:  # zoom rounding: pad with far distances
-            out = np.full(mask.shape, 99.0, np.float32)
-            out[tuple(slice(0, s) for s in dist_vent.shape)] = dist_vent
-            dist_vent = out
+    dist_vent = upsample_strided(dist_vent, f, mask.shape)
     return {"centres": {k: np.argwhere(s_) * f for k, s_ in sites.items()}, "dist_vent": dist_vent.astype(np.float32)}
 
 
@@ -470,7 +480,7 @@ def _place_lesions(rng, cfg: SynthConfig, p: np.ndarray, mask: np.ndarray, sites
         site = LESION_SITES[site_i]
         vol = float(np.exp(rng.normal(np.log(cfg.lesion_volume_median_mm3), cfg.lesion_volume_sigma)))
         if site == "periventricular":
-            vol *= 1.6
+            vol *= 2.0
         elif site == "juxtacortical":
             vol *= 0.7
         vol = float(np.clip(vol, cfg.min_lesion_mm3 * 1.2, cfg.lesion_volume_max_mm3))
@@ -632,11 +642,14 @@ def _skull(rng, cfg, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
         section = head[:, :, z0]
         d2 = ndi.distance_transform_edt(section, sampling=v)
         for z in range(0, z0):
-            add = section & ~head[:, :, z]
-            flair[:, :, z][add] = np.where(d2[add] < 2.0, 0.7, 0.65)
-            t1[:, :, z][add] = np.where(d2[add] < 2.0, 0.7, 0.6)
-            head[:, :, z] |= section
-    return flair, t1, head
+            neck = section & (d2 > (z0 - z) * v * 0.3)  # the head narrows towards the neck
+            add = neck & ~head[:, :, z]
+            flair[:, :, z][add] = np.where(d2[add] < (z0 - z) * v * 0.3 + 3.0, 1.0, 0.6)  # fat rim, muscle
+            t1[:, :, z][add] = np.where(d2[add] < (z0 - z) * v * 0.3 + 3.0, 1.1, 0.55)
+            head[:, :, z] |= neck
+    # tissue texture so that the extra-cerebral layers are not flat
+    tex = 1 + 0.12 * smooth_noise(rng, shape, 2.0 / v, coarse=1)
+    return flair * tex, t1 * tex, head
 
 
 def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None = None) -> SynthSubject:
@@ -890,3 +903,50 @@ def load_dataset(dataset_json: str | Path) -> dict:
             raise InputError(f"{path}: split '{split}' names unknown subjects {sorted(unknown)}")
     data["root"] = str(root)
     return data
+
+
+# ----------------------------------------------------------------------------------------------- realism report
+
+
+def summarize(values) -> dict:
+    """n, median, quartiles, min, max and mean of a list of numbers (NaN for an empty list)."""
+    x = np.asarray(list(values), dtype=float)
+    if x.size == 0:
+        nan = float("nan")
+        return {"n": 0, "median": nan, "q1": nan, "q3": nan, "min": nan, "max": nan, "mean": nan}
+    q1, med, q3 = np.percentile(x, [25, 50, 75])
+    return {"n": int(x.size), "median": float(med), "q1": float(q1), "q3": float(q3),
+            "min": float(x.min()), "max": float(x.max()), "mean": float(x.mean())}
+
+
+def lesion_volumes_mm3(labels: np.ndarray, affine: np.ndarray, min_mm3: float = MIN_LESION_MM3) -> list[float]:
+    """Volumes (mm^3) of the 18-connected lesions (>= ``min_mm3``) of a label or binary map."""
+    vox = voxel_volume_mm3(affine)
+    inst = lesion_instances_18(np.asarray(labels) > 0, vox, min_mm3)
+    return [float(c) * vox for c in np.bincount(inst.ravel())[1:]]
+
+
+def tissue_contrasts(flair: np.ndarray, t1: np.ndarray, lesions: np.ndarray, brain: np.ndarray | None = None,
+                     iterations: int = 30) -> dict:
+    """Median FLAIR and T1 intensities of CSF, GM and lesions relative to WM, from a 3-class k-means on the T1.
+
+    The same unsupervised tissue split is applied to real and synthetic scans so that they are compared alike.
+    """
+    brain = (flair != 0) if brain is None else np.asarray(brain, bool)
+    les = np.asarray(lesions) > 0
+    sel = brain & ~les
+    x = t1[sel].astype(np.float64)
+    fx = flair[sel].astype(np.float64)
+    c = np.percentile(x, [10, 50, 90])
+    lab = np.zeros(x.shape, int)
+    for _ in range(iterations):
+        lab = np.argmin(np.abs(x[:, None] - c[None]), axis=1)
+        c = np.array([x[lab == i].mean() if np.any(lab == i) else c[i] for i in range(3)])
+    wm_f, wm_t = np.median(fx[lab == 2]), np.median(x[lab == 2])
+    out = {"csf_fraction": float(np.mean(lab == 0)), "gm_fraction": float(np.mean(lab == 1)),
+           "wm_fraction": float(np.mean(lab == 2)), "brain_voxels": int(brain.sum())}
+    for name, img, wm, vals in (("flair", flair, wm_f, fx), ("t1", t1, wm_t, x)):
+        out[f"{name}_csf"] = float(np.median(vals[lab == 0]) / wm)
+        out[f"{name}_gm"] = float(np.median(vals[lab == 1]) / wm)
+        out[f"{name}_lesion"] = float(np.median(img[les]) / wm) if les.any() else float("nan")
+    return out
