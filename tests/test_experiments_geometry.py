@@ -280,3 +280,13 @@ def test_randomized_model_changes_every_weight_and_keeps_the_original():
         assert torch.equal(p, before[n])  # the trained network is untouched
     assert sorted(r.network.table.detach().reshape(-1).tolist()) == list(range(12))
     assert r.name == "n (randomised)" and type(r.network) is Net
+
+
+def test_exp1_pick_large_under_the_cap_and_smallest():
+    from msxai.experiments.runner import exp1_pick
+
+    tps = [("a", 1, 50), ("a", 2, 7), ("b", 1, 19), ("b", 2, 300)]
+    assert exp1_pick(tps, 20) == [("large", "b", 1), ("small", "a", 2)]
+    assert exp1_pick(tps, 1000) == [("large", "b", 2), ("small", "a", 2)]
+    assert exp1_pick(tps, 5) == [("large", "a", 2)]  # nothing under the cap: the smallest alone
+    assert exp1_pick([], 20) == []

@@ -91,7 +91,7 @@ def fig_exp1(res: ModelResults) -> bytes | None:
     plt = _plt()
     names = list(dict.fromkeys(c["name"] for c in res.exp1_crops))
     fig, axes = plt.subplots(len(names), 5, figsize=(9, 2.0 * len(names)), squeeze=False)
-    labels = {r["case"] + "|TP:" + str(r["lesion_id"]): r["lesion"] for r in res.exp1}
+    labels = {c["name"]: c.get("label", "") for c in res.exp1_crops}
     for i, n in enumerate(names):
         crops = {c["aggregation"]: c for c in res.exp1_crops if c["name"] == n}
         first = next(iter(crops.values()))
@@ -345,11 +345,13 @@ def _section_model(res: ModelResults, files: dict) -> str:
              "'inconclusive' when the CI contains 0.5 or a class is empty.</p>")
     # exp 1
     s.append("<h3>1. Mean (Eq. 2) vs max (Eq. 3) aggregation</h3>")
-    s.append("<p>Instance SmoothGrad of the largest and the smallest explained TP lesion with both aggregations. "
+    s.append(f"<p>Instance SmoothGrad of a large TP lesion (the largest with at most {res.config['exp1_max_voxels']} "
+             "voxels: Eq. 3 costs one backward pass per lesion voxel and noise copy) and of the smallest TP lesion, "
+             "with both aggregations. "
              "Eq. 2 averages the per-output-voxel gradients, so opposite signs cancel and the values shrink with the "
              "lesion size; Eq. 3 keeps, per input voxel, the gradient of largest magnitude. Columns *_min/_max are "
              "over the whole map, *_in over the lesion.</p>")
-    s.append(_table(res.exp1, ["lesion", "case", "lesion_id", "volume_mm3", "aggregation", "samples", "flair_min",
+    s.append(_table(res.exp1, ["lesion", "case", "lesion_id", "voxels", "volume_mm3", "aggregation", "samples", "flair_min",
                                "flair_max", "flair_min_in", "flair_max_in", "mprage_min", "mprage_max"]))
     s.append(_img(files.get("fig1"), "experiment 1"))
     if res.exp1:

@@ -239,19 +239,13 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     res.notes.append("lesions available / explained per class: " + ", ".join(
         f"{c} {available[c]}/{len(selected[c])}" for c in CLASSES))
 
-    # experiment 1 / 4 / randomisation targets among the selected TPs
+    # experiment 1 / 4 targets among all TP lesions, randomisation targets among the explained ones
     tp_sel = [(cid, lid, int((by_id[cid].pred == lid).sum())) for cid, lid in selected["TP"]]
-    keep_crops: set[str] = set()
-    exp1_targets: list[tuple[str, str, int]] = []
-    if tp_sel:
-        small = min(tp_sel, key=lambda t: t[2])
-        capped = [t for t in tp_sel if t[2] <= cfg.exp1_max_voxels] or [small]
-        large = max(capped, key=lambda t: t[2])
-        exp1_targets = [("large", large[0], large[1])]
-        if (small[0], small[1]) != (large[0], large[1]):
-            exp1_targets.append(("small", small[0], small[1]))
-        for _, cid, lid in exp1_targets:
-            keep_crops.add(f"{cid}|TP:{lid}")
+    tp_all = []
+    for s in states:
+        counts = np.bincount(s.pred.ravel())
+        tp_all += [(s.id, int(lid), int(counts[lid])) for lid in s.classes.tp]
+    exp1_targets = exp1_pick(tp_all, cfg.exp1_max_voxels)
     rand_targets = selected["TP"][: cfg.randomization_lesions]
 
     # ---- bulk explanation (per case, all of its selected domains in one engine call)
@@ -305,12 +299,9 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                         lesion_row[f"{key}_{region}_pos_frac"] = float((v > 0).mean()) if v.size else float("nan")
                         lesion_row[f"{key}_{region}_abs_sum"] = float(np.abs(v).sum())
                 res.exp2_lesions.append(lesion_row)
-            if key_full in keep_crops or key_full in rand_keys:
+            if key_full in rand_keys:
                 sl = _crop_box(dom, cfg.crop_margin)
                 full_maps_keep[key_full] = (sl, maps[(slice(None), *sl)].copy())
-            if key_full in keep_crops:
-                res.exp1_crops.append({**crop_record(key_full, state.image, maps, dom, cfg.crop_margin),
-                                       "aggregation": cfg.aggregation})
     bar.close()
     res.timings["explain_s"] = time.time() - t1
     res.exp2_values = {k: {r: (np.concatenate(v) if v else np.zeros(0)) for r, v in d.items()}
@@ -319,48 +310,33 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     res.exp2 = exp2_table(res.exp2_values, exp2_counts, res.exp2_lesions, cfg)
     res.exp3, res.exp3_tests = exp3_tables(res.lesions, cfg)
 
-    # ---- experiment 1: mean vs max on the largest / smallest explained TP
+    # ---- experiment 1: mean vs max on a large and the smallest TP
     t1 = time.time()
-    other = "mean" if cfg.aggregation == "max" else "max"
     n1 = cfg.exp1_samples or cfg.samples
-    for label, cid, lid in _bar(exp1_targets, cfg, desc=f"{model.name}: exp1 {other} aggregation", unit="lesion"):
+    for label, cid, lid in _bar(exp1_targets, cfg, desc=f"{model.name}: exp1 mean vs max (N={n1})", unit="lesion"):
         st = by_id[cid]
         dom = st.pred == lid
-        sl, kept = full_maps_keep[f"{cid}|TP:{lid}"]
-        maps_by = {cfg.aggregation: kept}
-        if n1 != cfg.samples:  # recompute the bulk aggregation with exp-1's N too
-            m = next(iter(model.explain(st.image, {"d": dom}, n1, cfg.aggregation, cfg.seed, cfg.sigma_fraction)))[1]
-            maps_by[cfg.aggregation] = m[(slice(None), *sl)]
-        m_other = next(iter(model.explain(st.image, {"d": dom}, n1, other, cfg.seed, cfg.sigma_fraction)))[1]
-        maps_by[other] = m_other[(slice(None), *sl)]
-        res.exp1_crops.append({**crop_record(f"{cid}|TP:{lid}", st.image, m_other, dom, cfg.crop_margin),
-                               "aggregation": other})
+        sl = _crop_box(dom, cfg.crop_margin)
         for agg in ("max", "mean"):
-            m = maps_by[agg]
-            dcrop = dom[sl]
-            row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid),
+            m = next(iter(model.explain(st.image, {"d": dom}, n1, agg, cfg.seed, cfg.sigma_fraction)))[1]
+            res.exp1_crops.append({**crop_record(f"{cid}|TP:{lid}", st.image, m, dom, cfg.crop_margin),
+                                   "aggregation": agg, "label": label})
+            row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid), "voxels": int(dom.sum()),
                    "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)), "aggregation": agg,
                    "samples": n1}
             for c, key in enumerate(SEQ_KEYS):
                 row[f"{key}_min"] = float(m[c].min())
                 row[f"{key}_max"] = float(m[c].max())
-                row[f"{key}_min_in"] = float(m[c][dcrop].min())
-                row[f"{key}_max_in"] = float(m[c][dcrop].max())
+                row[f"{key}_min_in"] = float(m[c][dom].min())
+                row[f"{key}_max_in"] = float(m[c][dom].max())
             res.exp1.append(row)
-    # keep only one crop per (lesion, aggregation)
-    seen, crops = set(), []
-    for c in res.exp1_crops:
-        k = (c["name"], c["aggregation"])
-        if k not in seen:
-            seen.add(k)
-            crops.append(c)
-    res.exp1_crops = crops
     res.timings["exp1_s"] = time.time() - t1
 
-    # ---- experiment 4: sanity domains
+    # ---- experiment 4: sanity domains around the TP explained in bulk that is nearest to 100 mm^3
     t1 = time.time()
-    if exp1_targets:
-        res.exp4 = exp4_sanity(model, by_id, exp1_targets[0], full_maps_keep, cfg)
+    if tp_sel:
+        target = min(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
+        res.exp4 = exp4_sanity(model, by_id[target[0]], target[1], cfg)
     res.timings["exp4_s"] = time.time() - t1
 
     # ---- experiment 5: transplant
@@ -500,24 +476,31 @@ def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0
     return geo.shift_mask(patch, off)
 
 
-def exp4_sanity(model: ExperimentModel, by_id: dict, target, kept_maps: dict, cfg: ExperimentConfig) -> list[dict]:
-    label, cid, lid = target
-    st = by_id[cid]
+def exp1_pick(tps: list[tuple[str, int, int]], max_voxels: int) -> list[tuple[str, str, int]]:
+    """``[("large", case, id), ("small", case, id)]``: the largest TP with at most ``max_voxels`` voxels (the Eq. 3
+    map costs one backward per lesion voxel and noise copy) and the smallest TP; one entry when they coincide."""
+    if not tps:
+        return []
+    small = min(tps, key=lambda t: (t[2], t[0], t[1]))
+    capped = [t for t in tps if t[2] <= max_voxels] or [small]
+    large = max(capped, key=lambda t: (t[2], t[0], t[1]))
+    out = [("large", large[0], large[1])]
+    if (small[0], small[1]) != (large[0], large[1]):
+        out.append(("small", small[0], small[1]))
+    return out
+
+
+def exp4_sanity(model: ExperimentModel, st: CaseState, lid: int, cfg: ExperimentConfig) -> list[dict]:
+    cid = st.id
     dom = st.pred == lid
     centre = geo.centre_of_mass_voxel(dom)
     single = np.zeros(dom.shape, bool)
     single[centre] = True
-    domains = {"single voxel at the TP's centre of mass": single}
+    domains = {f"TP lesion {lid}": dom, "single voxel at the TP's centre of mass": single}
     wm = healthy_wm_ball(st)
     if wm is not None:
         domains["healthy-WM ball (93 mm^3)"] = wm
     rows = []
-    sl, tp_maps = kept_maps[f"{cid}|TP:{lid}"]
-    row = {"model": model.name, "case": cid, "domain": f"TP lesion {lid}", "voxels": int(dom.sum()),
-           "mean_prob": float(st.prob[dom].mean())}
-    for c, key in enumerate(SEQ_KEYS):
-        row[f"{key}_min"], row[f"{key}_max"] = float(tp_maps[c].min()), float(tp_maps[c].max())
-    rows.append(row)
     for name, maps in _bar(model.explain(st.image, domains, cfg.samples, cfg.aggregation, cfg.seed,
                                          cfg.sigma_fraction), cfg, desc=f"{model.name}: exp4 sanity",
                            total=len(domains), unit="domain"):
@@ -527,6 +510,7 @@ def exp4_sanity(model: ExperimentModel, by_id: dict, target, kept_maps: dict, cf
         for c, key in enumerate(SEQ_KEYS):
             row[f"{key}_min"], row[f"{key}_max"] = float(maps[c].min()), float(maps[c].max())
         rows.append(row)
+    rows.sort(key=lambda r: not r["domain"].startswith("TP lesion"))
     tp_row = rows[0]
     for r in rows:
         for key in SEQ_KEYS:
