@@ -101,3 +101,21 @@ def test_spearman():
     assert S.spearman(a, a**3) == pytest.approx(1.0)
     assert S.spearman(a, -a) == pytest.approx(-1.0)
     assert np.isnan(S.spearman(a, np.ones(10)))
+
+
+def test_cluster_bootstrap_reduces_to_the_plain_bootstrap_and_resamples_groups():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=25)
+    a = S.cluster_bootstrap_ci([[v] for v in x], np.median, n_boot=300, seed=4)
+    b = S.bootstrap_ci(x, np.median, n_boot=300, seed=4)
+    assert (a.estimate, a.lo, a.hi) == pytest.approx((b.estimate, b.lo, b.hi))
+    groups = [rng.normal(m, 0.01, size=rng.integers(1, 30)) for m in (0.0, 1.0, 2.0, 3.0)]
+    c = S.cluster_bootstrap_ci(groups, np.mean, n_boot=300, seed=1)
+    # loop twin: resample lesions with the same indices, pool, take the statistic
+    idx = S.bootstrap_indices(4, 300, 1)
+    boots = [np.mean(np.concatenate([groups[i] for i in row])) for row in idx]
+    assert c.lo == pytest.approx(np.quantile(boots, 0.025)) and c.hi == pytest.approx(np.quantile(boots, 0.975))
+    assert c.estimate == pytest.approx(np.mean(np.concatenate(groups))) and c.n == sum(g.size for g in groups)
+    # the interval reflects the spread between lesions, not the tiny spread within them
+    assert c.hi - c.lo > 0.5
+    assert S.cluster_bootstrap_ci([[], []]).n == 0

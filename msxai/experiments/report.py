@@ -368,8 +368,9 @@ def _section_model(res: ModelResults, files: dict) -> str:
                 f"values with |g| &lt; {rel:g} × the lesion's peak |g| (over both maps) are discarded (the paper's "
                 f"absolute cut of 0.1 is meant for Eq. 3 maps; with Eq. 2 the values shrink with the lesion size)")
     s.append(f"<p>Values of the maps inside each explained TP lesion and in the ring of voxels within "
-             f"{res.config['ring_mm']:g} mm around it; {cut_text}. Medians with 95% percentile bootstrap CIs; the sign pattern is measured as the fraction "
-             "of kept values that are positive.</p>")
+             f"{res.config['ring_mm']:g} mm around it; {cut_text}. The sign pattern is measured as the fraction of kept values that "
+             "are positive; medians of the positive, negative and all kept values; 95% percentile bootstrap CIs "
+             "resampling whole lesions (voxels of one lesion are not independent).</p>")
     s.append(_table(res.exp2, ["sequence", "region", "n_values", "n_kept", "frac_positive", "frac_positive_lo",
                                "frac_positive_hi", "median_positive", "median_positive_lo", "median_positive_hi",
                                "median_negative", "median_negative_lo", "median_negative_hi", "n_lesions",

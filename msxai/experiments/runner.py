@@ -106,6 +106,7 @@ class ModelResults:
     exp1: list[dict] = field(default_factory=list)
     exp1_crops: list[dict] = field(default_factory=list)
     exp2_values: dict = field(default_factory=dict)  # seq -> region -> 1-D array (after discarding |g| < min_abs)
+    exp2_groups: dict = field(default_factory=dict)  # seq -> region -> list of per-lesion arrays (same values)
     exp2_counts: dict = field(default_factory=dict)  # seq -> region -> (n_total, n_kept)
     exp2_lesions: list[dict] = field(default_factory=list)
     exp2: list[dict] = field(default_factory=list)
@@ -307,7 +308,8 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     res.exp2_values = {k: {r: (np.concatenate(v) if v else np.zeros(0)) for r, v in d.items()}
                        for k, d in exp2_vals.items()}
     res.exp2_counts = exp2_counts
-    res.exp2 = exp2_table(res.exp2_values, exp2_counts, res.exp2_lesions, cfg)
+    res.exp2_groups = exp2_vals
+    res.exp2 = exp2_table(exp2_vals, exp2_counts, res.exp2_lesions, cfg)
     res.exp3, res.exp3_tests = exp3_tables(res.lesions, cfg)
 
     # ---- experiment 1: mean vs max on a large and the smallest TP
@@ -406,22 +408,26 @@ def exp2_cut(vals: dict, cfg: ExperimentConfig) -> float:
     return float(cfg.min_abs_relative) * peak
 
 
-def exp2_table(values: dict, counts: dict, lesion_rows: list[dict], cfg: ExperimentConfig) -> list[dict]:
+def exp2_table(groups: dict, counts: dict, lesion_rows: list[dict], cfg: ExperimentConfig) -> list[dict]:
     """Per sequence and region: the fraction of kept values that are positive, medians of the positive, negative
-    and all kept values (95 % bootstrap CIs), and the per-lesion sign pattern."""
+    and all kept values, with 95 % CIs from a bootstrap over lesions (``groups``: per-lesion arrays of kept values),
+    and the per-lesion sign pattern."""
+    from msxai.experiments.stats import cluster_bootstrap_ci
+
     rows = []
     for key in SEQ_KEYS:
         for region in ("inside", "ring"):
-            v = values[key][region]
-            pos, neg = v[v > 0], v[v < 0]
-            frac_ci = _mean_ci((v > 0).astype(float), cfg)
-            med_pos, med_neg, med_all = (median_ci(x, cfg.n_boot, seed=cfg.seed) for x in (pos, neg, v))
+            g = groups[key][region]
+            frac = cluster_bootstrap_ci([(a > 0).astype(float) for a in g], np.mean, cfg.n_boot, seed=cfg.seed)
+            med_pos = cluster_bootstrap_ci([a[a > 0] for a in g], np.median, cfg.n_boot, seed=cfg.seed)
+            med_neg = cluster_bootstrap_ci([a[a < 0] for a in g], np.median, cfg.n_boot, seed=cfg.seed)
+            med_all = cluster_bootstrap_ci(g, np.median, cfg.n_boot, seed=cfg.seed)
             per_lesion = [r[f"{key}_{region}_median"] for r in lesion_rows]
             per_lesion = [x for x in per_lesion if np.isfinite(x)]
             rows.append({
                 "sequence": "FLAIR" if key == "flair" else "MPRAGE", "region": region,
                 "n_values": counts[key][region][0], "n_kept": counts[key][region][1],
-                "frac_positive": frac_ci[0], "frac_positive_lo": frac_ci[1], "frac_positive_hi": frac_ci[2],
+                "frac_positive": frac.estimate, "frac_positive_lo": frac.lo, "frac_positive_hi": frac.hi,
                 "median_positive": med_pos.estimate, "median_positive_lo": med_pos.lo, "median_positive_hi": med_pos.hi,
                 "median_negative": med_neg.estimate, "median_negative_lo": med_neg.lo, "median_negative_hi": med_neg.hi,
                 "median_all": med_all.estimate, "median_all_lo": med_all.lo, "median_all_hi": med_all.hi,
@@ -430,13 +436,6 @@ def exp2_table(values: dict, counts: dict, lesion_rows: list[dict], cfg: Experim
                 "sum_abs": float(sum(r[f"{key}_{region}_abs_sum"] for r in lesion_rows)),
             })
     return rows
-
-
-def _mean_ci(x: np.ndarray, cfg: ExperimentConfig) -> tuple[float, float, float]:
-    from msxai.experiments.stats import bootstrap_ci
-
-    c = bootstrap_ci(x, np.mean, cfg.n_boot, seed=cfg.seed)
-    return c.estimate, c.lo, c.hi
 
 
 def exp3_tables(lesion_rows: list[dict], cfg: ExperimentConfig) -> tuple[list[dict], list[dict]]:
