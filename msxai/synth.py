@@ -93,6 +93,7 @@ class SynthConfig:
     t1_lesion: tuple[float, float] = (0.55, 0.97)
     black_hole_fraction: float = 0.15  # lesions with a markedly hypointense T1 core
     lesion_heterogeneity: tuple[float, float] = (0.03, 0.1)
+    lesion_edge_mm: tuple[float, float] = (0.4, 1.0)  # partial-volume blur of lesion borders
     texture: tuple[float, float] = (0.01, 0.04)
     # acquisition
     bias_strength: tuple[float, float] = (0.02, 0.08)
@@ -587,14 +588,20 @@ def _intensities(rng, cfg, p, mask, t1_tpl, labels, dist_vent) -> tuple[np.ndarr
         for _ in range(2):
             ext = np.where(ext > 0, ext, ndi.grey_dilation(ext, footprint=CONNECTIVITY_18))
         binary = (labels > 0).astype(np.float32)
-        soft = ndi.gaussian_filter(binary, 0.6 / v) * 1.3
+        edge = _u(rng, cfg.lesion_edge_mm)
+        soft = ndi.gaussian_filter(binary, edge / v) * 1.3
         soft = np.clip(np.maximum(soft, 0.85 * binary), 0, 1) * (ext > 0) * mask
         het = _u(rng, cfg.lesion_heterogeneity)
         hf = 1 + het * smooth_noise(rng, shape, 1.5 / v, coarse=1)
-        # brighter/darker core: depth inside the lesion
-        depth = np.clip((ndi.gaussian_filter(binary, 1.5 / v) - 0.5) * 2.5, 0, 1) * binary
-        fl = f_les[ext] * hf * (1 + 0.08 * depth)
-        tl = t_les[ext] * (2 - hf) * (1 - 0.1 * depth * black[ext])
+        # contrast profile: full contrast in the lesion's core, a fraction `rim` of it at its border
+        depth = ndi.gaussian_filter(binary, 1.5 / v) * binary
+        peak = np.asarray(ndi.maximum(depth, labels, index=np.arange(1, n + 1)), dtype=np.float32)
+        depth_n = np.where(labels > 0, depth / np.maximum(np.concatenate([[1.0], peak])[labels], 1e-6), 0.0)
+        rim = rng.uniform(0.5, 0.9, n + 1).astype(np.float32)
+        profile = rim[ext] + (1 - rim[ext]) * depth_n
+        fl = 1 + (f_les[ext] * hf - 1) * profile
+        tl = 1 + (t_les[ext] * (2 - hf) - 1) * profile
+        c["lesion_edge_mm"] = round(edge, 3)
         flair = flair * (1 - soft) + soft * fl
         t1 = t1 * (1 - soft) + soft * tl
         meta_l.update({"flair_lesion_mean": round(float(f_les[1:].mean()), 3), "t1_lesion_mean": round(float(t_les[1:].mean()), 3), "black_holes": int(black[1:].sum())})
