@@ -145,7 +145,7 @@ def evaluate_bundle(
     cases = resolve_cases(cohort_or_cases, split)
     ov = dict(overrides)
     ov["cases"] = cases
-    ov["split"] = split
+    ov["split"] = "patient26" if str(cohort_or_cases) in ("patient26", "real") else split
     if metrics_path is not None:
         ov["metrics_path"] = str(metrics_path)
     if predictions_dir is not None:

@@ -43,8 +43,9 @@ SWINUNETR_DEFAULTS = dict(
 # Grad-CAM++ target layers (``named_modules()`` paths); first = default.
 GRADCAM_LAYERS = {
     # monai UNet nests (down, SkipConnection(...), up); model.2 is the last up block (full resolution, 2x16 -> 2
-    # channels, conv + residual); model.1.submodule.2 is the up block before it (16 channels at full resolution).
-    "unet": ["model.1.submodule.2", "model.2", "model.1.submodule.1.submodule.2"],
+    # channels = logits, not a Grad-CAM target); model.1.submodule.2 is the up block before it (16 channels at half
+    # resolution); model.1 is the skip connection (encoder + decoder features, 32 channels, half resolution).
+    "unet": ["model.1.submodule.2", "model.1", "model.1.submodule.1.submodule.2"],
     # DynUNet: upsamples[-1] = last decoder block at full resolution (12 filters), then output_block.
     "dynunet": ["upsamples.3", "upsamples.2", "bottleneck"],
     # SwinUNETR: decoder1 = last decoder block at full resolution (feature_size channels) before `out`.
@@ -96,7 +97,8 @@ def dynunet(**kw) -> nn.Module:
 
 
 def swinunetr(**kw) -> nn.Module:
-    """monai SwinUNETR (1.6 API: no ``img_size``; inputs must have spatial sizes divisible by 32)."""
+    """monai SwinUNETR (1.6 API: no ``img_size``; input sizes must be divisible by 32 and at least 64, since the
+    32x-down-sampled bottleneck needs more than one voxel for instance norm)."""
     from monai.networks.nets import SwinUNETR
 
     args = {**SWINUNETR_DEFAULTS, **kw}

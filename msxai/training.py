@@ -32,11 +32,12 @@ def default_run_dir(name: str) -> str:
     return str(REPO_ROOT / "runs" / name)
 
 
-def cohort_datalist(cohort, split: str) -> list[dict]:
-    """``[{"id", "flair", "t1", "label"}]`` of a cohort split (absolute paths)."""
+def cohort_datalist(cohort, split: str, limit: int | None = None) -> list[dict]:
+    """``[{"id", "flair", "t1", "label"}]`` of a cohort split (absolute paths); the first ``limit`` when given."""
     from msxai.inference import resolve_cases
 
-    return resolve_cases(cohort, split)
+    cases = resolve_cases(cohort, split)
+    return cases if limit in (None, 0) else cases[: int(limit)]
 
 
 def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
@@ -94,9 +95,10 @@ class LesionMaskd:
 
 
 class TimeLimit:
-    """Terminate the trainer once ``max_minutes`` have passed (checked at each epoch end). If the epoch that hits
-    the limit was not a validation epoch, ``validation`` (a :class:`monai.handlers.ValidationHandler`) is run first so
-    the best checkpoint sees the last weights."""
+    """Terminate the trainer once ``max_minutes`` have passed. Checked after every iteration (a late iteration ends
+    its epoch early) and at each epoch end. If the epoch that hits the limit was not a validation epoch,
+    ``validation`` (a :class:`monai.handlers.ValidationHandler`) is run first so the best checkpoint sees the last
+    weights."""
 
     def __init__(self, max_minutes: float | None, validation=None):
         self.max_minutes = None if max_minutes in (None, 0) else float(max_minutes)
@@ -108,7 +110,12 @@ class TimeLimit:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _iteration(self, engine) -> None:
+        if self.max_minutes is not None and self.minutes() >= self.max_minutes:
+            engine.terminate_epoch()  # EPOCH_COMPLETED still fires: validation, then __call__ stops training
 
     def _started(self, engine) -> None:
         self.start = time.monotonic()
@@ -119,13 +126,12 @@ class TimeLimit:
     def __call__(self, engine) -> None:
         if self.max_minutes is None or self.minutes() < self.max_minutes:
             return
-        if engine.state.epoch < engine.state.max_epochs:
-            v = self.validation
-            if v is not None and engine.state.epoch % int(v.interval) != 0:
-                v.validator.run(engine.state.epoch)
-            self.stopped_early = True
-            engine.logger.info(f"TimeLimit: {self.minutes():.1f} min >= {self.max_minutes} min, stopping")
-            engine.terminate()
+        v = self.validation
+        if v is not None and engine.state.epoch % int(v.interval) != 0:
+            v.validator.run(engine.state.epoch)
+        self.stopped_early = True
+        engine.logger.info(f"TimeLimit: {self.minutes():.1f} min >= {self.max_minutes} min, stopping")
+        engine.terminate()
 
 
 class TrainingRecord:
