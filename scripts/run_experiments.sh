@@ -19,6 +19,7 @@ if [ "$#" -eq 0 ]; then
     --cohort data/synth --split test --real-patient --out docs/experiments \
     --samples 4 --aggregation mean --min-abs-relative 0.1 --max-lesions-per-class 3 \
     --exp1-samples 2 --exp1-max-voxels 20 --transplant-lesions 1 --context-lesions 1 \
-    --context-max-mm 35 --context-step-mm 2.5 --randomization-lesions 1 --n-boot 2000 --seed 0
+    --context-max-mm 35 --context-step-mm 2.5 --randomization-lesions 1 --max-domain-windows 8 \
+    --n-boot 2000 --seed 0
 fi
 exec "$PY" -m msxai experiments "$@"

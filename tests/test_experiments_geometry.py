@@ -290,3 +290,24 @@ def test_exp1_pick_large_under_the_cap_and_smallest():
     assert exp1_pick(tps, 1000) == [("large", "b", 2), ("small", "a", 2)]
     assert exp1_pick(tps, 5) == [("large", "a", 2)]  # nothing under the cap: the smallest alone
     assert exp1_pick([], 20) == []
+
+
+def test_label_window_counts_match_the_windows_covering_the_box():
+    from scipy import ndimage
+
+    from msxai.experiments.runner import label_window_counts
+    from msxai.saliency.sliding import SlidingWindowSpec
+
+    rng = np.random.default_rng(10)
+    labels = np.zeros((30, 26, 12), np.int32)  # the last axis is smaller than the ROI: padded
+    labels[2:5, 3:9, 1:4] = 1
+    labels[14:20, 10:12, 5:11] = 2
+    labels[25:30, 20:26, 0:2] = 3
+    labels[rng.random(labels.shape) > 0.995] = 4
+    spec = SlidingWindowSpec(roi_size=(16, 16, 16), overlap=0.25)
+    grid = spec.grid(labels.shape)
+    counts = label_window_counts(spec, labels)
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        box = np.zeros(labels.shape, bool)
+        box[sl] = True
+        assert counts[i] == len(grid.windows_covering(box)), i

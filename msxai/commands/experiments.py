@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--context-max-mm", type=float, default=35.0)
     p.add_argument("--context-step-mm", type=float, default=1.0)
     p.add_argument("--randomization-lesions", type=int, default=2)
+    p.add_argument("--max-domain-windows", type=int, default=0, metavar="W",
+                   help="do not explain TP/FP/FN lesions read by more than W sliding windows (0 = no limit)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
@@ -76,7 +78,8 @@ def run(args) -> int:
         exp1_samples=args.exp1_samples, exp1_max_voxels=args.exp1_max_voxels,
         transplant_lesions=args.transplant_lesions, context_lesions=args.context_lesions,
         context_max_mm=args.context_max_mm, context_step_mm=args.context_step_mm,
-        randomization_lesions=args.randomization_lesions, n_boot=args.n_boot, progress=not args.no_progress,
+        randomization_lesions=args.randomization_lesions, max_domain_windows=args.max_domain_windows,
+        n_boot=args.n_boot, progress=not args.no_progress,
     )
     settings = {
         "cohort": ", ".join(sorted({c.source for c in cases})) + f" ({', '.join(c.id for c in cases)})",

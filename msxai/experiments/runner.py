@@ -68,6 +68,7 @@ class ExperimentConfig:
     context_max_mm: float = 35.0
     context_step_mm: float = 1.0
     randomization_lesions: int = 2
+    max_domain_windows: int = 0  # > 0: TP/FP/FN domains read by more sliding windows are not explained (CPU budget)
     n_boot: int = 2000
     crop_margin: int = 10  # voxels kept around a lesion for the figures
     progress: bool = True
@@ -171,6 +172,22 @@ def select_round_robin(per_case: dict[str, list[int]], k: int, seed: int) -> lis
     return out
 
 
+def label_window_counts(spec, labels: np.ndarray) -> dict[int, int]:
+    """Per label id, the number of sliding windows overlapping its bounding box (>= the windows covering it)."""
+    grid = spec.grid(labels.shape)
+    starts = np.asarray(grid.starts)
+    roi = np.asarray(grid.roi)
+    pad = np.array([lo for lo, _ in grid.pad])
+    out = {}
+    for i, sl in enumerate(ndimage.find_objects(np.asarray(labels, np.int32)), start=1):
+        if sl is None:
+            continue
+        lo = np.array([x.start for x in sl]) + pad
+        hi = np.array([x.stop for x in sl]) + pad
+        out[i] = int(np.all((starts < hi) & (starts + roi > lo), axis=1).sum())
+    return out
+
+
 def _detected(prob: np.ndarray, region: np.ndarray, domain: np.ndarray, model: ExperimentModel, affine) -> bool:
     """A lesion component (prob > t, 18-connected, >= min volume) computed within ``region`` overlaps ``domain``."""
     p = np.where(region, prob, 0.0)
@@ -235,6 +252,17 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
         "TN": {s.id: list(range(len(s.tn))) for s in states},
     }
     available = {c: sum(len(v) for v in per_class[c].values()) for c in CLASSES}
+    if cfg.max_domain_windows > 0:
+        skipped = {}
+        for cls in ("TP", "FP", "FN"):
+            for s in states:
+                labels = s.truth if cls == "FN" else s.pred
+                wins = label_window_counts(model.spec, labels)
+                keep = [i for i in per_class[cls][s.id] if wins.get(i, 0) <= cfg.max_domain_windows]
+                skipped[cls] = skipped.get(cls, 0) + len(per_class[cls][s.id]) - len(keep)
+                per_class[cls][s.id] = keep
+        res.notes.append(f"domains read by more than {cfg.max_domain_windows} sliding windows were not eligible "
+                         "for explanation (CPU budget): " + ", ".join(f"{c} {n}" for c, n in skipped.items()))
     selected = {c: select_round_robin(per_class[c], cfg.max_lesions_per_class, cfg.seed + 7 * k)
                 for k, c in enumerate(CLASSES)}
     res.notes.append("lesions available / explained per class: " + ", ".join(
@@ -247,7 +275,8 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
         counts = np.bincount(s.pred.ravel())
         tp_all += [(s.id, int(lid), int(counts[lid])) for lid in s.classes.tp]
     exp1_targets = exp1_pick(tp_all, cfg.exp1_max_voxels)
-    rand_targets = selected["TP"][: cfg.randomization_lesions]
+    rand_targets = [(c, l) for c, l, _ in sorted(
+        tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))][: cfg.randomization_lesions]
 
     # ---- bulk explanation (per case, all of its selected domains in one engine call)
     t1 = time.time()
