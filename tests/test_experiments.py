@@ -44,6 +44,7 @@ def test_report_files(pipeline):
     path, results, _ = pipeline
     out = path.parent
     text = path.read_text()
+    assert results[0].failures == [] and "experiment failed" not in text
     for heading in ("1. Mean (Eq. 2) vs max (Eq. 3)", "2. FLAIR vs MPRAGE", "3. Peak FLAIR saliency",
                     "4. Sanity checks", "5. Lesion transplant", "6. Context dilation", "Model randomisation",
                     "7. Beyond the paper", "Findings: paper vs ours", "noise samples N = 2 (paper: 50)"):

@@ -335,6 +335,8 @@ def _section_model(res: ModelResults, files: dict) -> str:
     s.append("<h3>Segmentation of the cohort</h3>")
     s.append(_table(res.segmentation, ["case", "dice", "n_pred", "n_truth", "tp", "fp", "fn", "F1", "n_tn_spheres"]))
     s.append("<p class=note>" + "; ".join(html.escape(n) for n in res.notes) + "</p>")
+    for f in res.failures:
+        s.append(f"<p class=bad>experiment failed: {html.escape(f)}</p>")
     s.append("<h3>Findings: paper vs ours</h3>")
     f = findings(res)
     s.append("<table><tr><th class=l>paper (Spagnolo et al. 2026)</th><th class=l>ours (measured)</th><th>verdict</th></tr>"

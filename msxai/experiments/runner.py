@@ -125,6 +125,7 @@ class ModelResults:
     error_flag_rows: list[dict] = field(default_factory=list)
     error_flag_model: ErrorFlagModel | None = None
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
 
 
@@ -170,6 +171,19 @@ def select_round_robin(per_case: dict[str, list[int]], k: int, seed: int) -> lis
             if queues[c] and len(out) < k:
                 out.append((c, int(queues[c].pop(0))))
     return out
+
+
+def _guarded(res: "ModelResults", name: str, fn) -> None:
+    """Run one experiment; a failure is reported (in the results and on stderr) instead of losing the others."""
+    import sys
+    import traceback
+
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - one experiment failing must not lose hours of the others
+        traceback.print_exc()
+        res.failures.append(f"{name}: {type(exc).__name__}: {exc}")
+        print(f"warning: experiment {name} failed: {exc}", file=sys.stderr)
 
 
 def label_window_counts(spec, labels: np.ndarray) -> dict[int, int]:
@@ -342,87 +356,107 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     res.exp3, res.exp3_tests = exp3_tables(res.lesions, cfg)
 
     # ---- experiment 1: mean vs max on a large and the smallest TP
-    t1 = time.time()
-    n1 = cfg.exp1_samples or cfg.samples
-    for label, cid, lid in _bar(exp1_targets, cfg, desc=f"{model.name}: exp1 mean vs max (N={n1})", unit="lesion"):
-        st = by_id[cid]
-        dom = st.pred == lid
-        sl = _crop_box(dom, cfg.crop_margin)
-        for agg in ("max", "mean"):
-            m = next(iter(model.explain(st.image, {"d": dom}, n1, agg, cfg.seed, cfg.sigma_fraction)))[1]
-            res.exp1_crops.append({**crop_record(f"{cid}|TP:{lid}", st.image, m, dom, cfg.crop_margin),
-                                   "aggregation": agg, "label": label})
-            row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid), "voxels": int(dom.sum()),
-                   "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)), "aggregation": agg,
-                   "samples": n1}
-            for c, key in enumerate(SEQ_KEYS):
-                row[f"{key}_min"] = float(m[c].min())
-                row[f"{key}_max"] = float(m[c].max())
-                row[f"{key}_min_in"] = float(m[c][dom].min())
-                row[f"{key}_max_in"] = float(m[c][dom].max())
-            res.exp1.append(row)
-    res.timings["exp1_s"] = time.time() - t1
-
-    # ---- experiment 4: sanity domains around the TP explained in bulk that is nearest to 100 mm^3
-    t1 = time.time()
-    if tp_sel:
-        target = min(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
-        res.exp4 = exp4_sanity(model, by_id[target[0]], target[1], cfg)
-    res.timings["exp4_s"] = time.time() - t1
-
-    # ---- experiment 5: transplant
-    t1 = time.time()
-    tr_targets = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
-    for cid, lid, _ in _bar(tr_targets[: cfg.transplant_lesions], cfg, desc=f"{model.name}: exp5 transplant",
-                            unit="lesion"):
-        rows, crops = exp5_transplant(model, by_id[cid], lid, cfg)
-        res.exp5 += rows
-        res.exp5_crops += crops
-    res.timings["exp5_s"] = time.time() - t1
-
-    # ---- experiment 6: context dilation
-    t1 = time.time()
-    res.exp6, res.exp6_note, res.exp6_picks = exp6_context(model, states, cfg)
-    res.timings["exp6_s"] = time.time() - t1
-
-    # ---- model randomisation
-    t1 = time.time()
-    if rand_targets:
-        rnd = model.randomized(cfg.seed + 1)
-        for cid, lid in _bar(rand_targets, cfg, desc=f"{model.name}: randomised network", unit="lesion"):
+    def _exp1():
+        t_start = time.time()
+        n1 = cfg.exp1_samples or cfg.samples
+        for label, cid, lid in _bar(exp1_targets, cfg, desc=f"{model.name}: exp1 mean vs max (N={n1})",
+                                    unit="lesion"):
             st = by_id[cid]
             dom = st.pred == lid
-            sl, trained = full_maps_keep[f"{cid}|TP:{lid}"]
-            rmap = next(iter(rnd.explain(st.image, {"d": dom}, cfg.samples, cfg.aggregation, cfg.seed,
-                                         cfg.sigma_fraction)))[1][(slice(None), *sl)]
-            near = geo.dilate_mm(dom, st.affine, 5.0)[sl]
-            row = {"model": model.name, "case": cid, "lesion_id": int(lid), "voxels_compared": int(near.sum())}
-            for c, key in enumerate(SEQ_KEYS):
-                row[f"{key}_spearman"] = spearman(trained[c][near], rmap[c][near])
-                row[f"{key}_trained_range"] = float(trained[c][near].max() - trained[c][near].min())
-                row[f"{key}_random_range"] = float(rmap[c][near].max() - rmap[c][near].min())
-            res.randomization.append(row)
-    res.timings["randomization_s"] = time.time() - t1
+            sl = _crop_box(dom, cfg.crop_margin)
+            for agg in ("max", "mean"):
+                m = next(iter(model.explain(st.image, {"d": dom}, n1, agg, cfg.seed, cfg.sigma_fraction)))[1]
+                res.exp1_crops.append({**crop_record(f"{cid}|TP:{lid}", st.image, m, dom, cfg.crop_margin),
+                                       "aggregation": agg, "label": label})
+                row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid),
+                       "voxels": int(dom.sum()), "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)), "aggregation": agg,
+                       "samples": n1}
+                for c, key in enumerate(SEQ_KEYS):
+                    row[f"{key}_min"] = float(m[c].min())
+                    row[f"{key}_max"] = float(m[c].max())
+                    row[f"{key}_min_in"] = float(m[c][dom].min())
+                    row[f"{key}_max_in"] = float(m[c][dom].max())
+                res.exp1.append(row)
+        res.timings["exp1_s"] = time.time() - t_start
+
+    _guarded(res, "exp1", _exp1)
+
+    # ---- experiment 4: sanity domains around the TP explained in bulk that is nearest to 100 mm^3
+    def _exp4():
+        t_start = time.time()
+        if tp_sel:
+            target = min(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
+            res.exp4 = exp4_sanity(model, by_id[target[0]], target[1], cfg)
+        res.timings["exp4_s"] = time.time() - t_start
+
+    _guarded(res, "exp4", _exp4)
+
+    # ---- experiment 5: transplant
+    def _exp5():
+        t_start = time.time()
+        tr_targets = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
+        for cid, lid, _ in _bar(tr_targets[: cfg.transplant_lesions], cfg, desc=f"{model.name}: exp5 transplant",
+                                unit="lesion"):
+            rows, crops = exp5_transplant(model, by_id[cid], lid, cfg)
+            res.exp5 += rows
+            res.exp5_crops += crops
+        res.timings["exp5_s"] = time.time() - t_start
+
+    _guarded(res, "exp5", _exp5)
+
+    # ---- experiment 6: context dilation
+    def _exp6():
+        t_start = time.time()
+        res.exp6, res.exp6_note, res.exp6_picks = exp6_context(model, states, cfg)
+        res.timings["exp6_s"] = time.time() - t_start
+
+    _guarded(res, "exp6", _exp6)
+
+    # ---- model randomisation
+    def _randomization():
+        t_start = time.time()
+        if rand_targets:
+            rnd = model.randomized(cfg.seed + 1)
+            for cid, lid in _bar(rand_targets, cfg, desc=f"{model.name}: randomised network", unit="lesion"):
+                st = by_id[cid]
+                dom = st.pred == lid
+                sl, trained = full_maps_keep[f"{cid}|TP:{lid}"]
+                rmap = next(iter(rnd.explain(st.image, {"d": dom}, cfg.samples, cfg.aggregation, cfg.seed,
+                                             cfg.sigma_fraction)))[1][(slice(None), *sl)]
+                near = geo.dilate_mm(dom, st.affine, 5.0)[sl]
+                row = {"model": model.name, "case": cid, "lesion_id": int(lid), "voxels_compared": int(near.sum())}
+                for c, key in enumerate(SEQ_KEYS):
+                    row[f"{key}_spearman"] = spearman(trained[c][near], rmap[c][near])
+                    row[f"{key}_trained_range"] = float(trained[c][near].max() - trained[c][near].min())
+                    row[f"{key}_random_range"] = float(rmap[c][near].max() - rmap[c][near].min())
+                res.randomization.append(row)
+        res.timings["randomization_s"] = time.time() - t_start
+
+    _guarded(res, "randomization", _randomization)
 
     # ---- experiment 7: error flag
-    t1 = time.time()
-    records = [{"case": r["case"], "lesion_id": r["lesion_id"], "cls": r["cls"], "features": r["features"]}
-               for r in res.lesions if r["cls"] in ("TP", "FP")]
-    case_book = [{"case": s.id, "pairs": s.classes.pairs, "pred_ids": lesion_ids(s.pred),
-                  "truth_ids": lesion_ids(s.truth), "fp_ids": list(s.classes.fp)} for s in states]
-    ev = cross_validate(records, case_book, n_boot=cfg.n_boot // 2, seed=cfg.seed)
-    res.error_flag = ev
-    if ev.get("status") == "ok":
-        for r, s, b in zip(records, ev["scores"], ev["baseline_scores"]):
-            res.error_flag_rows.append({"model": model.name, "case": r["case"], "lesion_id": r["lesion_id"],
-                                        "cls": r["cls"], "error_score_oof": s, "baseline_score_oof": b,
-                                        "flagged": bool(s > 0.5)})
-        y = [r["cls"] == "FP" for r in records]
-        res.error_flag_model = ErrorFlagModel.fit(
-            [r["features"] for r in records], y, SALIENCY_FEATURES,
-            info={"model": model.name, "aggregation": cfg.aggregation, "samples": cfg.samples,
-                  "cases": [s.id for s in states], "auc_oof": ev["auc"].estimate})
-    res.timings["error_flag_s"] = time.time() - t1
+    def _error_flag():
+        t_start = time.time()
+        records = [{"case": r["case"], "lesion_id": r["lesion_id"], "cls": r["cls"], "features": r["features"]}
+                   for r in res.lesions if r["cls"] in ("TP", "FP")]
+        case_book = [{"case": s.id, "pairs": s.classes.pairs, "pred_ids": lesion_ids(s.pred),
+                      "truth_ids": lesion_ids(s.truth), "fp_ids": list(s.classes.fp)} for s in states]
+        ev = cross_validate(records, case_book, n_boot=cfg.n_boot // 2, seed=cfg.seed)
+        res.error_flag = ev
+        if ev.get("status") == "ok":
+            for r, s, b in zip(records, ev["scores"], ev["baseline_scores"]):
+                res.error_flag_rows.append({"model": model.name, "case": r["case"], "lesion_id": r["lesion_id"],
+                                            "cls": r["cls"], "error_score_oof": s, "baseline_score_oof": b,
+                                            "flagged": bool(s > 0.5)})
+            y = [r["cls"] == "FP" for r in records]
+            res.error_flag_model = ErrorFlagModel.fit(
+                [r["features"] for r in records], y, SALIENCY_FEATURES,
+                info={"model": model.name, "aggregation": cfg.aggregation, "samples": cfg.samples,
+                      "cases": [s.id for s in states], "auc_oof": ev["auc"].estimate})
+        res.timings["error_flag_s"] = time.time() - t_start
+
+    _guarded(res, "error_flag", _error_flag)
+
     res.timings["total_s"] = time.time() - t0
     return res
 
