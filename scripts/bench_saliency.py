@@ -15,7 +15,7 @@ its own (CPU: peak RSS; CUDA: ``torch.cuda.max_memory_allocated``), both in the 
 
 Example (CPU, 1 thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_saliency.py --size 96 --roi 48 --naive-voxels 6
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_saliency.py            # bundle-sized UNet, 64^3, ROI 32
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def build(args):
         from monai.networks.nets import UNet
 
         ch = tuple(int(c) for c in args.channels.split(","))
-        net = UNet(3, 2, 2, channels=ch, strides=(2,) * (len(ch) - 1), num_res_units=1, norm="instance")
+        net = UNet(3, 2, 2, channels=ch, strides=(2,) * (len(ch) - 1), num_res_units=args.res_units, norm="instance")
         net = net.to(args.device).eval()
         inferer = SlidingWindowInferer((args.roi,) * 3, overlap=args.overlap, mode="gaussian")
     rng = np.random.default_rng(args.seed)
@@ -60,9 +60,10 @@ def build(args):
     img = (img - img.mean()) / img.std()
     grid = np.indices(shape)
     domains = {}
+    radii = [float(r) for r in args.radii.split(",")]
     for k in range(args.lesions):
         c = rng.integers(args.size // 5, args.size - args.size // 5, 3)
-        r = 1.5 + k % 3
+        r = radii[k % len(radii)]
         domains[f"lesion_{k + 1}"] = ((grid - c[:, None, None, None]) ** 2).sum(0) <= r * r
     return net, inferer, torch.as_tensor(img), domains
 
@@ -150,14 +151,16 @@ def run_phase(name, argv, tmp):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bundle", help="use this bundle's network and inferer instead of a random small UNet")
-    p.add_argument("--size", type=int, default=96, help="synthetic image edge (voxels)")
-    p.add_argument("--roi", type=int, default=48, help="ROI edge of the random UNet's inferer")
+    p.add_argument("--size", type=int, default=64, help="synthetic image edge (voxels)")
+    p.add_argument("--roi", type=int, default=32, help="ROI edge of the random UNet's inferer")
     p.add_argument("--overlap", type=float, default=0.25)
-    p.add_argument("--channels", default="4,8,16", help="random UNet channels")
-    p.add_argument("--lesions", type=int, default=3)
+    p.add_argument("--channels", default="16,32,64,128,256", help="random UNet channels (default: the bundle's)")
+    p.add_argument("--res-units", type=int, default=2, help="random UNet residual units (default: the bundle's)")
+    p.add_argument("--lesions", type=int, default=2)
+    p.add_argument("--radii", default="1.5,2", help="lesion ball radii (voxels), cycled")
     p.add_argument("--samples", type=int, default=4, help="noise copies of the full fast run")
-    p.add_argument("--naive-samples", type=int, default=1)
-    p.add_argument("--naive-voxels", type=int, default=6, help="voxels per lesion in the naive/like-for-like runs")
+    p.add_argument("--naive-samples", type=int, default=4)
+    p.add_argument("--naive-voxels", type=int, default=2, help="voxels per lesion in the naive/like-for-like runs")
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--noise-batch", type=int, default=None)
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",

@@ -9,7 +9,13 @@ from monai.inferers import SlidingWindowInferer
 
 from msxai.errors import EmptyDomainError, GeometryError, InputError
 from msxai.saliency.sliding import SlidingWindowSpec, WindowGrid, sliding_window_logits, window_starts
-from msxai.saliency.smoothgrad import class_smoothgrad, instance_smoothgrad, instance_smoothgrad_many, noise_sigma
+from msxai.saliency.smoothgrad import (
+    class_smoothgrad,
+    graph_bytes_per_copy,
+    instance_smoothgrad,
+    instance_smoothgrad_many,
+    noise_sigma,
+)
 
 from saliency_helpers import TinySegNet, naive_class_smoothgrad, naive_instance_smoothgrad, random_image
 
@@ -135,6 +141,12 @@ def test_backends_give_identical_maps():
     # chunking and noise batching do not change the result
     other = instance_smoothgrad(net, img, dom, spec, n_samples=2, max_batch=1, noise_batch=1)
     np.testing.assert_allclose(other, maps["batched"], rtol=1e-5, atol=1e-7)
+    # a memory budget too small for two copies forces one copy per forward: same maps
+    grid = spec.grid(shape)
+    per_copy = graph_bytes_per_copy(net, grid, img, torch.device("cpu"))
+    assert per_copy > img[:, :8, :8, :6].numel() * 4
+    tight = instance_smoothgrad(net, img, dom, spec, n_samples=2, noise_batch=2, memory_mb=1.5 * per_copy / 2**20)
+    np.testing.assert_allclose(tight, maps["batched"], rtol=1e-5, atol=1e-7)
 
 
 def test_many_domains_equal_single_domain_results():

@@ -289,6 +289,7 @@ def instance_smoothgrad_many(
     autocast_dtype=None,
     max_group_windows: int = 8,
     channel: int = LESION_CHANNEL,
+    memory_mb: float | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Instance SmoothGrad for several domains; yields ``(name, map [C, X, Y, Z] float32)`` per domain.
 
@@ -296,9 +297,11 @@ def instance_smoothgrad_many(
     yielded as soon as its group is done, so memory does not grow with the number of domains. Every domain sees the
     same noise copies (drawn from ``seed``), so its map does not depend on which other domains are explained.
 
-    ``noise_batch``: noisy copies per forward (default min(N, 4)); ``max_batch``: vector-Jacobian products per
-    backward (voxels × copies; default 32 on CPU, 64 on CUDA) — the memory budget knob;
-    ``autocast_dtype``: e.g. ``torch.bfloat16`` for a reduced-precision forward/backward (not the default).
+    ``noise_batch``: noisy copies per forward (default 8 on CPU, 4 on CUDA), lowered per group so that the retained
+    window graphs (measured for one copy of one window) fit in ``memory_mb`` (default: half the free CUDA memory,
+    a quarter of the RAM on CPU); ``max_batch``: vector-Jacobian products per backward (voxels × copies; default 32
+    on CPU, 64 on CUDA); ``autocast_dtype``: e.g. ``torch.bfloat16`` for a reduced-precision forward/backward (not
+    the default).
     """
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -325,11 +328,14 @@ def instance_smoothgrad_many(
     B = max(1, min(int(noise_batch), n_samples))
     if max_batch is None:
         max_batch = 64 if device.type == "cuda" else 32
-    K = max(1, int(max_batch) // B)
 
     with explaining(network):
+        per_window_copy = graph_bytes_per_copy(network, grid, img, device, autocast_dtype, channel)
+        budget = (memory_mb * 2**20) if memory_mb is not None else default_memory_budget(device)
         for group in _group_domains(grid, states, max_group_windows):
             windows = sorted(set().union(*[s.windows for s in group]))
+            B = max(1, min(B, int(budget // max(1, per_window_copy * len(windows)))))
+            K = max(1, int(max_batch) // B)
             box = grid.support_box(windows)
             bsl = _box_slices(box)
             for s in group:
@@ -355,6 +361,41 @@ def instance_smoothgrad_many(
                 out[(slice(None), *bsl)] = (s.acc / n_samples).float().cpu().numpy()
                 s.acc = None
                 yield s.name, out
+
+
+def default_memory_budget(device: torch.device) -> float:
+    """Bytes the retained window graphs may use: half the free CUDA memory, or a quarter of the RAM on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.5 * free
+    try:
+        import os
+
+        return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def graph_bytes_per_copy(network, grid: WindowGrid, img: torch.Tensor, device, autocast_dtype=None,
+                         channel: int = LESION_CHANNEL) -> int:
+    """Bytes autograd keeps for the backward of one window forward of one copy (distinct storages of the saved
+    tensors), measured on the first window."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        except (RuntimeError, NotImplementedError):
+            seen[id(t)] = t.numel() * t.element_size()
+        return t
+
+    xp = grid.pad_input(img[None])
+    xw = xp[(slice(None), slice(None), *grid.window_slices(0))].to(device).clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device, autocast_dtype):
+        out = network_window_output(network, xw)[:, channel]
+    del out
+    return int(sum(seen.values())) + xw.numel() * xw.element_size()
 
 
 def _accumulate_group(network, grid, windows, xs, box, group, aggregation, K, nb, dtype, device, backend,
