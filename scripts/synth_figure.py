@@ -84,6 +84,21 @@ def fmt(s: dict, digits: int = 0) -> list[str]:
     return [str(s["n"]), f(s["median"]), f"{f(s['q1'])}–{f(s['q3'])}", f(s["min"]), f(s["max"])]
 
 
+BEGIN, END = "<!-- synth_figure.py: generated block begins -->", "<!-- synth_figure.py: generated block ends -->"
+
+
+def write_generated_block(path: Path, block: str, title: str) -> None:
+    """Write ``block`` between the BEGIN/END markers of ``path``, keeping the hand-written text around them."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = path.read_text() if path.exists() else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+    else:
+        head, tail = f"{title}\n\n", "\n"
+    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=12, help="subjects to generate (ignored with --cohort)")
@@ -178,7 +193,7 @@ def main(argv=None) -> int:
     lines = [
         "# The synthetic MS cohort (`msxai synth`) compared with the real patient",
         "",
-        "Produced by `scripts/synth_figure.py` (do not edit by hand); command:",
+        "This block is produced by `scripts/synth_figure.py` (it rewrites only this block); command:",
         "",
         "```",
         "OMP_NUM_THREADS=1 .venv/bin/python scripts/synth_figure.py "
@@ -253,8 +268,7 @@ def main(argv=None) -> int:
            "subject including writing the NIfTIs." if t_cohort is not None else "."),
         "",
     ]
-    args.md.parent.mkdir(parents=True, exist_ok=True)
-    args.md.write_text("\n".join(lines))
+    write_generated_block(args.md, "\n".join(lines[2:]), title=lines[0])
     print(args.png)
     print(args.md)
     if tmp is not None:
