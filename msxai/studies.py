@@ -305,11 +305,12 @@ def file_fingerprint(paths: Sequence[str | Path]) -> str:
 
 
 def weights_fingerprint(bundle_path: str | Path) -> str:
-    """Fingerprint of a bundle's weight files (``models/*.pt``/``*.ts``) and configs."""
+    """Fingerprint of what a bundle's inference depends on: its weights (``models/*``) and
+    ``configs/inference.json`` (training/evaluation configs do not change a segmentation)."""
     root = Path(bundle_path)
-    files = sorted(
-        [p for p in (root / "models").glob("*") if p.is_file()] + [p for p in (root / "configs").glob("*") if p.is_file()]
-    )
+    files = sorted(p for p in (root / "models").glob("*") if p.is_file())
+    if (root / "configs" / "inference.json").is_file():
+        files.append(root / "configs" / "inference.json")
     return file_fingerprint(files) if files else "none"
 
 
@@ -489,12 +490,13 @@ class ExplainParams:
     radius_mm: float
     label_value: int | None
     ignored: list[str]
+    lesions_from: str = "model"
 
     def run_key(self, domain_key: str) -> str:
         """A stable folder name for this request's artefacts (same request -> same folder)."""
         h = hashlib.sha1(
             json.dumps([self.samples, self.sigma, self.aggregation, self.layer, self.fractions, self.domain_mode,
-                        self.radius_mm, self.foreground, self.label_value], default=str).encode()
+                        self.radius_mm, self.foreground, self.label_value, self.lesions_from], default=str).encode()
         ).hexdigest()[:8]
         return f"{self.method}_{self.model}_{domain_key}_seed{self.seed}_{h}"
 
@@ -558,8 +560,11 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
     label_value = _as_int(lv, "label_value", 1, 2**31 - 1) if lv not in (None, "") else None
     lesion = d.get("lesion")
     lesion = parse_lesion_param(lesion) if lesion not in (None, "", []) else None
+    lesions_from = str(_first(d.get("lesions_from", "model")) or "model")
+    if lesions_from != "model" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", lesions_from):
+        raise InputError(f"lesions_from must be 'model' or a datastore label tag (e.g. 'final'), got {lesions_from!r}")
     return ExplainParams(method, model, lesion, samples, sigma, aggregation, layer, seed, sequence,
-                         (strong, medium), foreground, domain_mode, radius_mm, label_value, ignored)
+                         (strong, medium), foreground, domain_mode, radius_mm, label_value, ignored, lesions_from)
 
 
 # ------------------------------------------------------------------------------------------------- the service
@@ -605,29 +610,37 @@ def resolve_device(value) -> str:
     raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
 
-def _read_domain_label(path: str | Path, shape, affine, value: int | None) -> np.ndarray:
-    from msxai.io import AFFINE_ATOL
-    from msxai.labelmaps import domain_from_label, read_labelmap
+def _read_label_on_grid(path: str | Path, shape, affine, what: str = "uploaded label") -> np.ndarray:
     from msxai.errors import GeometryError
+    from msxai.io import AFFINE_ATOL
+    from msxai.labelmaps import read_labelmap
 
     arr, aff = read_labelmap(path)
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if tuple(arr.shape) != tuple(shape):
         raise GeometryError(
-            f"uploaded label has shape {tuple(arr.shape)} but the image has {tuple(shape)}; draw it on the study's FLAIR"
+            f"{what} has shape {tuple(arr.shape)} but the image has {tuple(shape)}; draw it on the study's FLAIR"
         )
     if not np.allclose(aff, affine, atol=max(AFFINE_ATOL, 1e-2)):
-        raise GeometryError("uploaded label is not on the image's grid (its orientation/origin/spacing differ)")
-    return domain_from_label(arr, shape, value)
+        raise GeometryError(f"{what} is not on the image's grid (its orientation/origin/spacing differ)")
+    return arr
+
+
+def _read_domain_label(path: str | Path, shape, affine, value: int | None) -> np.ndarray:
+    from msxai.labelmaps import domain_from_label
+
+    return domain_from_label(_read_label_on_grid(path, shape, affine), shape, value)
 
 
 class StudyService:
     """What the MONAI Label app serves, independent of MONAI Label: bundles by model name (loaded once per device),
     the segmentation cache, and the segmentation/explain requests (parameters in, label map file + JSON out).
 
-    Model runs are serialised by one lock: one segmentation or explanation at a time per server process, so memory
-    is bounded by a single run whatever the number of queued requests."""
+    Model runs (segmentation, explanation) go through one dedicated worker thread (:meth:`run`): one at a time per
+    server process, in arrival order, always on the same thread. Waiting requests hold only their parameters, and
+    all model memory is allocated by that one thread, so the allocator keeps a single arena's worth of freed memory
+    (with a run on whichever request thread, glibc's per-thread arenas would each keep one run's peak)."""
 
     def __init__(self, studies: str | Path, bundle_paths: Mapping[str, str | Path], max_samples: int = MAX_SAMPLES_DEFAULT,
                  loader=None):
@@ -640,9 +653,17 @@ class StudyService:
         self._loader = loader
         self._bundles: dict[tuple[str, str], Any] = {}
         self._bundle_lock = threading.Lock()
-        self.run_lock = threading.Lock()
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msxai-model")
         for model in self.bundle_paths:  # fail at start-up, not at the first request
             self.bundle(model, "cpu")
+
+    def run(self, fn, *args, **kwargs):
+        """Run ``fn`` on the model worker thread and wait for it (exceptions are re-raised here)."""
+        if threading.current_thread().name.startswith("msxai-model"):
+            return fn(*args, **kwargs)
+        return self._worker.submit(fn, *args, **kwargs).result()
 
     @property
     def models(self) -> list[str]:
@@ -696,8 +717,7 @@ class StudyService:
 
         pair = self.study(request)
         device = resolve_device(request.get("device"))
-        with self.run_lock:
-            entry = self.segmentation(model, pair, device)
+        entry = self.run(self.segmentation, model, pair, device)
         labels, table = entry["labels"], entry["table"]
         mode = str(_first(request.get("label_mode", "auto")) or "auto").lower()
         if mode not in ("auto", "instances", "binary"):
@@ -753,7 +773,7 @@ class StudyService:
                 raise InputError(f"layer: bundle {p.model} names no Grad-CAM++ layer; pass one")
         label_file = request.get("label")
 
-        with self.run_lock:
+        def compute():
             prepared = bundle.prepare(pair.flair, pair.t1)
             shape = tuple(prepared.image.shape[1:])
             affine = np.asarray(prepared.affine, dtype=np.float64)
@@ -773,20 +793,35 @@ class StudyService:
                     raise InputError("nothing to explain: give lesion (id, list or 'all'), upload a label, or send "
                                      "foreground points")
                 seg = self.segmentation(p.model, pair, device, prepared=prepared)
-                ids = [int(r["id"]) for r in seg["table"]] if p.lesion == "all" else p.lesion
+                saved = request.get("lesions_label")
+                if saved:  # lesions of a label saved in the datastore (e.g. the clinician's corrected 'final')
+                    from msxai.lesions import instances_from_mask, lesion_ids
+
+                    arr = _read_label_on_grid(saved, shape, affine, "saved label")
+                    labels = instances_from_mask(arr, affine=affine)
+                    ids_all = lesion_ids(labels)
+                    origin = f"the saved '{p.lesions_from}' label"
+                else:
+                    labels = seg["labels"]
+                    ids_all = [int(r["id"]) for r in seg["table"]]
+                    origin = f"segmentation_{p.model}"
+                ids = ids_all if p.lesion == "all" else p.lesion
                 if not ids:
                     from msxai.errors import EmptyDomainError
 
                     raise EmptyDomainError(
-                        f"model {p.model} found no lesion in {pair.image_id}: nothing for lesion='all'; to ask why a "
+                        f"{origin} has no lesion in {pair.image_id}: nothing for lesion='all'; to ask why a "
                         "spot was missed, upload a label or send foreground points"
                     )
                 for i in ids:
-                    domains[f"lesion_{i}"] = lesion_domain(seg["labels"], i)
-                source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of segmentation_{p.model}"
+                    domains[f"lesion_{i}"] = lesion_domain(labels, i)
+                source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of {origin}"
             if seg is None:
                 seg = self.segmentation(p.model, pair, device, prepared=prepared)
             maps, summaries = explain_maps(bundle, prepared, domains, p, device, prob=seg["prob"])
+            return shape, affine, domains, source, maps, summaries
+
+        shape, affine, domains, source, maps, summaries = self.run(compute)
 
         # one display map: the chosen sequence (SmoothGrad) or the CAM, largest magnitude over the domains
         ch = SEQUENCE_NAMES.index(p.sequence)

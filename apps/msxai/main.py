@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Dict
@@ -172,6 +173,16 @@ class MsxaiApp(MONAILabelApp):
             request["image_id"] = image
             if model.startswith("explain_"):
                 request["save_label"] = False  # saliency bins are not lesion labels
+                tag = request.get("lesions_from")
+                tag = tag[0] if isinstance(tag, list) and tag else tag
+                if tag and tag != "model":
+                    if not isinstance(tag, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", tag):
+                        raise InputError(f"lesions_from must be 'model' or a datastore label tag (e.g. 'final'), "
+                                         f"got {tag!r}")
+                    luri = ds.get_label_uri(image, tag) if hasattr(ds, "get_label_uri") else ""
+                    if not luri or not os.path.isfile(luri):
+                        raise UnknownImageError(f"image {image!r} has no saved label with tag {tag!r}")
+                    request["lesions_label"] = luri
             return super().infer(request, datastore)
         except InputError as exc:
             logger.info(f"msxai: refused {request.get('model')} request: {exc}")

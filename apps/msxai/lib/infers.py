@@ -10,6 +10,7 @@ labels, while an explanation names its labels with the value ranges of this resu
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from typing import Any, Dict, Tuple
@@ -58,7 +59,11 @@ class SegmentationTask(_MsxaiTask):
     def __call__(self, request) -> Tuple[str, Dict]:
         t0 = time.time()
         out = self.result_file(request)
-        result = self.service.segment_request(self.model, request, out)
+        try:
+            result = self.service.segment_request(self.model, request, out)
+        except BaseException:
+            os.unlink(out)
+            raise
         result["latencies"] = {"total": round(time.time() - t0, 3)}
         return out, to_jsonable(result)
 
@@ -74,6 +79,7 @@ class ExplainTask(_MsxaiTask):
         defaults = EXPLAIN_DEFAULTS[method]
         config = {"model": list(models), "device": device_list()}
         config.update({k: v for k, v in defaults.items()})
+        config["lesions_from"] = ["model", "final"]
         if method == "smoothgrad":
             config["sequence"] = ["FLAIR", "MPRAGE"]
             config["aggregation"] = ["max", "mean"]
@@ -94,6 +100,10 @@ class ExplainTask(_MsxaiTask):
     def __call__(self, request) -> Tuple[str, Dict]:
         t0 = time.time()
         out = self.result_file(request)
-        result = self.service.explain_request(self.method, request, out)
+        try:
+            result = self.service.explain_request(self.method, request, out)
+        except BaseException:
+            os.unlink(out)
+            raise
         result["latencies"] = {"total": round(time.time() - t0, 3)}
         return out, to_jsonable(result)
