@@ -53,6 +53,41 @@ def start_server(studies: Path, models: str, log: Path):
     raise SystemExit(f"server did not start, see {log}")
 
 
+def copy_study(cohort: Path, image_id: str, studies: Path, crop: int) -> None:
+    """Copy a FLAIR, its T1 (naming rule) and, if present, its lesion mask into ``studies``; with ``crop``, only a
+    ``crop``^3 box centred on the lesions (affine origin moved accordingly)."""
+    import nibabel as nib
+    import numpy as np
+
+    from msxai.studies import find_t1
+
+    flair = cohort / f"{image_id}.nii.gz"
+    files = {flair: flair.name, find_t1(flair): find_t1(flair).name}
+    stem = image_id[: -len("_FLAIR")] if image_id.endswith("_FLAIR") else image_id
+    les = cohort / f"{stem}_lesions.nii.gz"
+    studies.mkdir(parents=True, exist_ok=True)
+    box = None
+    if crop:
+        img = nib.load(str(flair))
+        shape = np.array(img.shape[:3])
+        centre = shape // 2
+        if les.is_file():
+            m = np.asarray(nib.load(str(les)).dataobj) > 0
+            if m.any():
+                centre = np.round(np.argwhere(m).mean(axis=0)).astype(int)
+        lo = np.clip(centre - crop // 2, 0, np.maximum(shape - crop, 0))
+        box = tuple(slice(int(a), int(a) + crop) for a in lo)
+    for src, name in files.items():
+        img = nib.load(str(src))
+        if box is None:
+            (studies / name).write_bytes(src.read_bytes())
+            continue
+        arr = np.asarray(img.dataobj)[box]
+        aff = img.affine.copy()
+        aff[:3, 3] = img.affine[:3, :3] @ np.array([b.start for b in box]) + img.affine[:3, 3]
+        nib.save(nib.Nifti1Image(arr, aff), str(studies / name))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="a running msxai MONAI Label server (default: start one)")
@@ -64,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--aggregation", default="max", choices=["max", "mean"])
     ap.add_argument("--voxel-size", type=float, default=2.0, help="voxel size of the synthetic study (mm)")
+    ap.add_argument("--copy-from", help="take --image (and its T1) from this cohort folder (e.g. data/synth)")
+    ap.add_argument("--crop", type=int, default=0,
+                    help="with --copy-from: serve a CROP^3 box around the subject's lesions (fast on a CPU)")
     ap.add_argument("--out", default=str(REPO / "docs" / "app_screenshot.png"))
     args = ap.parse_args(argv)
 
@@ -82,7 +120,9 @@ def main(argv=None) -> int:
     url = args.url
     if url is None:
         studies = Path(args.studies) if args.studies else tmp / "studies"
-        if not args.studies:
+        if args.copy_from:
+            copy_study(Path(args.copy_from), args.image, studies, args.crop)
+        elif not args.studies:
             subprocess.run([sys.executable, "-m", "msxai", "synth", "--out", str(studies), "--n", "1", "--seed", "7",
                             "--voxel-size", str(args.voxel_size), "--no-progress"], check=True, cwd=str(REPO))
         proc, url = start_server(studies, args.model, tmp / "server.log")
