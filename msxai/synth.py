@@ -176,6 +176,29 @@ def _u(rng: np.random.Generator, lohi) -> float:
     return float(rng.uniform(lo, hi))
 
 
+def resample_linear(a: np.ndarray, positions) -> np.ndarray:
+    """Separable (tri)linear interpolation of ``a`` at the outer product of per-axis source ``positions``.
+
+    ``out[i, j, k] = a(positions[0][i], positions[1][j], positions[2][k])`` with positions clamped to the array
+    (edge values repeat), i.e. ``scipy.ndimage.map_coordinates(a, grid, order=1, mode="nearest")`` on the grid,
+    done axis by axis in float32 (a fraction of the cost).
+    """
+    out = np.asarray(a, dtype=np.float32)
+    for axis, pos in enumerate(positions):
+        n = out.shape[axis]
+        pos = np.clip(np.asarray(pos, dtype=np.float64), 0, n - 1)
+        if n == 1:
+            out = np.take(out, np.zeros(pos.shape, np.intp), axis=axis)
+            continue
+        i0 = np.minimum(np.floor(pos).astype(np.intp), n - 2)
+        shp = [1] * out.ndim
+        shp[axis] = -1
+        w = (pos - i0).astype(np.float32).reshape(shp)
+        a0 = np.take(out, i0, axis=axis)
+        out = a0 + (np.take(out, i0 + 1, axis=axis) - a0) * w
+    return out
+
+
 def smooth_noise(rng: np.random.Generator, shape, sigma_vox: float, coarse: int | None = None) -> np.ndarray:
     """Zero-mean, unit-std Gaussian random field with correlation length ``sigma_vox`` voxels.
 
@@ -185,12 +208,10 @@ def smooth_noise(rng: np.random.Generator, shape, sigma_vox: float, coarse: int 
     if coarse is None:
         coarse = max(1, int(sigma_vox // 3))
     cshape = shape if coarse <= 1 else tuple(max(2, -(-s // coarse) + 1) for s in shape)
-    f = rng.standard_normal(cshape).astype(np.float32)
+    f = rng.standard_normal(cshape, dtype=np.float32)
     f = ndi.gaussian_filter(f, sigma_vox / coarse, mode="wrap")
-    if coarse > 1:
-        f = ndi.zoom(f, [s / c for s, c in zip(shape, cshape)], order=1, grid_mode=False)[
-            : shape[0], : shape[1], : shape[2]
-        ]
+    if coarse > 1:  # corners aligned: output i reads the coarse grid at i * (c - 1) / (s - 1)
+        f = resample_linear(f, [np.arange(s) * ((c - 1) / max(1, s - 1)) for s, c in zip(shape, cshape)])
     f -= f.mean()
     sd = f.std()
     return (f / sd if sd > 0 else f).astype(np.float32)
@@ -262,12 +283,14 @@ class Deformation:
         Matches ``template_voxels`` up to the (tiny) curvature of the ventricle pull within one lattice cell.
         """
         tv = self.lattice_voxels() if lattice is None else lattice
-        pts = np.stack(np.meshgrid(*[np.arange(c.start, c.stop) / self.step for c in crop], indexing="ij"))
-        return np.stack([ndi.map_coordinates(tv[k], pts, order=1, mode="nearest") for k in range(3)]).astype(np.float32)
+        pos = [np.arange(c.start, c.stop) / self.step for c in crop]
+        return np.stack([resample_linear(tv[k], pos) for k in range(3)])
 
 
-def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[Deformation, tuple[slice, ...], np.ndarray, dict]:
-    """A random deformation, the crop around the deformed brain and its template voxel coordinates ``[3, *crop]``."""
+def _deformation(rng, cfg: SynthConfig, shape, affine, tpl, pad_mm: float = 30.0
+                 ) -> tuple[Deformation, tuple[slice, ...], np.ndarray, dict]:
+    """A random deformation, the crop around the deformed brain (grown by ``pad_mm``) and its template voxel
+    coordinates ``[3, *crop]``."""
     v = float(cfg.voxel_size)
     scale = _u(rng, cfg.scale_range)
     scales = scale * (1 + rng.uniform(-cfg.anisotropy, cfg.anisotropy, 3))
@@ -283,14 +306,12 @@ def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[Deformation
     deform = Deformation(rot @ np.diag(1.0 / scales), shift, disp.astype(np.float64), step, vent,
                          np.asarray(affine, float), np.asarray(tpl["affine"], float))
     tv = deform.lattice_voxels()
-    # crop: output voxels whose template coordinate is inside the template brain box (plus margin)
-    lo, hi = tpl["bbox"]
-    margin = 3
-    inside = np.all((tv >= (lo - margin)[:, None, None, None]) & (tv <= (hi + margin)[:, None, None, None]), axis=0)
-    idx = np.argwhere(inside)
+    # crop: the lattice points that land in the template's intracranial space, grown by a lattice cell + pad_mm
+    inside = ndi.map_coordinates(tpl["icv"], tv.reshape(3, -1), order=1, mode="constant", cval=0.0) > 0
+    idx = np.argwhere(inside.reshape(tv.shape[1:]))
     if idx.size == 0:
         raise RuntimeError("the deformed template left the field of view")
-    pad = int(np.ceil(24 / v))  # room for partial-volume edges and an optional skull
+    pad = int(np.ceil(pad_mm / v)) + step
     c0 = np.maximum(idx.min(0) * step - pad, 0)
     c1 = np.minimum(idx.max(0) * step + pad + 1, shape)
     crop = tuple(slice(int(a), int(b)) for a, b in zip(c0, c1))
@@ -307,6 +328,7 @@ def _deformation(rng, cfg: SynthConfig, shape, affine, tpl) -> tuple[Deformation
 
 def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Deformed, sharpened CSF/GM/WM probabilities ``[3, *crop]``, intracranial mask and the template T1 residual."""
+    coords = np.asarray(coords, dtype=np.float64)  # converted once, not once per warped map
     warp = lambda a: ndi.map_coordinates(a, coords, order=1, mode="constant", cval=0.0, prefilter=False)  # noqa: E731
     icv = warp(tpl["icv"])
     gm, wm, t1 = warp(tpl["gm"]), warp(tpl["wm"]), warp(tpl["t1"])
@@ -322,7 +344,7 @@ def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray
     d_wm = ndi.distance_transform_edt(wm < 0.5, sampling=v).astype(np.float32)
     tw = np.tensordot(tpl["affine"][:3, :3], coords, axes=1) + tpl["affine"][:3, 3, None, None, None]
     cereb = (
-        ((tw[0] / 52.0) ** 2 + ((tw[1] + 60.0) / 30.0) ** 2 + ((tw[2] + 38.0) / 22.0) ** 2) < 1.0
+        ((tw[0] / 55.0) ** 2 + ((tw[1] + 62.0) / 34.0) ** 2 + ((tw[2] + 30.0) / 26.0) ** 2) < 1.0
     ) | ((tw[2] < -30.0) & (np.abs(tw[0]) < 14.0))  # cerebellum and brainstem
     del tw
     sulcal = np.clip((d_wm - thickness) / 1.2 + 0.5, 0, 1)
@@ -356,14 +378,7 @@ def upsample_strided(a: np.ndarray, f: int, shape) -> np.ndarray:
 
     Beyond the last strided sample the edge value is repeated.
     """
-    a = np.asarray(a, dtype=np.float32)
-    if f == 1:
-        return a[tuple(slice(0, s) for s in shape)].copy()
-    exact = tuple(f * (n - 1) + 1 for n in a.shape)
-    up = ndi.zoom(a, [e / n if n > 1 else 1 for e, n in zip(exact, a.shape)], order=1, grid_mode=False, mode="nearest")
-    pad = [(0, max(0, s - u)) for s, u in zip(shape, up.shape)]
-    up = np.pad(up, pad, mode="edge")
-    return up[tuple(slice(0, s) for s in shape)]
+    return resample_linear(a, [np.arange(s) / f for s in shape])
 
 
 def _skull_stripped_mask(icv: np.ndarray, tissue: np.ndarray, v: float, margin_mm: float) -> np.ndarray:
@@ -670,7 +685,9 @@ def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None 
     tpl = mni_template()
     shape, affine = cfg.grid()
     v = float(cfg.voxel_size)
-    deform, crop, coords, meta_def = _deformation(r_anat, cfg, shape, affine, tpl)
+    # the anatomy, lesions and contrasts live in a crop around the brain that does not depend on `skull`,
+    # so a subject with --skull has exactly the brain and lesions of the same seed without it
+    deform, crop, coords, meta_def = _deformation(r_anat, cfg, shape, affine, tpl, 6.0)
     p, mask, t1_tpl, meta_t = _tissues(r_anat, cfg, tpl, coords)
     del coords
     sites = _site_maps(p, mask, v)
@@ -678,11 +695,24 @@ def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None 
     vox_mm3 = voxel_volume_mm3(affine)
     labels = lesion_instances_18(lesion, vox_mm3, cfg.min_lesion_mm3)
     flair, t1, meta_c = _intensities(r_int, cfg, p, mask, t1_tpl, labels, sites["dist_vent"])
-    head = mask
+    acq = crop  # the region the acquisition step simulates
     if skull:
-        sf, st, head = _skull(r_skull, cfg, mask)
-        flair = np.where(mask, flair, sf)
-        t1 = np.where(mask, t1, st)
+        grow = int(np.ceil(28.0 / v))
+        acq = tuple(slice(max(0, c.start - grow), min(n, c.stop + grow)) for c, n in zip(crop, shape))
+        inner = tuple(slice(c.start - a.start, c.stop - a.start) for c, a in zip(crop, acq))
+        acq_shape = tuple(a.stop - a.start for a in acq)
+
+        def grown(arr):
+            out = np.zeros(acq_shape, dtype=arr.dtype)
+            out[inner] = arr
+            return out
+
+        mask_acq = grown(mask)
+        sf, st, _head = _skull(r_skull, cfg, mask_acq)
+        flair = np.where(mask_acq, grown(flair), sf)
+        t1 = np.where(mask_acq, grown(t1), st)
+    else:
+        mask_acq = mask
     # acquisition: partial-volume blur, smooth bias field, Rician noise, arbitrary scale
     meta_a = {}
     for name in ("flair", "t1"):
@@ -694,39 +724,41 @@ def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None 
         bias = np.exp(strength * smooth_noise(r_acq, img.shape, 40.0 / v))
         img = img * bias
         sigma = _u(r_acq, cfg.flair_noise if name == "flair" else cfg.t1_noise)
-        img = _rician(r_acq, img, sigma)
+        img = _rician(r_acq, img, sigma)  # with --skull the air keeps its Rician noise floor
         level = _u(r_acq, cfg.flair_wm_level if name == "flair" else cfg.t1_wm_level)
         img = img * level
-        if skull:
-            img = np.where(head | mask, img, img)  # background keeps its Rician noise floor
-        else:
-            img = img * mask
-        meta_a[name] = {"blur_mm": round(blur, 3), "bias": round(strength, 3), "noise": round(sigma, 4), "wm_level": round(level, 1)}
+        if not skull:
+            img = img * mask_acq  # brain-extracted: 0 outside the brain mask
+        meta_a[name] = {"blur_mm": round(blur, 3), "bias": round(strength, 3), "noise": round(sigma, 4),
+                        "wm_level": round(level, 1)}
         if name == "flair":
             flair = img
         else:
             t1 = img
-    # place the crop into the full grid
-    def full(a, dtype, fill=0):
-        out = np.full(shape, fill, dtype=dtype)
-        out[crop] = a
+
+    # place the crops into the full grid
+    def full(a, dtype, region):
+        out = np.zeros(shape, dtype=dtype)
+        out[region] = a
         return out
 
-    flair_f = full(flair, np.float32)
-    t1_f = full(t1, np.float32)
-    if skull:  # noise floor everywhere outside the crop too
+    flair_f = full(flair, np.float32, acq)
+    t1_f = full(t1, np.float32, acq)
+    if skull:  # Rician noise floor (of zero signal) everywhere outside the simulated region too
+        outside = np.ones(shape, bool)
+        outside[acq] = False
+        n_out = int(outside.sum())
         for arr, name in ((flair_f, "flair"), (t1_f, "t1")):
-            outside = np.ones(shape, bool)
-            outside[crop] = False
-            s = meta_a[name]["noise"] * meta_a[name]["wm_level"]
-            arr[outside] = np.abs(r_acq.standard_normal(int(outside.sum())) * s + 1j * r_acq.standard_normal(int(outside.sum())) * s)
+            sd = meta_a[name]["noise"] * meta_a[name]["wm_level"]
+            arr[outside] = np.hypot(r_acq.standard_normal(n_out, dtype=np.float32) * sd,
+                                    r_acq.standard_normal(n_out, dtype=np.float32) * sd)
     tissues = np.zeros((3, *shape), np.float32)
     tissues[(slice(None), *crop)] = p
     subject = SynthSubject(
         flair=flair_f,
         t1=t1_f,
-        lesions=full(labels, np.int32),
-        brain_mask=full(mask.astype(np.uint8), np.uint8),
+        lesions=full(labels, np.int32, crop),
+        brain_mask=full(mask.astype(np.uint8), np.uint8, crop),
         affine=affine.copy(),
         tissues=tissues,
         meta={
