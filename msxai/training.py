@@ -194,3 +194,36 @@ class TrainingRecord:
             self._epoch_losses = []
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text(json.dumps(self.summary(), indent=2) + "\n")
+
+
+def initialize_weights(network: torch.nn.Module, checkpoint: str | None) -> torch.nn.Module:
+    """Start training from ``checkpoint`` (a plain state dict, e.g. a previous ``models/model.pt``) when given;
+    ``None``/``""`` keeps the random initialisation."""
+    if checkpoint in (None, "", "none"):
+        return network
+    from msxai.networks import load_weights
+
+    device = next(network.parameters()).device
+    return load_weights(network, checkpoint, device).train()
+
+
+def lesion_prior_init(network: torch.nn.Module, prior: float = 0.01) -> torch.nn.Module:
+    """Prior-probability initialisation of the output layers (Lin et al., focal loss, 2017): every convolution that
+    outputs the 2 class logits (DynUNet: the output block and the deep-supervision heads) keeps its weights and
+    gets the bias ``[0, log(prior / (1 - prior))]`` so that training starts from
+    ``softmax[1] ~= prior`` everywhere instead of 0.5. Dice-type losses (nDSC, blob) then see few false positives
+    from the first iteration and learn the lesions instead of spending the first hundreds of iterations on the
+    background. ``prior <= 0`` leaves the network unchanged."""
+    if prior is None or prior <= 0:
+        return network
+    if not 0 < prior < 1:
+        raise InputError(f"lesion prior must be in (0, 1), got {prior}")
+    logit = float(np.log(prior / (1.0 - prior)))
+    heads = [m for m in network.modules()
+             if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and m.out_channels == 2 and m.bias is not None]
+    if not heads:
+        raise ValueError("no 2-channel output convolution with a bias found for the lesion prior initialisation")
+    with torch.no_grad():
+        for m in heads:
+            m.bias.copy_(torch.tensor([0.0, logit], dtype=m.bias.dtype))
+    return network

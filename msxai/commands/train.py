@@ -22,6 +22,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the config's)")
     p.add_argument("--val-interval", type=int, default=None, help="validate every N epochs (default: the config's)")
     p.add_argument("--log-dir", default=None, help="folder for training.json and model_final.pt (default runs/<bundle>)")
+    p.add_argument("--init", default=None, metavar="MODEL_PT",
+                   help="start from these weights (e.g. the bundle's models/model.pt to continue training)")
     p.add_argument("--ckpt-dir", default=None, help="folder for the best model.pt (default <bundle>/models)")
     p.set_defaults(func=run)
 
@@ -34,6 +36,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["val_interval"] = int(args.val_interval)
     if args.log_dir is not None:
         overrides["log_dir"] = str(args.log_dir)
+    if args.init is not None:
+        from pathlib import Path
+
+        overrides["init_checkpoint"] = str(Path(args.init).resolve())
     if args.ckpt_dir is not None:
         overrides["ckpt_dir"] = str(args.ckpt_dir)
     summary = train_bundle(args.bundle, args.cohort, epochs=args.epochs, max_minutes=args.max_minutes,
