@@ -334,8 +334,8 @@ def instance_smoothgrad_many(
         budget = (memory_mb * 2**20) if memory_mb is not None else default_memory_budget(device)
         for group in _group_domains(grid, states, max_group_windows):
             windows = sorted(set().union(*[s.windows for s in group]))
-            B = max(1, min(B, int(budget // max(1, per_window_copy * len(windows)))))
-            K = max(1, int(max_batch) // B)
+            Bg = max(1, min(B, int(budget // max(1, per_window_copy * len(windows)))))
+            K = max(1, int(max_batch) // Bg)
             box = grid.support_box(windows)
             bsl = _box_slices(box)
             for s in group:
@@ -343,7 +343,7 @@ def instance_smoothgrad_many(
             noise = noise_samples(img.shape, n_samples, sig, seed, dtype)
             done = 0
             while done < n_samples:
-                nb = min(B, n_samples - done)
+                nb = min(Bg, n_samples - done)
                 xs = torch.stack([(img + next(noise))[(slice(None), *bsl)] for _ in range(nb)]).to(device)
                 xs.requires_grad_(True)
                 args = (network, grid, windows, xs, box, group, aggregation, K, nb, dtype, device)
