@@ -483,7 +483,9 @@ def _place_lesions(rng, cfg: SynthConfig, p: np.ndarray, mask: np.ndarray, sites
     if n == 0:
         return lesion, []
     wm = p[2]
-    allowed = (wm > 0.4) & mask
+    # white matter; next to the ventricles also the partial-volume WM of the ventricle wall, so that
+    # periventricular lesions can abut the ventricles as they do in MS
+    allowed = ((wm > 0.4) | ((wm > 0.15) & (sites["dist_vent"] <= 3.0) & (p[0] < 0.75))) & mask
     w = np.asarray(cfg.site_weights, dtype=float) * rng.dirichlet(np.full(3, 4.0)) * 3
     blobs: list[dict] = []
     centres: list[np.ndarray] = []

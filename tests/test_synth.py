@@ -217,7 +217,9 @@ def test_lesions_only_in_white_matter_inside_the_brain(subj2, subj1):
         assert les.any()
         assert np.all(s.brain_mask[les] == 1)
         wm = s.tissues[2]
-        assert np.all(wm[les] > 0.4)
+        # white matter, or the partial-volume white matter of the ventricle wall (periventricular lesions)
+        near_vent = synth._site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
+        assert np.all((wm[les] > 0.4) | ((wm[les] > 0.15) & near_vent[les] & (s.tissues[0][les] < 0.75)))
         assert wm[les].mean() > 0.7
         # and lesions are not in the CSF
         assert s.tissues[0][les].mean() < 0.1
