@@ -209,3 +209,28 @@ def test_train_config_runs_and_saves_best_checkpoint(name, patch, tiny_cohort, t
     assert state.keys() == initial.keys()
     b = load_bundle(BUNDLES_DIR / name, checkpoint=str(ckpt / "model.pt"))
     assert any(not torch.equal(b.network.state_dict()[k], initial[k]) for k in initial)
+
+
+@pytest.mark.parametrize("name,size", [("unet", 32), ("dynunet", 32), ("swinunetr", 64)])
+def test_lesion_prior_init_sets_output_bias(name, size, tmp_path):
+    from msxai.networks import build_network
+    from msxai.training import initialize_weights, lesion_prior_init
+
+    torch.manual_seed(0)
+    net = lesion_prior_init(build_network(name), prior=0.01)
+    heads = [m for m in net.modules() if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)) and m.out_channels == 2]
+    assert heads
+    for m in heads:
+        assert m.bias[0].item() == 0.0 and m.bias[1].item() == pytest.approx(np.log(0.01 / 0.99))
+    with torch.no_grad():
+        prob = torch.softmax(net.eval()(torch.randn(1, 2, size, size, size)), 1)[:, 1]
+    assert prob.median().item() < 0.1  # starts near the prior instead of 0.5
+    # resuming from a checkpoint replaces the initialisation exactly
+    torch.manual_seed(1)
+    other = build_network(name)
+    torch.save(other.state_dict(), tmp_path / "w.pt")
+    resumed = initialize_weights(net, str(tmp_path / "w.pt"))
+    assert resumed.training
+    for k, v in other.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v)
+    assert initialize_weights(net, "") is net
