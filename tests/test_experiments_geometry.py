@@ -288,8 +288,20 @@ def test_exp1_pick_large_under_the_cap_and_smallest():
     tps = [("a", 1, 50), ("a", 2, 7), ("b", 1, 19), ("b", 2, 300)]
     assert exp1_pick(tps, 20) == [("large", "b", 1), ("small", "a", 2)]
     assert exp1_pick(tps, 1000) == [("large", "b", 2), ("small", "a", 2)]
-    assert exp1_pick(tps, 5) == [("large", "a", 2)]  # nothing under the cap: the smallest alone
-    assert exp1_pick([], 20) == []
+    assert exp1_pick(tps, 7) == [("large", "a", 2)]  # one lesion under the cap
+    assert exp1_pick(tps, 5) == [] and exp1_pick([], 20) == []  # nothing small enough: not run
+
+
+def test_tn_spheres_as_many_as_fit():
+    from msxai.experiments.runner import sample_tn_as_many
+
+    brain = np.zeros((20, 9, 9), bool)
+    brain[1:19, 1:8, 1:8] = True  # room for 2-3 balls of 93 mm^3 (radius 2.8 voxels) side by side
+    none = np.zeros_like(brain)
+    got = sample_tn_as_many(brain, none, none, None, 10, seed=0)
+    assert 1 <= len(got) < 10
+    assert not np.any(np.sum(got, axis=0) > 1)  # disjoint
+    assert sample_tn_as_many(np.zeros_like(brain), none, none, None, 3, seed=0) == []
 
 
 def test_label_window_counts_match_the_windows_covering_the_box():

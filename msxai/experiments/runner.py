@@ -225,16 +225,28 @@ def segment_cases(model: ExperimentModel, cases: list[CaseSpec], cfg: Experiment
         prob = model.probability(prep.image)
         pred = model.lesions(prob, prep.affine)
         classes = classify_lesions(pred, truth)
-        try:
-            tn = sample_tn_spheres(brain, truth > 0, pred > 0, prep.affine, n=cfg.n_tn, seed=cfg.seed + i)
-        except EmptyDomainError as exc:
-            tn = []
-            print(f"warning: {case.id}: {exc}")
+        tn = sample_tn_as_many(brain, truth > 0, pred > 0, prep.affine, cfg.n_tn, cfg.seed + i, case.id)
         m = lesion_metrics(pred, truth)
         m.update(model=model.name, case=case.id, dice=dice(pred > 0, truth > 0), n_tn_spheres=len(tn))
         states.append(CaseState(case, prep.image, prep.affine, np.asarray(brain, bool), prob.astype(np.float32),
                                 pred, truth, tn, classes, m))
     return states
+
+
+def sample_tn_as_many(brain, truth, pred, affine, n: int, seed: int, name: str = "") -> list:
+    """``n`` TN spheres (:func:`msxai.lesions.sample_tn_spheres`), or as many as fit (fewer, with a warning)."""
+    for k in range(n, 0, -1):
+        try:
+            out = sample_tn_spheres(brain, truth, pred, affine, n=k, seed=seed)
+        except EmptyDomainError as exc:
+            if "no TN sphere" in str(exc):
+                print(f"warning: {name}: {exc}")
+                return []
+            continue
+        if k < n:
+            print(f"warning: {name}: only {k} of {n} TN spheres fit inside the brain away from the lesions")
+        return out
+    return []
 
 
 def _domains_of(state: CaseState, cls: str, ident: int) -> np.ndarray:
@@ -287,8 +299,12 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     tp_all = []
     for s in states:
         counts = np.bincount(s.pred.ravel())
-        tp_all += [(s.id, int(lid), int(counts[lid])) for lid in s.classes.tp]
+        wins = label_window_counts(model.spec, s.pred) if cfg.max_domain_windows > 0 else {}
+        tp_all += [(s.id, int(lid), int(counts[lid])) for lid in s.classes.tp
+                   if cfg.max_domain_windows <= 0 or wins.get(lid, 0) <= cfg.max_domain_windows]
     exp1_targets = exp1_pick(tp_all, cfg.exp1_max_voxels)
+    if not exp1_targets:
+        res.notes.append(f"experiment 1 not run: no TP lesion of at most {cfg.exp1_max_voxels} voxels")
     rand_targets = [(c, l) for c, l, _ in sorted(
         tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))][: cfg.randomization_lesions]
 
@@ -539,12 +555,13 @@ def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0
 
 
 def exp1_pick(tps: list[tuple[str, int, int]], max_voxels: int) -> list[tuple[str, str, int]]:
-    """``[("large", case, id), ("small", case, id)]``: the largest TP with at most ``max_voxels`` voxels (the Eq. 3
-    map costs one backward per lesion voxel and noise copy) and the smallest TP; one entry when they coincide."""
-    if not tps:
+    """``[("large", case, id), ("small", case, id)]`` among the TPs with at most ``max_voxels`` voxels (the Eq. 3
+    map costs one backward pass per lesion voxel and noise copy): the largest and the smallest of them; one entry
+    when they coincide, none when no TP is small enough."""
+    capped = [t for t in tps if t[2] <= max_voxels]
+    if not capped:
         return []
-    small = min(tps, key=lambda t: (t[2], t[0], t[1]))
-    capped = [t for t in tps if t[2] <= max_voxels] or [small]
+    small = min(capped, key=lambda t: (t[2], t[0], t[1]))
     large = max(capped, key=lambda t: (t[2], t[0], t[1]))
     out = [("large", large[0], large[1])]
     if (small[0], small[1]) != (large[0], large[1]):
