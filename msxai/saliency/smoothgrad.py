@@ -215,18 +215,19 @@ class _MaxAbs:
         self.index: torch.Tensor | None = None
 
     def update(self, g: torch.Tensor, order: torch.Tensor) -> None:
-        """``g``: [k, ...] gradients of k voxels whose raster ranks ``order`` [k] increase."""
-        a = g.abs()
-        arg = a.argmax(dim=0, keepdim=True)  # first maximal = smallest rank within the chunk
-        sel = g.gather(0, arg)[0]
-        rank = order.to(g.device)[arg[0]]
+        """``g``: [k, ...] gradients of k voxels with raster ranks ``order`` [k] (element-wise passes, in order)."""
+        ranks = [int(r) for r in order]
+        start = 0
         if self.value is None:
-            self.value, self.index = sel, rank
-            return
-        sa, ra = sel.abs(), self.value.abs()
-        take = (sa > ra) | ((sa == ra) & (rank < self.index))
-        self.value = torch.where(take, sel, self.value)
-        self.index = torch.where(take, rank, self.index)
+            self.value = g[0].clone()
+            self.index = torch.full(g.shape[1:], ranks[0], dtype=torch.int64, device=g.device)
+            start = 1
+        for k in range(start, g.shape[0]):
+            gk = g[k]
+            a, b = gk.abs(), self.value.abs()
+            take = (a > b) | ((a == b) & (self.index > ranks[k]))
+            self.value = torch.where(take, gk, self.value)
+            self.index = torch.where(take, torch.full_like(self.index, ranks[k]), self.index)
 
 
 def _voxel_cells(grid: WindowGrid, windows: Sequence[int], voxels: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
