@@ -5,12 +5,15 @@ ship inside the nilearn wheel (nothing is downloaded):
 
 1. **Anatomy.** A random smooth deformation (global scale, small rotation/translation, an elastic field and an
    optional ventricle enlargement mimicking atrophy) maps the output grid into the template. GM/WM/CSF maps are
-   resampled through it (CSF = the remaining intracranial space) and sharpened with random smooth logit noise so
-   that sulci, cortex thickness and ventricle shapes differ between subjects.
+   resampled through it (CSF = the remaining intracranial space). The template's blurred cortex is turned into
+   gyri and sulci (GM beyond a random cortical thickness from the WM becomes sulcal CSF, plus random thin sulcal
+   sheets), and the maps are sharpened with random smooth logit noise so that sulci, cortex and ventricles differ
+   between subjects. The brain mask imitates a skull-stripping tool (tissue closed over sulci, grown 0.5-3 mm).
 2. **Lesions.** Irregular blobs (a union of randomly oriented ellipsoids whose implicit field is perturbed by
    smooth noise and cut to a sampled volume) placed in white matter at periventricular, deep and juxtacortical
-   sites; periventricular lesions point away from the ventricles (Dawson's fingers); some are seeded next to an
-   earlier lesion so that confluent lesions occur. Volumes are log-normal (heavy-tailed, median ~70-100 mm^3 after merging).
+   sites; periventricular lesions point away from the ventricles (Dawson's fingers) and may abut them; some are
+   seeded next to an earlier lesion so that confluent lesions occur. Volumes are log-normal (heavy-tailed;
+   median ~70-100 mm^3 after merging).
    The label map stores the 18-connected components of the final binary mask that have at least
    ``msxai.MIN_LESION_MM3`` mm^3 (from the voxel size); smaller components are removed from label and images.
 3. **Sequences.** FLAIR (CSF suppressed, GM brighter than WM, lesions hyperintense) and MPRAGE (WM bright, GM
@@ -94,7 +97,7 @@ class SynthConfig:
     black_hole_fraction: float = 0.15  # lesions with a markedly hypointense T1 core
     lesion_heterogeneity: tuple[float, float] = (0.03, 0.1)
     lesion_edge_mm: tuple[float, float] = (0.4, 1.0)  # partial-volume blur of lesion borders
-    texture: tuple[float, float] = (0.01, 0.04)
+    texture: tuple[float, float] = (0.015, 0.05)
     # acquisition
     bias_strength: tuple[float, float] = (0.02, 0.08)
     blur_sigma_mm: tuple[float, float] = (0.0, 0.6)
@@ -368,7 +371,12 @@ def _tissues(rng, cfg: SynthConfig, tpl, coords) -> tuple[np.ndarray, np.ndarray
     p = np.exp(logits)
     p /= p.sum(0, keepdims=True)
     mask = _skull_stripped_mask(icv > 0.5, gm + wm, v, _u(rng, cfg.mask_margin_mm))
+    # like a skull-stripping tool's mask, ours has no holes: enclosed cisterns left out above are CSF
+    filled = ndi.binary_fill_holes(mask)
+    hole = filled & ~mask
+    mask = filled
     p *= mask[None]
+    p[0][hole], p[1][hole], p[2][hole] = 1.0, 0.0, 0.0
     meta = {"cortical_thickness_mm": round(thick, 3), "tissue_gain": round(gain, 3), "tissue_noise": round(amp, 3), "atrophy": round(atrophy, 3)}
     return p.astype(np.float32), mask, t1.astype(np.float32), meta
 

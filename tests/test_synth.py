@@ -336,10 +336,16 @@ def test_brain_extracted_by_default_and_skull_option(subj2):
     assert np.percentile(sk.t1[near], 90) > 5 * corner.mean()
 
 
-def test_brain_mask_contains_all_brain_tissue(subj2):
-    csf, gm, wm = subj2.tissues
-    assert np.all(subj2.brain_mask[(gm + wm) > 0.5] == 1)
-    assert np.all(subj2.tissues[:, subj2.brain_mask == 0] == 0)
+@pytest.mark.parametrize("which", ["subj2", "subj1"])
+def test_brain_mask_holds_all_brain_tissue_and_no_holes(which, request):
+    s = request.getfixturevalue(which)
+    csf, gm, wm = s.tissues
+    m = s.brain_mask > 0
+    assert np.all(m[(gm + wm) > 0.5])
+    assert np.all(s.tissues[:, ~m] == 0)
+    np.testing.assert_array_equal(ndi.binary_fill_holes(m), m)  # like the real patient's skull-stripped mask
+    # every brain voxel is some tissue (CSF, GM or WM)
+    assert np.allclose(s.tissues[:, m].sum(0), 1.0, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- files & cohort
