@@ -252,7 +252,9 @@ def _ci(est, lo, hi):
     return f"{_fmt(est)} [{_fmt(lo)}, {_fmt(hi)}]"
 
 
-def _verdict(ok: bool | None) -> str:
+def _verdict(ok) -> str:
+    if ok == "ns":
+        return "<span class=inc>not significant</span>"
     if ok is None:
         return "<span class=inc>inconclusive</span>"
     return "<span class=ok>agrees</span>" if ok else "<span class=bad>differs</span>"
@@ -303,7 +305,7 @@ def findings(res: ModelResults) -> list[dict]:
         rows.append({"paper": text,
                      "ours": f"median TP {_fmt(med['TP']['median'])} (n={med['TP']['n']}) vs FP "
                              f"{_fmt(med['FP']['median'])} (n={med['FP']['n']}); Mann-Whitney p = {_fmt(t['p'])}",
-                     "verdict": bool(t["p"] < 0.05)})
+                     "verdict": True if t["p"] < 0.05 else "ns"})
     t = next((t for t in res.exp3_tests if t["statistic"] == "flair_peak_max" and {t["a"], t["b"]} == {"TP", "TN"}),
              None)
     med = {r["cls"]: r for r in res.exp3 if r["statistic"] == "flair_peak_max"}
@@ -311,7 +313,7 @@ def findings(res: ModelResults) -> list[dict]:
         rows.append({"paper": "healthy tissue (TN) has much lower peak FLAIR saliency than TP lesions",
                      "ours": f"median TP {_fmt(med['TP']['median'])} vs TN {_fmt(med['TN']['median'])}; "
                              f"Mann-Whitney p = {_fmt(t['p'])}",
-                     "verdict": bool(t["p"] < 0.05 and med["TN"]["median"] < med["TP"]["median"])})
+                     "verdict": ("ns" if t["p"] >= 0.05 else bool(med["TN"]["median"] < med["TP"]["median"]))})
     ctx = res.exp6
     if ctx:
         first = {}
@@ -344,6 +346,7 @@ def _section_model(res: ModelResults, files: dict) -> str:
                        f"<td>{_verdict(r['verdict'])}</td></tr>" for r in f) + "</table>")
     s.append("<p class=note>verdict: 'agrees' when our 95% CI (sign fractions), the Mann-Whitney p &lt; 0.05 (TP vs FP), "
              "the FLAIR share &gt; 0.5, or detection only with context &gt; 0 mm supports the paper's statement; "
+             "'not significant' when p &ge; 0.05 (with few lesions a real difference can go undetected); "
              "'inconclusive' when the CI contains 0.5 or a class is empty.</p>")
     # exp 1
     s.append("<h3>1. Mean (Eq. 2) vs max (Eq. 3) aggregation</h3>")
