@@ -17,7 +17,8 @@ A client renders a result as one label map whose values are named segments. So t
   ====== =====================================================================
 
   with ``S = max |s|`` over the volume (or a given scale), ``f_strong = 0.5``, ``f_medium = 0.2`` by default.
-  The outline is painted over the bins so the lesion stays visible. The names sent with a result carry the value
+  The bins win over the outline (most MS lesions are so small that their inner boundary is the whole lesion, and
+  its saliency is what the map is for): outline voxels show where the saliency is below the medium bin. The names sent with a result carry the value
   ranges (``"FLAIR+ strong [0.0123, 0.0246]"``), the static names in ``/info`` do not (OHIF only sees those).
 
 Domains that the client gives instead of a lesion id (the "why was this missed?" case) are built by
@@ -114,7 +115,7 @@ def saliency_bins(
         lab[m] = v
         ranges[v] = [float(s[m].min()), float(s[m].max())] if m.any() else None
     if domain is not None:
-        lab[domain_outline(domain)] = OUTLINE
+        lab[domain_outline(domain) & (lab == 0)] = OUTLINE
 
     nominal = {
         POS_STRONG: f"[{_fmt(f_strong * S)}, {_fmt(max(S, f_strong * S))}]",

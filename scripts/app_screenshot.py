@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         axes[0].set_title(f"segmentation_{args.model}: {seg['n_lesions']} lesions (slice z={z})", color="w")
 
         # 2) explain label map as a client renders it: outline + signed bins, names carry the ranges
-        bin_colors = {1: (1, 1, 1, 1), 2: (0.9, 0.1, 0.1, 0.9), 3: (1.0, 0.6, 0.2, 0.8), 4: (0.4, 0.7, 1.0, 0.8),
+        bin_colors = {1: (0.2, 1.0, 0.2, 1), 2: (0.9, 0.1, 0.1, 0.9), 3: (1.0, 0.6, 0.2, 0.8), 4: (0.4, 0.7, 1.0, 0.8),
                       5: (0.1, 0.2, 0.9, 0.9)}
         cm = ListedColormap([(0, 0, 0, 0)] + [bin_colors[v] for v in range(1, 6)])
         axes[1].imshow(np.ma.masked_equal(sl(bins), 0), cmap=cm, vmin=0, vmax=5, interpolation="nearest")

@@ -37,6 +37,11 @@ def test_saliency_bins_values_names_edges():
     assert lab[4, 4, 4] == NEG_MEDIUM and lab[5, 5, 5] == NEG_STRONG
     # outline = 3x3x3 cube minus its centre
     assert (lab == OUTLINE).sum() == 26 and lab[7, 7, 7] == 0
+    # a binned voxel on the outline keeps its bin (the saliency inside small lesions stays visible)
+    s2 = s.copy()
+    s2[6, 6, 6] = 1.9
+    lab2, _, _ = saliency_bins(s2, dom)
+    assert lab2[6, 6, 6] == POS_STRONG and (lab2 == OUTLINE).sum() == 25
     assert sorted(names.values()) == [1, 2, 3, 4, 5]
     assert "lesion 3 outline" in names
     assert names["FLAIR+ strong [1, 2]"] == POS_STRONG
