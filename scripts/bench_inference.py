@@ -104,6 +104,9 @@ def main() -> int:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             return 1
         rows.append(json.loads(line[0][6:]))
+        if args.json:  # written after every bundle, so a partial run keeps its rows
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg()[0], "cpus": os.cpu_count()}, indent=2))
     load = os.getloadavg()[0]
     print(f"{'bundle':<18} {'input':<12} {'shape':<15} {'threads':>7} {'s/volume':>9} {'peak MB':>8} {'params':>10}")
     for r in rows:
