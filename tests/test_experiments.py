@@ -145,7 +145,7 @@ def test_aggregation_sanity_transplant_context_randomisation(pipeline):
     path, results, _ = pipeline
     out = path.parent
     e1 = rows(out / "exp1_aggregation.csv")
-    assert {r["aggregation"] for r in e1} == {"max", "mean"} and {r["lesion"] for r in e1} <= {"large", "small"}
+    assert {r["aggregation"] for r in e1} == {"max", "mean"} and {r["lesion"] for r in e1} <= {"large", "small", "single"}
     e4 = rows(out / "exp4_sanity.csv")
     assert e4[0]["domain"].startswith("TP lesion") and float(e4[0]["flair_range_vs_tp"]) == 1.0
     assert any(r["domain"].startswith("single voxel") and int(r["voxels"]) == 1 for r in e4)

@@ -288,7 +288,7 @@ def test_exp1_pick_large_under_the_cap_and_smallest():
     tps = [("a", 1, 50), ("a", 2, 7), ("b", 1, 19), ("b", 2, 300)]
     assert exp1_pick(tps, 20) == [("large", "b", 1), ("small", "a", 2)]
     assert exp1_pick(tps, 1000) == [("large", "b", 2), ("small", "a", 2)]
-    assert exp1_pick(tps, 7) == [("large", "a", 2)]  # one lesion under the cap
+    assert exp1_pick(tps, 7) == [("single", "a", 2)]  # one lesion under the cap
     assert exp1_pick(tps, 5) == [] and exp1_pick([], 20) == []  # nothing small enough: not run
 
 

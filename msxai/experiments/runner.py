@@ -557,16 +557,15 @@ def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0
 def exp1_pick(tps: list[tuple[str, int, int]], max_voxels: int) -> list[tuple[str, str, int]]:
     """``[("large", case, id), ("small", case, id)]`` among the TPs with at most ``max_voxels`` voxels (the Eq. 3
     map costs one backward pass per lesion voxel and noise copy): the largest and the smallest of them; one entry
-    when they coincide, none when no TP is small enough."""
+    labelled "single" when they coincide, none when no TP is small enough."""
     capped = [t for t in tps if t[2] <= max_voxels]
     if not capped:
         return []
     small = min(capped, key=lambda t: (t[2], t[0], t[1]))
     large = max(capped, key=lambda t: (t[2], t[0], t[1]))
-    out = [("large", large[0], large[1])]
-    if (small[0], small[1]) != (large[0], large[1]):
-        out.append(("small", small[0], small[1]))
-    return out
+    if (small[0], small[1]) == (large[0], large[1]):
+        return [("single", large[0], large[1])]  # only one TP under the cap
+    return [("large", large[0], large[1]), ("small", small[0], small[1])]
 
 
 def exp4_sanity(model: ExperimentModel, st: CaseState, lid: int, cfg: ExperimentConfig) -> list[dict]:
