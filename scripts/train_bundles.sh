@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 MSXAI=${MSXAI:-.venv/bin/msxai}
 BUNDLES=${BUNDLES:-"msxai_unet msxai_dynunet msxai_swinunetr"}
-THREADS=${THREADS:-2}
+THREADS=${THREADS:-1}
 COHORT=${COHORT:-data/synth}
 mkdir -p runs
 
