@@ -557,15 +557,15 @@ def _place_lesions(rng, cfg: SynthConfig, p: np.ndarray, mask: np.ndarray, sites
 
 
 def lesion_instances_18(binary: np.ndarray, voxel_mm3: float, min_mm3: float = MIN_LESION_MM3) -> np.ndarray:
-    """18-connected components of ``binary`` with at least ``min_mm3`` mm^3, numbered 1..n (int32), in scan order."""
-    lab, n = ndi.label(binary, CONNECTIVITY_18)
-    if n == 0:
-        return lab.astype(np.int32)
-    sizes = np.bincount(lab.ravel())[1:] * voxel_mm3
-    keep = np.flatnonzero(sizes >= min_mm3 - 1e-9) + 1
-    relabel = np.zeros(n + 1, dtype=np.int32)
-    relabel[keep] = np.arange(1, len(keep) + 1, dtype=np.int32)
-    return relabel[lab]
+    """18-connected components of ``binary`` with at least ``min_mm3`` mm^3, numbered 1..n (int32), in scan order.
+
+    The project's one lesion-instance rule, :func:`msxai.lesions.lesion_instances`, on isotropic voxels of
+    ``voxel_mm3``."""
+    from msxai.lesions import lesion_instances
+
+    side = float(voxel_mm3) ** (1.0 / 3.0)
+    return lesion_instances(np.asarray(binary, dtype=bool), min_volume_mm3=min_mm3,
+                            affine=np.diag([side, side, side, 1.0]))
 
 
 # ----------------------------------------------------------------------------------------------- intensities
