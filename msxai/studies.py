@@ -659,6 +659,11 @@ class StudyService:
         for model in self.bundle_paths:  # fail at start-up, not at the first request
             self.bundle(model, "cpu")
 
+    def relocate(self, root: str | Path) -> None:
+        """Keep artefacts and the segmentation cache under ``root`` (a DICOMweb datastore's local cache folder)."""
+        self.studies = Path(root)
+        self.cache = SegmentationCache(self.studies)
+
     def run(self, fn, *args, **kwargs):
         """Run ``fn`` on the model worker thread and wait for it (exceptions are re-raised here)."""
         if threading.current_thread().name.startswith("msxai-model"):
@@ -695,6 +700,11 @@ class StudyService:
         image_id = request.get("image_id")
         if not isinstance(image, str) or not image:
             raise UnknownImageError(f"image {image_id!r} not found in the datastore")
+        t1 = request.get("msxai_t1")  # set by the app for DICOMweb studies (T1 series of the same study)
+        if t1:
+            if not image_id or not Path(image).is_file() or not Path(t1).is_file():
+                raise UnknownImageError(f"image {image_id!r}: FLAIR or T1 file not found")
+            return StudyPair(validate_image_id(image_id), Path(image), Path(t1))
         return study_pair(image, validate_image_id(image_id) if image_id else None)
 
     def _fingerprint(self, pair: StudyPair, bundle) -> str:

@@ -55,7 +55,7 @@ from msxai.studies import (  # noqa: E402
     validate_image_id,
 )
 
-from lib.datastore import MsxaiDatastore  # noqa: E402
+from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebDatastore  # noqa: E402
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
 from lib.routes import install_routes  # noqa: E402
 
@@ -115,13 +115,77 @@ class MsxaiApp(MONAILabelApp):
     # ------------------------------------------------------------------------------------------- datastore
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
-            return super().init_datastore()
+            return self._init_msxai_dicomweb()
         return MsxaiDatastore(
             self.studies,
             extensions=("*.nii.gz", "*.nii"),
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _init_msxai_dicomweb(self) -> Datastore:
+        """MONAI Label's DICOMweb datastore with the msxai study rule and SEG writer (see docs/ohif.md).
+
+        Credentials: MONAI_LABEL_DICOMWEB_USERNAME/PASSWORD (or MONAI_LABEL_DATASTORE_USERNAME/PASSWORD, copied to
+        the former so that MONAI Label's /proxy/dicom route, which OHIF uses, sends them too). The search filter is
+        MONAI_LABEL_DICOMWEB_SEARCH_FILTER (MONAI Label's default is CT; the stack sets {"Modality": "MR"}). A
+        server that refuses the credentials or cannot be reached stops the start-up with the reason."""
+        from dicomweb_client.session_utils import create_session_from_user_pass
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        self.studies = self.studies.rstrip("/").strip()
+        user = settings.MONAI_LABEL_DICOMWEB_USERNAME or settings.MONAI_LABEL_DATASTORE_USERNAME
+        password = settings.MONAI_LABEL_DICOMWEB_PASSWORD or settings.MONAI_LABEL_DATASTORE_PASSWORD
+        settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD = user, password
+        session = create_session_from_user_pass(user, password) if user and password else None
+        client = DICOMwebClientX(
+            url=self.studies,
+            session=session,
+            qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+            wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+            stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX,
+        )
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or settings.MONAI_LABEL_DATASTORE_CACHE_PATH or "").strip()
+        ds = MsxaiDICOMwebDatastore(
+            client=client,
+            search_filter=settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER,
+            cache_path=cache or None,
+            fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME,
+            convert_to_nifti=True,
+        )
+        ds.check_access()
+        self.service.relocate(ds._datastore_path)  # artefacts and the segmentation cache beside the series cache
+        logger.info(f"msxai: DICOMweb studies {self.studies} (filter {settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER}, "
+                    f"user {user or '-'}); cache and artefacts in {ds._datastore_path}")
+        return ds
+
+    def _store_seg(self, ds, image: str, model: str, res: dict) -> dict:
+        """Write the result of a task as a DICOM SEG of the image series and store it on the DICOMweb server:
+        segmentation -> one segment per lesion (instance ids of the cached segmentation, named like the label
+        names); explain -> the saliency bins with their names. Failures are reported in the JSON, not raised."""
+        import numpy as np
+
+        from msxai.dicom import lesion_segments, saliency_segments
+        from msxai.labelmaps import instance_label_names, read_labelmap
+        from msxai.studies import artifact_dir
+
+        params = res.get("params") or {}
+        try:
+            if model.startswith("segmentation_"):
+                m = model[len("segmentation_"):]
+                arr, aff = read_labelmap(artifact_dir(self.service.studies, image) / f"seg_{m}" / "labels.nii.gz")
+                segments, desc = lesion_segments(instance_label_names(arr, params.get("lesions"))), f"msxai lesions {m}"
+            else:
+                arr, aff = read_labelmap(res["file"])
+                segments = saliency_segments(params.get("label_names") or {})
+                desc = f"msxai {params.get('method', model)} {params.get('model', '')} " + ",".join(
+                    str(k).replace("lesion_", "") for k in (params.get("domains") or {}))
+            if not np.any(arr):
+                return {"skipped": "empty label map: no SEG written"}
+            return ds.store_seg(image, arr, aff, segments, desc[:64])
+        except Exception as exc:
+            logger.warning(f"msxai: DICOM SEG of {model} for {image} not stored: {exc}")
+            return {"error": f"DICOM SEG not stored: {exc}"}
 
     def _download_dcmqi_tools(self):
         # MONAILabelApp downloads dcmqi for DICOMweb datastores; this app never downloads anything
@@ -171,6 +235,9 @@ class MsxaiApp(MONAILabelApp):
                 )
             request = dict(request)
             request["image_id"] = image
+            request.pop("msxai_t1", None)  # only the app sets it
+            if isinstance(ds, MsxaiDICOMwebDatastore):
+                request["msxai_t1"] = ds.get_t1_uri(image)  # T1 series of the same study (msxai.studies rule)
             if model.startswith("explain_"):
                 request["save_label"] = False  # saliency bins are not lesion labels
                 tag = request.get("lesions_from")
@@ -183,7 +250,10 @@ class MsxaiApp(MONAILabelApp):
                     if not luri or not os.path.isfile(luri):
                         raise UnknownImageError(f"image {image!r} has no saved label with tag {tag!r}")
                     request["lesions_label"] = luri
-            return super().infer(request, datastore)
+            res = super().infer(request, datastore)
+            if isinstance(ds, MsxaiDICOMwebDatastore) and res.get("file") and isinstance(res.get("params"), dict):
+                res["params"]["dicom_seg"] = self._store_seg(ds, image, model, res)
+            return res
         except InputError as exc:
             logger.info(f"msxai: refused {request.get('model')} request: {exc}")
             raise HTTPException(status_code=http_status(exc), detail=str(exc)) from None

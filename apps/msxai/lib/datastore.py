@@ -37,3 +37,158 @@ class MsxaiDatastore(LocalDatastore):
             logger.info(f"msxai: not a study image (T1/derived file), unlisted: {k}")
             self._datastore.objects.pop(k, None)
         return invalidate + len(drop)
+
+
+# --------------------------------------------------------------------------------------------------- DICOMweb (PACS)
+import threading  # noqa: E402
+
+from monailabel.datastore.dicom import DICOMWebDatastore  # noqa: E402
+from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
+
+from msxai.studies import UnknownImageError, dicom_sequence_of, find_t1_series, validate_image_id  # noqa: E402
+
+
+class DicomWebAccessError(RuntimeError):
+    """The DICOMweb server cannot be used (unreachable, credentials refused): stops the start-up."""
+
+
+class MsxaiDICOMwebDatastore(DICOMWebDatastore):
+    """MONAI Label's DICOMweb datastore (series are downloaded and converted to NIfTI in its cache) with the msxai
+    study rule: an image is a series of the search filter (MR) that is not itself a T1; its T1 is the series of the
+    same study found by :func:`msxai.studies.find_t1_series`. Results are written back as DICOM SEG by
+    :mod:`msxai.dicom` (no dcmqi), also the ``final`` labels MONAI Label saves."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fetch_lock = threading.Lock()
+
+    # ---------------------------------------------------------------------------------------------- queries
+    def check_access(self) -> None:
+        from requests import HTTPError
+
+        try:
+            self._client.search_for_studies(limit=1)
+        except HTTPError as exc:
+            code = exc.response.status_code if exc.response is not None else "?"
+            hint = (" (credentials refused: set MONAI_LABEL_DICOMWEB_USERNAME / MONAI_LABEL_DICOMWEB_PASSWORD)"
+                    if code in (401, 403) else "")
+            raise DicomWebAccessError(f"DICOMweb server {self._client.base_url} answered HTTP {code}{hint}") from None
+        except Exception as exc:
+            raise DicomWebAccessError(f"DICOMweb server {self._client.base_url} is not reachable: {exc}") from None
+
+    def _series(self, **filters):
+        return self._client.search_for_series(search_filters=filters or None,
+                                              fields=["SeriesDescription", "StudyInstanceUID", "Modality"])
+
+    @staticmethod
+    def _value(row, tag):
+        v = row.get(tag, {}).get("Value") or [""]
+        return str(v[0])
+
+    def list_images(self):
+        """Image series of the search filter, T1s left out (they are the companions of the FLAIRs); not cached,
+        so a study stored a second ago is listed."""
+        rows = self._series(**self._search_filter)
+        return [self._value(r, "0020000E") for r in rows if dicom_sequence_of(self._value(r, "0008103E")) != "T1"]
+
+    def study_of(self, series_uid: str) -> str:
+        rows = [r for r in self._series(SeriesInstanceUID=series_uid) if self._value(r, "0020000E") == series_uid]
+        if not rows:
+            raise UnknownImageError(f"series {series_uid!r} is not on the DICOMweb server {self._client.base_url}")
+        return self._value(rows[0], "0020000D")
+
+    def study_rows(self):
+        """Every listed image with its T1 series (or the rule's error), from QIDO only (nothing downloaded)."""
+        from msxai.errors import InputError
+
+        out = []
+        rows = self._series(**self._search_filter)
+        for r in rows:
+            uid, desc = self._value(r, "0020000E"), self._value(r, "0008103E")
+            if dicom_sequence_of(desc) == "T1":
+                continue
+            row = {"image": uid, "description": desc, "study": self._value(r, "0020000D")}
+            try:
+                row["t1"] = find_t1_series([x for x in rows if self._value(x, "0020000D") == row["study"]], uid)
+            except InputError as exc:
+                row["error"] = str(exc)
+            out.append(row)
+        return out
+
+    # ----------------------------------------------------------------------------------------------- images
+    def get_image_uri(self, image_id: str) -> str:
+        validate_image_id(image_id)
+        with self._fetch_lock:
+            image_dir = os.path.join(self._datastore.image_path(), image_id)
+            if not os.path.isdir(image_dir) or not os.listdir(image_dir):
+                self.study_of(image_id)  # a clear 404 instead of an IndexError deep in monailabel
+            return super().get_image_uri(image_id)
+
+    def image_series_dir(self, image_id: str) -> str:
+        self.get_image_uri(image_id)
+        return os.path.join(self._datastore.image_path(), image_id)
+
+    def get_t1_uri(self, image_id: str) -> str:
+        """The NIfTI of the T1 series paired with the FLAIR series ``image_id`` (downloaded once)."""
+        study = self.study_of(image_id)
+        rows = self._client.search_for_series(study_instance_uid=study, fields=["SeriesDescription"])
+        for r in rows:  # some servers leave the study out of series rows under a study
+            r.setdefault("0020000D", {"vr": "UI", "Value": [study]})
+        return self.get_image_uri(find_t1_series(rows, image_id))
+
+    # ------------------------------------------------------------------------------------------------- SEG
+    def store_seg(self, image_id: str, labels, affine, segments, description: str) -> dict:
+        """Write ``labels`` (on the grid of ``get_image_uri(image_id)``) as a DICOM SEG of the series
+        ``image_id`` and store it on the DICOMweb server (STOW-RS)."""
+        import glob
+
+        import pydicom
+
+        from msxai.dicom import write_seg
+
+        src = [pydicom.dcmread(p, stop_before_pixels=True)
+               for p in sorted(glob.glob(os.path.join(self.image_series_dir(image_id), "*.dcm")))]
+        seg = write_seg(labels, affine, src, segments, series_description=description)
+        self._client.store_instances([seg])
+        return {"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID),
+                "SeriesDescription": str(seg.SeriesDescription), "frames": int(seg.NumberOfFrames),
+                "segments": [str(s.SegmentLabel) for s in seg.SegmentSequence]}
+
+    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
+        """``final`` labels become a DICOM SEG (written by msxai, not dcmqi) on the server; every label is also kept
+        in the local cache, as MONAI Label's DICOMweb datastore does."""
+        import pathlib
+
+        from monailabel.datastore.local import LocalDatastore
+        from monailabel.datastore.utils.convert import binary_to_image
+
+        from msxai.dicom import lesion_segments
+        from msxai.labelmaps import read_labelmap
+
+        image_uri = self.get_image_uri(image_id)
+        output_file = ""
+        if "".join(pathlib.Path(label_filename).suffixes) == ".bin":
+            output_file = label_filename = binary_to_image(image_uri, label_filename)
+        try:
+            if label_tag == DefaultLabelTag.FINAL:
+                arr, aff = read_labelmap(label_filename)
+                names = {}
+                for i, li in enumerate((label_info or {}).get("label_info") or []):
+                    if isinstance(li, dict) and li.get("name"):
+                        names[str(li["name"])] = int(li.get("idx", li.get("id", i + 1)))
+                import numpy as np
+
+                values = [int(v) for v in np.unique(arr) if v != 0]
+                for v in values:
+                    if v not in names.values():
+                        names[f"lesion {v}" if len(values) > 1 else "lesion"] = v
+                info = self.store_seg(image_id, arr, aff, lesion_segments(names), "msxai final label")
+                image_info = self.get_image_info(image_id)
+                label_info = dict(label_info or {})
+                label_info.update({"SeriesInstanceUID": info["SeriesInstanceUID"],
+                                   "Modality": image_info.get("Modality"), "PatientID": image_info.get("PatientID"),
+                                   "StudyInstanceUID": image_info.get("StudyInstanceUID")})
+            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
+        finally:
+            if output_file and os.path.exists(output_file):
+                os.unlink(output_file)

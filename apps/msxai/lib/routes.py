@@ -31,6 +31,10 @@ from typing import Optional
 
 from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, HTTPException, UploadFile
 from fastapi.responses import FileResponse
+# module level: the route's annotations are strings (postponed), resolved from this module's globals; an
+# "output" query parameter (OHIF sends output=image) failed with "ResultType is not fully defined" otherwise
+from monailabel.endpoints.infer import ResultType  # noqa: F401
+from monailabel.endpoints.user.auth import User  # noqa: F401
 
 from msxai.errors import InputError
 from msxai.studies import find_t1, list_artifacts, safe_artifact_path, validate_image_id
@@ -45,6 +49,8 @@ def build_router(app) -> APIRouter:
     @router.get("/studies", summary="Study images and their T1 (naming rule of msxai.studies)")
     def studies():
         ds = app.datastore()
+        if hasattr(ds, "study_rows"):  # DICOMweb: series and their T1 series, from QIDO
+            return ds.study_rows()
         out = []
         for image_id in sorted(ds.list_images()):
             uri = ds.get_image_uri(image_id)
@@ -64,12 +70,12 @@ def build_router(app) -> APIRouter:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         if image_id not in app.datastore().list_images():
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
-        return {"image": image_id, "files": list_artifacts(app.studies, image_id)}
+        return {"image": image_id, "files": list_artifacts(app.service.studies, image_id)}
 
     @router.get("/artifacts/{image_id}/{relpath:path}", summary="Download one file kept for a study")
     def artifact(image_id: str, relpath: str):
         try:
-            path = safe_artifact_path(app.studies, image_id, relpath)
+            path = safe_artifact_path(app.service.studies, image_id, relpath)
         except InputError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from None
         if not path.is_file():
@@ -82,8 +88,8 @@ def build_router(app) -> APIRouter:
 
 def build_infer_router():
     from monailabel.config import RBAC_USER, settings
-    from monailabel.endpoints.infer import ResultType, run_inference
-    from monailabel.endpoints.user.auth import RBAC, User
+    from monailabel.endpoints.infer import run_inference
+    from monailabel.endpoints.user.auth import RBAC
 
     router = APIRouter(prefix="/infer", tags=["Infer"])
 
