@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -42,6 +43,20 @@ def register(subparsers) -> None:
     p.add_argument("--randomization-lesions", type=int, default=2)
     p.add_argument("--max-domain-windows", type=int, default=0, metavar="W",
                    help="do not explain TP/FP/FN lesions read by more than W sliding windows (0 = no limit)")
+    p.add_argument("--max-domain-cost", type=float, default=0.0, metavar="C",
+                   help="explain in bulk only domains whose Eq. 3 cost (sum over the domain's voxels of the sliding "
+                        "windows covering each) is at most C voxel-windows (0 = no limit; CPU budget)")
+    p.add_argument("--exp1-max-cost", type=float, default=0.0, metavar="C",
+                   help="the 'large' lesion of experiment 1 is the largest TP costing at most C voxel-windows")
+    p.add_argument("--tn-mm3", type=float, default=93.0,
+                   help="volume of the TN balls and of the healthy-WM ball (paper: 93 mm^3)")
+    p.add_argument("--results-dir", metavar="DIR", help="also pickle each model's results here (for --include-results)")
+    p.add_argument("--include-results", action="append", default=[], metavar="PKL",
+                   help="add a model's results from an earlier run (results_<model>.pkl); a --context-only-bundle "
+                        "of the same model replaces its context-dilation rows; repeatable")
+    p.add_argument("--ship-error-flag", action="store_true",
+                   help="install each full bundle's fitted error flag as <bundle>/models/error_flag.json (read by "
+                        "msxai explain and the MONAI Label app)")
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: OMP_NUM_THREADS or 1)")
@@ -79,8 +94,12 @@ def run(args) -> int:
         transplant_lesions=args.transplant_lesions, context_lesions=args.context_lesions,
         context_max_mm=args.context_max_mm, context_step_mm=args.context_step_mm,
         randomization_lesions=args.randomization_lesions, max_domain_windows=args.max_domain_windows,
+        max_domain_cost=args.max_domain_cost, exp1_max_cost=args.exp1_max_cost, tn_mm3=args.tn_mm3,
         n_boot=args.n_boot, progress=not args.no_progress,
     )
+    from msxai.experiments import load_results
+
+    included = [load_results(p) for p in args.include_results]
     settings = {
         "cohort": ", ".join(sorted({c.source for c in cases})) + f" ({', '.join(c.id for c in cases)})",
         "command": "msxai experiments " + " ".join(f"--bundle {b}" for b in args.bundle),
@@ -90,10 +109,23 @@ def run(args) -> int:
     }
     if light:
         settings["command"] += " " + " ".join(f"--context-only-bundle {b}" for b in args.context_only_bundle)
-    path, results = run_experiments(models + light, cases, args.out, cfg, settings, context_only=light)
+    if included:
+        settings["included results"] = ", ".join(f"{r.model} ({p})" for r, p in zip(included, args.include_results))
+    path, results = run_experiments(models + light, cases, args.out, cfg, settings, context_only=light,
+                                    included=included, results_dir=args.results_dir)
     for r in results:
         print(f"{r.model}: {len(r.lesions)} domains explained, {len(r.exp6)} context steps, "
               f"{r.timings.get('total_s', 0):.0f} s")
+    if args.ship_error_flag:
+        from msxai.experiments.error_flag import BUNDLE_MODEL_FILE
+
+        for m in models:
+            r = next(r for r in results if r.model == m.name and r.kind == "full")
+            if r.error_flag_model is None:
+                print(f"{r.model}: no error flag fitted ({r.error_flag.get('status', 'not run')}); nothing shipped")
+                continue
+            dest = r.error_flag_model.save(Path(m.info["bundle_dir"]) / BUNDLE_MODEL_FILE)
+            print(f"{r.model}: error flag installed as {dest}")
     print(f"report: {path}")
     return 0
 

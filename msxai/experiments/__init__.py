@@ -16,14 +16,17 @@ from pathlib import Path
 
 
 def run_experiments(models, cases, out_dir, config=None, settings: dict | None = None, title: str | None = None,
-                    context_only=()):
+                    context_only=(), included=(), results_dir=None):
     """Run every experiment for each model in ``models`` (``ExperimentModel``) on ``cases`` (``CaseSpec`` list) and
     write the report into ``out_dir``; returns ``(report_path, results)``.
 
     Models in ``context_only`` (ExperimentModel objects) run experiment 6 alone (forward passes only) on the lesions
-    picked for the first full model; at least one model must run in full."""
+    picked for the first full model; every other full model uses those lesions too. ``included``: results of earlier
+    runs (:func:`load_results`) added to the report; when a model of this run has the same name, its experiment 6
+    rows replace the included ones. ``results_dir``: where to pickle each model's results (``results_<model>.pkl``)
+    for a later ``included``. At least one model must run in full."""
     from msxai.errors import InputError
-    from msxai.experiments.report import write_report
+    from msxai.experiments.report import slug, write_report
     from msxai.experiments.runner import ExperimentConfig, run_context_only, run_model
 
     config = config or ExperimentConfig()
@@ -32,13 +35,61 @@ def run_experiments(models, cases, out_dir, config=None, settings: dict | None =
     if not full:
         raise InputError("at least one bundle must run the saliency experiments (not only the context dilation)")
     results = {}
+    first = None
     for m in full:
-        results[id(m)] = run_model(m, cases, config)
-    first = results[id(full[0])]
+        results[id(m)] = run_model(m, cases, config, None if first is None else first.exp6_picks)
+        if first is None:
+            first = results[id(m)]
     for m in models:
         if id(m) in light:
             results[id(m)] = run_context_only(m, cases, first.exp6_picks, first.exp6_note, config)
     results = [results[id(m)] for m in models]
+    if results_dir is not None:
+        save_results(results, results_dir)
+    merged = []
+    for inc in included:
+        ctx = next((r for r in results if r.model == inc.model and r.kind == "context"), None)
+        if ctx is not None:
+            inc.exp6, inc.exp6_note = ctx.exp6, ctx.exp6_note
+            inc.timings["exp6_s"] = ctx.timings.get("exp6_s", 0.0)
+            inc.notes.append("experiment 6 from the run that wrote this report (same lesions as the first model)")
+            results = [r for r in results if r is not ctx]
+        merged.append(inc)
+    results = results[:1] + merged + results[1:]
     path = write_report(results, Path(out_dir), title or "msxai: instance-level saliency experiments",
                         settings=settings)
     return path, results
+
+
+def save_results(results, directory) -> list[Path]:
+    """Pickle each model's results (``results_<model>.pkl``) for a later report (``--include-results``)."""
+    import pickle
+
+    from msxai.experiments.report import slug
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for r in results:
+        p = d / f"results_{slug(r.model)}.pkl"
+        with p.open("wb") as fh:
+            pickle.dump(r, fh)
+        out.append(p)
+    return out
+
+
+def load_results(path):
+    """Results pickled by :func:`save_results` (only load files you wrote yourself: pickle runs code)."""
+    import pickle
+
+    from msxai.errors import InputError
+    from msxai.experiments.runner import ModelResults
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"results file not found: {p}")
+    with p.open("rb") as fh:
+        r = pickle.load(fh)
+    if not isinstance(r, ModelResults):
+        raise InputError(f"{p}: not msxai experiment results")
+    return r

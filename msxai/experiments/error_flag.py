@@ -227,3 +227,207 @@ def cross_validate(records: list[dict], cases: list[dict], n_splits: int = 5, n_
     out["n_flagged_fp"] = int(sum(1 for r, s in zip(recs, scores) if s > 0.5 and r["cls"] == "FP"))
     out["n_flagged_tp"] = int(sum(1 for r, s in zip(recs, scores) if s > 0.5 and r["cls"] == "TP"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- at explain time
+# The fitted model ships with the bundle it was fitted for; ``msxai explain`` and the MONAI Label explain task score
+# a lesion only when the maps were made like the training maps (same weights, method, aggregation, N, sigma).
+BUNDLE_MODEL_FILE = "models/error_flag.json"
+# what the model's ``info`` must record, and what explain compares (key -> description for messages)
+REQUIRED_INFO = ("weights_sha256", "method", "aggregation", "samples", "sigma_fraction")
+
+
+def file_sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def bundle_weights_sha256(bundle_dir) -> str | None:
+    """sha256 of the bundle's ``models/model.pt`` (cached per path, size and mtime), None when there is none."""
+    f = Path(bundle_dir) / "models" / "model.pt"
+    if not f.is_file():
+        return None
+    st = f.stat()
+    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = file_sha256(f)
+    return _SHA_CACHE[key]
+
+
+@dataclass
+class LoadedFlag:
+    """The error-flag model found for a bundle: ``model`` (None when absent or unreadable), where it was looked
+    for, and ``reason`` (why there is no model)."""
+
+    model: ErrorFlagModel | None
+    path: Path | None
+    reason: str | None = None
+
+    def describe(self) -> dict:
+        """The provenance block written next to the scores (JSON-ready)."""
+        out = {"model_file": None if self.path is None else str(self.path), "loaded": self.model is not None,
+               "reason": self.reason}
+        if self.model is not None:
+            i = self.model.info
+            out.update(threshold=self.model.threshold, fitted_for={k: i.get(k) for k in (
+                "model", "weights_sha256", "method", "aggregation", "samples", "sigma_fraction")},
+                training_cohort=i.get("cohort"), n_train=i.get("n_train"), n_fp=i.get("n_fp"),
+                cv_auc=i.get("auc_oof"), cv_auc_ci=i.get("auc_oof_ci"), fitted_at=i.get("fitted_at"),
+                restrictions=i.get("restrictions"))
+        return out
+
+
+def load_bundle_flag(bundle_dir=None, path=None) -> LoadedFlag:
+    """The error-flag model of a bundle.
+
+    ``path`` given (``--error-flag FILE``): it must exist and be valid, else ``InputError`` naming the file.
+    ``path`` None: ``<bundle>/models/error_flag.json`` if present; absent -> no model (reason says so); present
+    but unreadable -> no model, the reason names the file and the problem (explanations still run)."""
+    if path is not None:
+        model = ErrorFlagModel.load(path)
+        missing = [k for k in REQUIRED_INFO if k not in model.info]
+        if missing:
+            raise InputError(f"error-flag model {path}: its info does not record {missing} (refit it with "
+                             "msxai experiments)")
+        return LoadedFlag(model, Path(path))
+    if bundle_dir is None:
+        return LoadedFlag(None, None, "no bundle folder: no fitted error-flag model")
+    f = Path(bundle_dir) / BUNDLE_MODEL_FILE
+    if not f.is_file():
+        return LoadedFlag(None, f, f"bundle {Path(bundle_dir).name} ships no fitted error flag ({BUNDLE_MODEL_FILE})")
+    try:
+        model = ErrorFlagModel.load(f)
+    except InputError as exc:
+        return LoadedFlag(None, f, f"error-flag model unreadable: {exc}")
+    missing = [k for k in REQUIRED_INFO if k not in model.info]
+    if missing:
+        return LoadedFlag(None, f, f"error-flag model {f} does not record {missing}; refit it")
+    return LoadedFlag(model, f)
+
+
+def incompatibility(model: ErrorFlagModel, method: str, aggregation: str | None, n_samples: int | None,
+                    sigma_fraction: float | None, sigma_abs: float | None = None,
+                    weights_sha256: str | None = None, on_network_grid: bool = True) -> str | None:
+    """Why maps made with these settings cannot be scored by ``model`` (None = compatible).
+
+    The features are read from the maps, so they depend on the method, the aggregation (Eq. 2 values shrink with
+    the lesion size, Eq. 3 values do not), N (averaging more noise copies lowers the peaks), sigma and, of course,
+    the weights that produced both the lesion and its map."""
+    i = model.info
+    if method != i.get("method", "smoothgrad"):
+        return f"the error flag reads instance SmoothGrad maps; {method} maps are not scored"
+    if sigma_abs is not None:
+        return "maps made with an absolute noise sigma; the error flag was fitted with sigma as a fraction " \
+               f"{i.get('sigma_fraction')} of the FLAIR range"
+    if aggregation != i.get("aggregation"):
+        eq = {"max": "Eq. 3 (max)", "mean": "Eq. 2 (mean)"}
+        return (f"the error flag was fitted on {eq.get(i.get('aggregation'), i.get('aggregation'))} maps, these are "
+                f"{eq.get(aggregation, aggregation)}: rerun with aggregation {i.get('aggregation')} for a score")
+    if n_samples is None or int(n_samples) != int(i.get("samples")):
+        return (f"the error flag was fitted on maps with N = {i.get('samples')} noise samples, these have N = "
+                f"{n_samples}: rerun with samples {i.get('samples')} for a score")
+    if sigma_fraction is None or abs(float(sigma_fraction) - float(i.get("sigma_fraction"))) > 1e-9:
+        return (f"the error flag was fitted with sigma = {i.get('sigma_fraction')} x FLAIR range, these maps use "
+                f"{sigma_fraction}")
+    if weights_sha256 is not None and weights_sha256 != i.get("weights_sha256"):
+        return (f"the error flag was fitted for weights sha256 {str(i.get('weights_sha256'))[:12]}, the bundle now "
+                f"has {weights_sha256[:12]} (retrained): refit it with msxai experiments")
+    if not on_network_grid:
+        return "the bundle resampled the input: the maps on the input grid are interpolated, not the network's"
+    return None
+
+
+def score_lesions(flag: LoadedFlag, maps: dict, domains: dict, affine, settings_reason: str | None,
+                  lesion_reasons: dict | None = None) -> dict[str, dict]:
+    """Per domain name: ``{"error_score": P(FP) or None, "error_flag": bool or None, "error_flag_reason": str or
+    None}``. ``maps``: name -> instance SmoothGrad ``[2, X, Y, Z]``; ``settings_reason``: the
+    :func:`incompatibility` of the maps' settings (or None); ``lesion_reasons``: name -> why this domain is not a
+    lesion the bundle predicted (drawn domains, lesions of a saved label, ...)."""
+    lesion_reasons = lesion_reasons or {}
+    out = {}
+    for name in domains:
+        reason = flag.reason if flag.model is None else (settings_reason or lesion_reasons.get(name))
+        if reason is not None:
+            out[name] = {"error_score": None, "error_flag": None, "error_flag_reason": reason}
+            continue
+        s = error_score_from_maps(flag.model, maps[name], domains[name], None, affine)
+        out[name] = {"error_score": s, "error_flag": bool(s > flag.model.threshold), "error_flag_reason": None}
+    return out
+
+
+def annotate_explain_output(result: dict, bundle_dir, flair_path, lesions_path=None, error_flag_path=None) -> dict:
+    """Add the error score of every explained lesion to the output of ``msxai explain``
+    (:func:`msxai.saliency.engine.explain_to_files`): ``error_score``, ``error_flag`` and ``error_flag_reason`` per
+    domain in ``saliency.json`` and as columns of ``saliency.csv``, the model's provenance under
+    ``settings.error_flag``. Maps are read back from the float32 files (exactly the engine's maps when the network
+    grid is the input grid). Returns ``{name: scores}``."""
+    import csv
+    import json
+
+    from msxai.io import load_volume
+
+    settings = result["settings"]
+    flag = load_bundle_flag(bundle_dir, error_flag_path)
+    reason = None
+    if flag.model is not None:
+        method = settings.get("method")
+        reason = incompatibility(flag.model, method, settings.get("aggregation"), settings.get("n_samples"),
+                                 settings.get("sigma_fraction"), settings.get("sigma_abs"),
+                                 bundle_weights_sha256(bundle_dir) if bundle_dir else None,
+                                 bool(settings.get("network_grid_is_input_grid", True)))
+    summaries = result["summaries"]
+    lesion_reasons, maps, domains = {}, {}, {}
+    threshold = settings.get("threshold", 0.3)
+    needs_maps = flag.model is not None and reason is None
+    labels = affine = None
+    if needs_maps:
+        affine = load_volume(flair_path, "FLAIR").affine
+        if lesions_path is not None:
+            labels = load_volume(lesions_path, "lesions", dtype=np.float64).array
+    for name, s in summaries.items():
+        if s.get("lesion_id") is None:
+            lesion_reasons[name] = "a drawn domain, not a lesion predicted by the bundle: no error score"
+            continue
+        mp = s.get("mean_probability")
+        if mp is not None and mp <= threshold:
+            lesion_reasons[name] = (f"mean softmax in the lesion {mp:.3f} <= threshold {threshold}: not a lesion "
+                                    "this bundle predicts")
+            continue
+        if needs_maps:
+            files = sorted(result["files"][name])
+            fl = [f for f in files if f.endswith("_smoothgrad_flair.nii.gz")]
+            mr = [f for f in files if f.endswith("_smoothgrad_mprage.nii.gz")]
+            maps[name] = np.stack([load_volume(fl[0], "map").array, load_volume(mr[0], "map").array])
+            domains[name] = np.rint(labels).astype(np.int64) == int(s["lesion_id"])
+    scores = score_lesions(flag, maps, {n: domains.get(n) for n in summaries}, affine, reason, lesion_reasons)
+    for name, s in summaries.items():
+        s.update(scores[name])
+    settings["error_flag"] = dict(flag.describe(), reason=flag.reason or reason)
+    pj, pc = Path(result["json"]), Path(result["csv"])
+    doc = json.loads(pj.read_text())
+    doc["settings"] = settings
+    for name, sc in scores.items():
+        doc["domains"][name].update(sc)
+    pj.write_text(json.dumps(doc, indent=2))
+    with open(pc, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    fields = list(rows[0].keys()) if rows else ["domain"]
+    fields += [k for k in ("error_score", "error_flag", "error_flag_reason") if k not in fields]
+    for r in rows:
+        sc = scores.get(r["domain"], {})
+        for k in ("error_score", "error_flag", "error_flag_reason"):
+            v = sc.get(k)
+            r[k] = "" if v is None else v
+    with open(pc, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return scores

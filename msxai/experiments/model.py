@@ -72,15 +72,18 @@ class ExperimentModel:
             return Prepared(img, np.asarray(p.affine), np.asarray(mask, bool))
 
         weights = ""
+        info = {"bundle_dir": str(path)}
         for cand in ("models/model.pt", "models/model.ts"):
             f = path / cand
             if f.exists():
                 import datetime as _dt
                 import hashlib
 
-                digest = hashlib.sha256(f.read_bytes()).hexdigest()[:12]
+                full = hashlib.sha256(f.read_bytes()).hexdigest()
+                digest = full[:12]
                 stamp = _dt.datetime.fromtimestamp(f.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 weights = f"{cand} sha256 {digest}, modified {stamp}"
+                info = {"weights_sha256": full, "weights_modified": stamp, "bundle_dir": str(path)}
                 break
         return cls(
             name=str(getattr(b, "name", path.name)),
@@ -90,6 +93,7 @@ class ExperimentModel:
             min_volume_mm3=float(getattr(b, "min_volume_mm3", MIN_LESION_MM3)),
             prepare_fn=prepare,
             source=f"{path} ({weights or 'weights file not found'})",
+            info=info,
         )
 
     # --------------------------------------------------------------------------------------------- inference

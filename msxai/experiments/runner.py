@@ -69,6 +69,10 @@ class ExperimentConfig:
     context_step_mm: float = 1.0
     randomization_lesions: int = 2
     max_domain_windows: int = 0  # > 0: TP/FP/FN domains read by more sliding windows are not explained (CPU budget)
+    max_domain_cost: float = 0.0  # > 0: domains whose Eq. 3 cost (sum over voxels of covering windows) exceeds it
+    # are not explained in bulk (CPU budget; see domain_costs)
+    exp1_max_cost: float = 0.0  # > 0: the "large" lesion of experiment 1 is the largest TP within this cost
+    tn_mm3: float = 93.0  # volume of the TN balls and of the healthy-WM ball (paper: 93 mm^3)
     n_boot: int = 2000
     crop_margin: int = 10  # voxels kept around a lesion for the figures
     progress: bool = True
@@ -202,6 +206,37 @@ def label_window_counts(spec, labels: np.ndarray) -> dict[int, int]:
     return out
 
 
+def window_count_map(spec, shape) -> np.ndarray:
+    """Per voxel, the number of sliding windows covering it (float32 ``shape``). The window starts form a product
+    grid, so the count is the product of per-axis counts."""
+    grid = spec.grid(shape)
+    starts = np.asarray(grid.starts)
+    out = np.ones(tuple(int(s) for s in shape), np.float32)
+    for d in range(3):
+        lo = grid.pad[d][0]
+        x = np.arange(shape[d]) + lo
+        s = np.unique(starts[:, d])
+        cnt = ((s[None, :] <= x[:, None]) & (x[:, None] < s[None, :] + grid.roi[d])).sum(1).astype(np.float32)
+        sh = [1, 1, 1]
+        sh[d] = shape[d]
+        out = out * cnt.reshape(sh)
+    return out
+
+
+def domain_costs(spec, labels: np.ndarray, wmap: np.ndarray | None = None) -> dict[int, float]:
+    """Eq. 3 cost of each label of an instance map, in voxel-windows: the sum over its voxels of the windows covering
+    each voxel (one vector-Jacobian product per voxel, window and noise copy)."""
+    wmap = window_count_map(spec, labels.shape) if wmap is None else wmap
+    lab = np.asarray(labels, np.int64)
+    sums = np.bincount(lab.ravel(), weights=wmap.ravel())
+    return {int(i): float(sums[i]) for i in np.unique(lab) if i > 0}
+
+
+def mask_cost(spec, mask: np.ndarray, wmap: np.ndarray | None = None) -> float:
+    wmap = window_count_map(spec, mask.shape) if wmap is None else wmap
+    return float(wmap[np.asarray(mask, bool)].sum())
+
+
 def _detected(prob: np.ndarray, region: np.ndarray, domain: np.ndarray, model: ExperimentModel, affine) -> bool:
     """A lesion component (prob > t, 18-connected, >= min volume) computed within ``region`` overlaps ``domain``."""
     p = np.where(region, prob, 0.0)
@@ -225,7 +260,7 @@ def segment_cases(model: ExperimentModel, cases: list[CaseSpec], cfg: Experiment
         prob = model.probability(prep.image)
         pred = model.lesions(prob, prep.affine)
         classes = classify_lesions(pred, truth)
-        tn = sample_tn_as_many(brain, truth > 0, pred > 0, prep.affine, cfg.n_tn, cfg.seed + i, case.id)
+        tn = sample_tn_as_many(brain, truth > 0, pred > 0, prep.affine, cfg.n_tn, cfg.seed + i, case.id, cfg.tn_mm3)
         m = lesion_metrics(pred, truth)
         m.update(model=model.name, case=case.id, dice=dice(pred > 0, truth > 0), n_tn_spheres=len(tn))
         states.append(CaseState(case, prep.image, prep.affine, np.asarray(brain, bool), prob.astype(np.float32),
@@ -233,11 +268,12 @@ def segment_cases(model: ExperimentModel, cases: list[CaseSpec], cfg: Experiment
     return states
 
 
-def sample_tn_as_many(brain, truth, pred, affine, n: int, seed: int, name: str = "") -> list:
+def sample_tn_as_many(brain, truth, pred, affine, n: int, seed: int, name: str = "",
+                      volume_mm3: float = TN_SPHERE_MM3) -> list:
     """``n`` TN spheres (:func:`msxai.lesions.sample_tn_spheres`), or as many as fit (fewer, with a warning)."""
     for k in range(n, 0, -1):
         try:
-            out = sample_tn_spheres(brain, truth, pred, affine, n=k, seed=seed)
+            out = sample_tn_spheres(brain, truth, pred, affine, n=k, volume_mm3=volume_mm3, seed=seed)
         except EmptyDomainError as exc:
             if "no TN sphere" in str(exc):
                 print(f"warning: {name}: {exc}")
@@ -258,8 +294,10 @@ def _domains_of(state: CaseState, cls: str, ident: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- main
-def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig | None = None) -> ModelResults:
-    """Run every experiment for one model on ``cases``."""
+def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig | None = None,
+              context_picks: list | None = None) -> ModelResults:
+    """Run every experiment for one model on ``cases``; ``context_picks``: the lesions of experiment 6 picked for
+    another model (:func:`pick_context_lesions`), so that every architecture is measured on the same lesions."""
     cfg = cfg or ExperimentConfig()
     if not cases:
         raise InputError("no cases to run the experiments on")
@@ -270,13 +308,26 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     res.segmentation = [s.metrics for s in states]
     res.timings["segment_s"] = time.time() - t0
 
-    # ---- selection
+    # ---- selection (cost = Eq. 3 voxel-windows of each domain; see domain_costs)
     per_class = {
         "TP": {s.id: list(s.classes.tp) for s in states},
         "FP": {s.id: list(s.classes.fp) for s in states},
         "FN": {s.id: list(s.classes.fn) for s in states},
         "TN": {s.id: list(range(len(s.tn))) for s in states},
     }
+    wmaps = {s.id: window_count_map(model.spec, s.pred.shape) for s in states}
+    costs = {}  # (case, cls, id) -> voxel-windows
+    for s in states:
+        pc = domain_costs(model.spec, s.pred, wmaps[s.id])
+        tc = domain_costs(model.spec, s.truth, wmaps[s.id])
+        for i in s.classes.tp:
+            costs[(s.id, "TP", i)] = pc[i]
+        for i in s.classes.fp:
+            costs[(s.id, "FP", i)] = pc[i]
+        for i in s.classes.fn:
+            costs[(s.id, "FN", i)] = tc[i]
+        for i, ball in enumerate(s.tn):
+            costs[(s.id, "TN", i)] = mask_cost(model.spec, ball, wmaps[s.id])
     available = {c: sum(len(v) for v in per_class[c].values()) for c in CLASSES}
     if cfg.max_domain_windows > 0:
         skipped = {}
@@ -289,29 +340,56 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                 per_class[cls][s.id] = keep
         res.notes.append(f"domains read by more than {cfg.max_domain_windows} sliding windows were not eligible "
                          "for explanation (CPU budget): " + ", ".join(f"{c} {n}" for c, n in skipped.items()))
+    if cfg.max_domain_cost > 0:
+        skipped = {}
+        for cls in CLASSES:
+            for s in states:
+                keep = [i for i in per_class[cls][s.id] if costs[(s.id, cls, i)] <= cfg.max_domain_cost]
+                skipped[cls] = skipped.get(cls, 0) + len(per_class[cls][s.id]) - len(keep)
+                per_class[cls][s.id] = keep
+        res.notes.append(
+            f"CPU budget: only domains costing at most {cfg.max_domain_cost:g} voxel-windows (sum over the domain's "
+            "voxels of the sliding windows covering each; Eq. 3 needs one backward pass per voxel, window and noise "
+            "copy) were eligible for the bulk maps, i.e. small lesions, or lesions read by few windows; not eligible: "
+            + ", ".join(f"{c} {n}" for c, n in skipped.items()))
     selected = {c: select_round_robin(per_class[c], cfg.max_lesions_per_class, cfg.seed + 7 * k)
                 for k, c in enumerate(CLASSES)}
-    res.notes.append("lesions available / explained per class: " + ", ".join(
-        f"{c} {available[c]}/{len(selected[c])}" for c in CLASSES))
 
-    # experiment 1 / 4 targets among all TP lesions, randomisation targets among the explained ones
-    tp_sel = [(cid, lid, int((by_id[cid].pred == lid).sum())) for cid, lid in selected["TP"]]
+    # experiment 1 targets among all TP lesions (the large one within exp1_max_cost / exp1_max_voxels)
     tp_all = []
     for s in states:
         counts = np.bincount(s.pred.ravel())
         wins = label_window_counts(model.spec, s.pred) if cfg.max_domain_windows > 0 else {}
         tp_all += [(s.id, int(lid), int(counts[lid])) for lid in s.classes.tp
-                   if cfg.max_domain_windows <= 0 or wins.get(lid, 0) <= cfg.max_domain_windows]
+                   if (cfg.max_domain_windows <= 0 or wins.get(lid, 0) <= cfg.max_domain_windows)
+                   and (cfg.exp1_max_cost <= 0 or costs[(s.id, "TP", lid)] <= cfg.exp1_max_cost)]
     exp1_targets = exp1_pick(tp_all, cfg.exp1_max_voxels)
     if not exp1_targets:
-        res.notes.append(f"experiment 1 not run: no TP lesion of at most {cfg.exp1_max_voxels} voxels")
-    rand_targets = [(c, l) for c, l, _ in sorted(
-        tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))][: cfg.randomization_lesions]
+        res.notes.append(f"experiment 1 not run: no TP lesion within the size/cost caps")
+    n1 = cfg.exp1_samples or cfg.samples
+    if n1 == cfg.samples and cfg.aggregation == "max":
+        # the Eq. 3 maps of experiment 1's lesions are bulk maps too: the large lesion joins the TP set
+        for label, cid, lid in exp1_targets:
+            if label == "large" and (cid, lid) not in selected["TP"]:
+                selected["TP"].append((cid, lid))
+                res.notes.append(f"the large TP of experiment 1 ({cid} #{lid}) is also in the bulk TP set")
+    res.notes.append("lesions available / explained per class: " + ", ".join(
+        f"{c} {available[c]}/{len(selected[c])}" for c in CLASSES))
+    tp_sel = [(cid, lid, int((by_id[cid].pred == lid).sum())) for cid, lid in selected["TP"]]
+    cheap_tp = sorted(tp_sel, key=lambda t: (costs[(t[0], "TP", t[1])], t[0], t[1]))
+    rand_targets = [(c, l) for c, l, _ in cheap_tp][: cfg.randomization_lesions]
+    near100 = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
+    exp4_target = near100[0] if near100 else None
+    tr_targets = near100[: cfg.transplant_lesions]
 
     # ---- bulk explanation (per case, all of its selected domains in one engine call)
     t1 = time.time()
-    full_maps_keep: dict[str, np.ndarray] = {}  # maps of the randomisation/exp-1 targets (cropped box)
-    rand_keys = {f"{c}|TP:{l}" for c, l in rand_targets}
+    keep_full: dict[str, np.ndarray] = {}  # whole maps reused by experiments 1, 4, 5 and the randomisation check
+    want_full = {f"{c}|TP:{l}" for c, l in rand_targets}
+    want_full |= {f"{c}|TP:{l}" for _, c, l in exp1_targets} if n1 == cfg.samples and cfg.aggregation == "max" else set()
+    want_full |= {f"{c}|TP:{l}" for c, l, _ in tr_targets}
+    if exp4_target is not None:
+        want_full.add(f"{exp4_target[0]}|TP:{exp4_target[1]}")
     exp2_vals = {k: {"inside": [], "ring": []} for k in SEQ_KEYS}
     exp2_counts = {k: {"inside": [0, 0], "ring": [0, 0]} for k in SEQ_KEYS}
     n_domains = sum(len(v) for v in selected.values())
@@ -333,6 +411,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
             feats = saliency_features(maps, dom, state.prob, state.affine, cfg.ring_mm)
             row = {"model": model.name, "case": state.id, "cls": cls, "lesion_id": int(ident),
                    "voxels": int(dom.sum()), "volume_mm3": feats["volume_mm3"],
+                   "cost_voxel_windows": costs.get((state.id, cls, int(ident)), float("nan")),
                    "mean_prob": feats["mean_prob"], "max_prob": feats["max_prob"]}
             for key in SEQ_KEYS:
                 row[f"{key}_peak_max"] = feats[f"{key}_peak_max"]
@@ -359,9 +438,8 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                         lesion_row[f"{key}_{region}_pos_frac"] = float((v > 0).mean()) if v.size else float("nan")
                         lesion_row[f"{key}_{region}_abs_sum"] = float(np.abs(v).sum())
                 res.exp2_lesions.append(lesion_row)
-            if key_full in rand_keys:
-                sl = _crop_box(dom, cfg.crop_margin)
-                full_maps_keep[key_full] = (sl, maps[(slice(None), *sl)].copy())
+            if key_full in want_full:
+                keep_full[key_full] = maps
     bar.close()
     res.timings["explain_s"] = time.time() - t1
     res.exp2_values = {k: {r: (np.concatenate(v) if v else np.zeros(0)) for r, v in d.items()}
@@ -371,22 +449,28 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     res.exp2 = exp2_table(exp2_vals, exp2_counts, res.exp2_lesions, cfg)
     res.exp3, res.exp3_tests = exp3_tables(res.lesions, cfg)
 
+    def bulk_map(cid, lid, n, agg):
+        """The bulk Eq. 3 map of a TP when it was computed with these settings, else None."""
+        if n == cfg.samples and agg == cfg.aggregation:
+            return keep_full.get(f"{cid}|TP:{lid}")
+        return None
+
     # ---- experiment 1: mean vs max on a large and the smallest TP
     def _exp1():
         t_start = time.time()
-        n1 = cfg.exp1_samples or cfg.samples
         for label, cid, lid in _bar(exp1_targets, cfg, desc=f"{model.name}: exp1 mean vs max (N={n1})",
                                     unit="lesion"):
             st = by_id[cid]
             dom = st.pred == lid
-            sl = _crop_box(dom, cfg.crop_margin)
             for agg in ("max", "mean"):
-                m = next(iter(model.explain(st.image, {"d": dom}, n1, agg, cfg.seed, cfg.sigma_fraction)))[1]
+                m = bulk_map(cid, lid, n1, agg)
+                if m is None:
+                    m = next(iter(model.explain(st.image, {"d": dom}, n1, agg, cfg.seed, cfg.sigma_fraction)))[1]
                 res.exp1_crops.append({**crop_record(f"{cid}|TP:{lid}", st.image, m, dom, cfg.crop_margin),
                                        "aggregation": agg, "label": label})
                 row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid),
-                       "voxels": int(dom.sum()), "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)), "aggregation": agg,
-                       "samples": n1}
+                       "voxels": int(dom.sum()), "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)),
+                       "cost_voxel_windows": costs[(cid, "TP", lid)], "aggregation": agg, "samples": n1}
                 for c, key in enumerate(SEQ_KEYS):
                     row[f"{key}_min"] = float(m[c].min())
                     row[f"{key}_max"] = float(m[c].max())
@@ -400,9 +484,10 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     # ---- experiment 4: sanity domains around the TP explained in bulk that is nearest to 100 mm^3
     def _exp4():
         t_start = time.time()
-        if tp_sel:
-            target = min(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
-            res.exp4 = exp4_sanity(model, by_id[target[0]], target[1], cfg)
+        if exp4_target is not None:
+            cid, lid = exp4_target[0], exp4_target[1]
+            res.exp4 = exp4_sanity(model, by_id[cid], lid, cfg, tp_map=bulk_map(cid, lid, cfg.samples,
+                                                                                  cfg.aggregation))
         res.timings["exp4_s"] = time.time() - t_start
 
     _guarded(res, "exp4", _exp4)
@@ -410,10 +495,9 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     # ---- experiment 5: transplant
     def _exp5():
         t_start = time.time()
-        tr_targets = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
-        for cid, lid, _ in _bar(tr_targets[: cfg.transplant_lesions], cfg, desc=f"{model.name}: exp5 transplant",
-                                unit="lesion"):
-            rows, crops = exp5_transplant(model, by_id[cid], lid, cfg)
+        for cid, lid, _ in _bar(tr_targets, cfg, desc=f"{model.name}: exp5 transplant", unit="lesion"):
+            rows, crops = exp5_transplant(model, by_id[cid], lid, cfg,
+                                          original_map=bulk_map(cid, lid, cfg.samples, cfg.aggregation))
             res.exp5 += rows
             res.exp5_crops += crops
         res.timings["exp5_s"] = time.time() - t_start
@@ -423,7 +507,10 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     # ---- experiment 6: context dilation
     def _exp6():
         t_start = time.time()
-        res.exp6, res.exp6_note, res.exp6_picks = exp6_context(model, states, cfg)
+        if cfg.context_lesions > 0 or context_picks is not None:
+            res.exp6, res.exp6_note, res.exp6_picks = exp6_context(model, states, cfg, context_picks)
+        else:
+            res.exp6_note = "not run for this model (context_lesions = 0)"
         res.timings["exp6_s"] = time.time() - t_start
 
     _guarded(res, "exp6", _exp6)
@@ -436,7 +523,8 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
             for cid, lid in _bar(rand_targets, cfg, desc=f"{model.name}: randomised network", unit="lesion"):
                 st = by_id[cid]
                 dom = st.pred == lid
-                sl, trained = full_maps_keep[f"{cid}|TP:{lid}"]
+                sl = _crop_box(dom, cfg.crop_margin)
+                trained = keep_full[f"{cid}|TP:{lid}"][(slice(None), *sl)]
                 rmap = next(iter(rnd.explain(st.image, {"d": dom}, cfg.samples, cfg.aggregation, cfg.seed,
                                              cfg.sigma_fraction)))[1][(slice(None), *sl)]
                 near = geo.dilate_mm(dom, st.affine, 5.0)[sl]
@@ -467,14 +555,34 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
             y = [r["cls"] == "FP" for r in records]
             res.error_flag_model = ErrorFlagModel.fit(
                 [r["features"] for r in records], y, SALIENCY_FEATURES,
-                info={"model": model.name, "aggregation": cfg.aggregation, "samples": cfg.samples,
-                      "cases": [s.id for s in states], "auc_oof": ev["auc"].estimate})
+                info=error_flag_info(model, cfg, states, ev, res.notes))
         res.timings["error_flag_s"] = time.time() - t_start
 
     _guarded(res, "error_flag", _error_flag)
 
     res.timings["total_s"] = time.time() - t0
     return res
+
+
+def error_flag_info(model: ExperimentModel, cfg: ExperimentConfig, states: list, ev: dict, notes: list) -> dict:
+    """What the fitted error-flag model records about how it was made: the maps' settings that explain compares
+    (:func:`msxai.experiments.error_flag.incompatibility`), the weights, the training cohort, the cross-validated
+    AUC with its CI and the restrictions of the lesion selection."""
+    import datetime as _dt
+
+    auc = ev["auc"]
+    return {
+        "model": model.name, "bundle": model.info.get("bundle_dir"), "weights_sha256": model.info.get("weights_sha256"),
+        "weights_modified": model.info.get("weights_modified"),
+        "method": "smoothgrad", "aggregation": cfg.aggregation, "samples": int(cfg.samples),
+        "sigma_fraction": float(cfg.sigma_fraction), "seed": int(cfg.seed), "ring_mm": float(cfg.ring_mm),
+        "cohort": sorted({s.spec.source for s in states}), "cases": [s.id for s in states],
+        "auc_oof": auc.estimate, "auc_oof_ci": [auc.lo, auc.hi], "n_folds": ev.get("n_folds"),
+        "cv": "GroupKFold by patient, out-of-fold scores; 95% cluster (patient) bootstrap CI",
+        "f1_before": ev["f1"]["f1_before"], "f1_after": ev["f1"]["f1_after"],
+        "restrictions": list(notes),
+        "fitted_at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- tables
@@ -531,14 +639,15 @@ def exp3_tables(lesion_rows: list[dict], cfg: ExperimentConfig) -> tuple[list[di
 
 
 # --------------------------------------------------------------------------------------------------- exp 4
-def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0.9) -> np.ndarray | None:
-    """A 93 mm^3 ball in healthy white matter: inside the brain, at least ``avoid_mm`` from any true or predicted
+def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0.9,
+                    volume_mm3: float = TN_SPHERE_MM3) -> np.ndarray | None:
+    """A ball of ``volume_mm3`` (paper: 93 mm^3) in healthy white matter: inside the brain, at least ``avoid_mm`` from any true or predicted
     lesion, where the local mean T1 (WM is brightest on MPRAGE) is in the top decile of the admissible positions;
     the one nearest to the brain's centre of mass."""
     from msxai.io import voxel_spacing
     from msxai.lesions import ball_structure, tn_sphere_radius_mm
 
-    ball = ball_structure(tn_sphere_radius_mm(TN_SPHERE_MM3), voxel_spacing(state.affine))
+    ball = ball_structure(tn_sphere_radius_mm(volume_mm3), voxel_spacing(state.affine))
     lesions = (state.truth > 0) | (state.pred > 0)
     far = geo.distance_mm(lesions, state.affine) > avoid_mm if lesions.any() else np.ones_like(state.brain)
     allowed = state.brain & far
@@ -568,20 +677,27 @@ def exp1_pick(tps: list[tuple[str, int, int]], max_voxels: int) -> list[tuple[st
     return [("large", large[0], large[1]), ("small", small[0], small[1])]
 
 
-def exp4_sanity(model: ExperimentModel, st: CaseState, lid: int, cfg: ExperimentConfig) -> list[dict]:
+def exp4_sanity(model: ExperimentModel, st: CaseState, lid: int, cfg: ExperimentConfig,
+                tp_map: np.ndarray | None = None) -> list[dict]:
+    """Map ranges of a TP lesion, a single voxel at its centre of mass and a healthy-WM ball (``tp_map``: the TP's
+    map when already computed with the same settings)."""
     cid = st.id
     dom = st.pred == lid
     centre = geo.centre_of_mass_voxel(dom)
     single = np.zeros(dom.shape, bool)
     single[centre] = True
     domains = {f"TP lesion {lid}": dom, "single voxel at the TP's centre of mass": single}
-    wm = healthy_wm_ball(st)
+    wm = healthy_wm_ball(st, volume_mm3=cfg.tn_mm3)
     if wm is not None:
-        domains["healthy-WM ball (93 mm^3)"] = wm
+        domains[f"healthy-WM ball ({cfg.tn_mm3:g} mm^3)"] = wm
+    todo = {k: v for k, v in domains.items() if not (tp_map is not None and k.startswith("TP lesion"))}
+    computed = model.explain(st.image, todo, cfg.samples, cfg.aggregation, cfg.seed, cfg.sigma_fraction)
+    if tp_map is not None:
+        import itertools
+
+        computed = itertools.chain([(f"TP lesion {lid}", tp_map)], computed)
     rows = []
-    for name, maps in _bar(model.explain(st.image, domains, cfg.samples, cfg.aggregation, cfg.seed,
-                                         cfg.sigma_fraction), cfg, desc=f"{model.name}: exp4 sanity",
-                           total=len(domains), unit="domain"):
+    for name, maps in _bar(computed, cfg, desc=f"{model.name}: exp4 sanity", total=len(domains), unit="domain"):
         d = domains[name]
         row = {"model": model.name, "case": cid, "domain": name, "voxels": int(d.sum()),
                "mean_prob": float(st.prob[d].mean())}
@@ -624,7 +740,8 @@ def transplant_conditions(state: CaseState, domain: np.ndarray, margin_mm: float
     return out
 
 
-def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cfg: ExperimentConfig):
+def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cfg: ExperimentConfig,
+                    original_map: np.ndarray | None = None):
     dom = state.pred == lesion_id
     rows, crops = [], []
     base = {"model": model.name, "case": state.id, "lesion_id": int(lesion_id), "voxels": int(dom.sum())}
@@ -636,8 +753,11 @@ def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cf
         img, omega = item
         region = geo.dilate_mm(omega, state.affine, 5.0)
         prob = state.prob if name == "original" else model.probability(img, region)
-        maps = next(iter(model.explain(img, {"d": omega}, cfg.samples, cfg.aggregation, cfg.seed,
-                                       cfg.sigma_fraction)))[1]
+        if name == "original" and original_map is not None:
+            maps = original_map
+        else:
+            maps = next(iter(model.explain(img, {"d": omega}, cfg.samples, cfg.aggregation, cfg.seed,
+                                           cfg.sigma_fraction)))[1]
         near = geo.dilate_mm(omega, state.affine, 3.0)
         row = {**base, "condition": name, "status": "ok", "mean_prob": float(prob[omega].mean()),
                "detected": _detected(prob, region, omega, model, state.affine),
@@ -654,42 +774,68 @@ def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cf
 
 
 # --------------------------------------------------------------------------------------------------- exp 6
-def _n_windows(spec, shape, truth: np.ndarray, tid: int, margin: int = 3) -> int:
-    """Number of sliding windows that overlap the lesion's bounding box grown by ``margin`` voxels (cost proxy)."""
-    sl = ndimage.find_objects((truth == tid).astype(np.int8))[0]
+def _n_windows(spec, shape, mask: np.ndarray, margin: int = 3) -> int:
+    """Number of sliding windows that overlap the bounding box of ``mask`` grown by ``margin`` voxels (cost proxy)."""
+    sl = ndimage.find_objects(mask.astype(np.int8))[0]
     box = np.zeros(shape, bool)
     box[tuple(slice(max(s.start - margin, 0), s.stop + margin) for s in sl)] = True
     return len(spec.grid(shape).windows_covering(box))
 
 
+def predicted_component(pred_labels: np.ndarray, truth_domain: np.ndarray) -> np.ndarray | None:
+    """The predicted lesion (instance of ``pred_labels``) that overlaps ``truth_domain`` most; None if none does."""
+    ids, counts = np.unique(pred_labels[truth_domain], return_counts=True)
+    keep = ids > 0
+    if not keep.any():
+        return None
+    return pred_labels == ids[keep][np.argmax(counts[keep])]
+
+
+def own_prediction_near(model: ExperimentModel, image: np.ndarray, affine, truth_domain: np.ndarray,
+                        margin_mm: float = 10.0) -> tuple[np.ndarray | None, float]:
+    """This model's predicted lesion overlapping a true lesion, from the windows covering the lesion and
+    ``margin_mm`` around it (forward passes only): ``(Ω or None, mean softmax in the true lesion)``."""
+    region = geo.dilate_mm(truth_domain, affine, margin_mm)
+    prob = model.probability(image, region)
+    prob = np.where(region, prob, 0.0)
+    return predicted_component(model.lesions(prob, affine), truth_domain), float(prob[truth_domain].mean())
+
+
 def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int, spec=None) -> tuple[list, str]:
-    """Detected true lesions (a predicted lesion overlaps them) with volume in [lo, hi] mm^3, as
-    ``(case id, truth id, volume)``; the range is widened by 50 % steps when none qualifies. Among those in range,
-    lesions read by fewer sliding windows (cheaper) come first when ``spec`` is given, then by volume."""
+    """TP lesions of this model (predicted components overlapping a true lesion) with volume in [lo, hi] mm^3, as
+    ``(case id, true lesion id, volume of the predicted component)``; the range is widened by 50 % steps when none
+    qualifies. Among those in range, lesions read by fewer sliding windows (cheaper) come first when ``spec`` is
+    given, then by closeness to the middle of the range. Other architectures use their own predicted component
+    overlapping the same true lesion (:func:`own_prediction_near`)."""
     cands = []
     for s in states:
         vox = voxel_volume_mm3(s.affine)
-        counts = np.bincount(s.truth.ravel())
-        for tid in s.classes.detected:
-            cands.append((s.id, int(tid), float(counts[tid] * vox)))
+        counts = np.bincount(s.pred.ravel())
+        best: dict[int, tuple[int, int]] = {}  # pred id -> (overlap, truth id)
+        for pid, tid in s.classes.pairs:
+            ov = int(((s.pred == pid) & (s.truth == tid)).sum())
+            if pid not in best or ov > best[pid][0]:
+                best[int(pid)] = (ov, int(tid))
+        for pid, (_, tid) in best.items():
+            cands.append((s.id, tid, float(counts[pid] * vox), pid))
     by_id = {s.id: s for s in states}
 
     def cost(c):
-        return 0 if spec is None else _n_windows(spec, by_id[c[0]].truth.shape, by_id[c[0]].truth, c[1])
+        return 0 if spec is None else _n_windows(spec, by_id[c[0]].pred.shape, by_id[c[0]].pred == c[3])
 
     if not cands:
-        return [], "no detected true lesion in the cohort"
+        return [], "no TP lesion in the cohort"
     a, b = lo, hi
     for _ in range(12):
         pick = [c for c in cands if a <= c[2] <= b]
         if pick:
-            note = (f"detected lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
-                    f"no detected lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
+            note = (f"TP lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
+                    f"no TP lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
             pick.sort(key=lambda c: (cost(c), abs(c[2] - (lo + hi) / 2), c[0], c[1]))
-            return pick[:k], note
+            return [c[:3] for c in pick[:k]], note
         a, b = a / 1.5, b * 1.5
     pick = sorted(cands, key=lambda c: abs(c[2] - (lo + hi) / 2))[:k]
-    return pick, f"no detected lesion near {lo:g}-{hi:g} mm^3; used the detected lesions closest in volume"
+    return [c[:3] for c in pick], f"no TP lesion near {lo:g}-{hi:g} mm^3; used the TP lesions closest in volume"
 
 
 def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, dom: np.ndarray, affine,
@@ -713,7 +859,7 @@ def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, 
 
 def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: ExperimentConfig,
                  picks: list | None = None) -> tuple[list[dict], str, list]:
-    """Context dilation of detected true lesions (Ω = the ground-truth lesion, the same for every architecture)."""
+    """Context dilation of TP lesions: Ω = this model's predicted lesion overlapping the picked true lesion."""
     note = ""
     if picks is None:
         picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions, model.spec)
@@ -721,32 +867,49 @@ def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: Experimen
     rows = []
     steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
     bar = _bar(range(len(picks) * len(steps)), cfg, desc=f"{model.name}: exp6 context", unit="step")
-    for cid, tid, vol in picks:
+    missed = []
+    for cid, tid, _ in picks:
         st = by_id[cid]
-        dom = st.truth == tid
-        for r in context_curve(model, st.image, st.brain, dom, st.affine, cfg, bar):
-            rows.append({"model": model.name, "case": cid, "lesion_id": int(tid), "volume_mm3": vol, **r})
+        dom = predicted_component(st.pred, st.truth == tid)
+        if dom is None:
+            missed.append(f"{cid} true lesion #{tid}")
+            bar.update(len(steps))
+            continue
+        rows += _context_rows(model, st.image, st.brain, dom, st.affine, cid, tid, cfg, bar)
     bar.close()
+    if missed:
+        note = (note + "; " if note else "") + "not detected by this model (no TP, no curve): " + ", ".join(missed)
     return rows, note, picks
+
+
+def _context_rows(model, image, brain, dom, affine, cid, tid, cfg, bar) -> list[dict]:
+    vol = float(dom.sum() * voxel_volume_mm3(affine))
+    return [{"model": model.name, "case": cid, "lesion_id": int(tid), "volume_mm3": vol, **r}
+            for r in context_curve(model, image, brain, dom, affine, cfg, bar)]
 
 
 def run_context_only(model: ExperimentModel, cases: list[CaseSpec], picks: list, note: str,
                      cfg: ExperimentConfig) -> ModelResults:
-    """Experiment 6 alone (forward passes only) for another architecture, on the lesions picked for the first model."""
+    """Experiment 6 alone (forward passes only) for another architecture, on the true lesions picked for the first
+    model; Ω = this architecture's own predicted lesion overlapping each (found from the windows around it)."""
     res = ModelResults(model.name, model.source, cfg.as_dict(), kind="context")
     t0 = time.time()
     specs = {c.id: c for c in cases}
     steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
     bar = _bar(range(len(picks) * len(steps)), cfg, desc=f"{model.name}: exp6 context", unit="step")
-    for cid, tid, vol in picks:
+    missed = []
+    for cid, tid, _ in picks:
         case = specs[cid]
         prep = model.prepare(case.flair, case.t1)
         truth = instances_from_mask(load_volume(case.truth, "truth").array, prep.affine)
         brain = load_volume(case.brain_mask).array > 0 if case.brain_mask else prep.brain_mask
-        dom = truth == tid
-        for r in context_curve(model, prep.image, brain, dom, prep.affine, cfg, bar):
-            res.exp6.append({"model": model.name, "case": cid, "lesion_id": int(tid), "volume_mm3": vol, **r})
+        dom, p_truth = own_prediction_near(model, prep.image, prep.affine, truth == tid)
+        if dom is None:
+            missed.append(f"{cid} true lesion #{tid} (mean softmax {p_truth:.2f})")
+            bar.update(len(steps))
+            continue
+        res.exp6 += _context_rows(model, prep.image, brain, dom, prep.affine, cid, tid, cfg, bar)
     bar.close()
-    res.exp6_note = note
+    res.exp6_note = note + ("; not detected by this model (no TP, no curve): " + ", ".join(missed) if missed else "")
     res.timings["exp6_s"] = res.timings["total_s"] = time.time() - t0
     return res
