@@ -19,14 +19,14 @@ torch.set_num_threads(1)
 def _unet():
     torch.manual_seed(0)
     return UNet(3, 2, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=1), (16, 16, 16), (20, 16, 12), \
-        "model.1.submodule.2", ("batched", "vmap")
+        "model.1.submodule.2", ("batched", "vmap", "loop")
 
 
 def _dynunet():
     torch.manual_seed(0)
     net = DynUNet(3, 2, 2, kernel_size=(3, 3, 3), strides=(1, 2, 2), upsample_kernel_size=(2, 2), filters=(4, 8, 16),
                   res_block=True)
-    return net, (16, 16, 16), (20, 16, 12), "upsamples.1", ("batched", "vmap")
+    return net, (16, 16, 16), (20, 16, 12), "upsamples.1", ("batched", "vmap", "loop")
 
 
 def _swinunetr():

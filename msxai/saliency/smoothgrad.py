@@ -27,6 +27,7 @@ import torch
 
 from msxai import THRESHOLD
 from msxai.errors import EmptyDomainError, GeometryError, InputError
+from msxai.saliency.cpu_kernels import cpu_backward_kernels
 from msxai.saliency.sliding import (
     SlidingWindowSpec,
     WindowGrid,
@@ -119,11 +120,13 @@ class WindowJacobian:
     """
 
     def __init__(self, network, grid: WindowGrid, windows: Sequence[int], xs: torch.Tensor, box, backend="batched",
-                 autocast_dtype=None, channel: int = LESION_CHANNEL):
+                 autocast_dtype=None, channel: int = LESION_CHANNEL, cpu_kernels: bool = False):
         if backend not in ("batched", "vmap", "loop"):
             raise ValueError(f"backend must be batched, vmap or loop, got {backend!r}")
         self.network, self.grid, self.windows, self.box = network, grid, list(windows), box
         self.backend, self.autocast_dtype, self.channel = backend, autocast_dtype, channel
+        # faster CPU backward kernels (same arithmetic, msxai.saliency.cpu_kernels): plain backward passes only
+        self.cpu_kernels = bool(cpu_kernels) and backend == "loop" and xs.device.type == "cpu"
         self.xs = xs
         self.outputs: dict[int, torch.Tensor] = {}
         self.vjp_fns: dict[int, Callable] = {}
@@ -158,10 +161,11 @@ class WindowJacobian:
         outs = [self.outputs[w] for w in wins]
         if self.backend == "batched":
             return torch.autograd.grad(outs, self.xs, grad_outputs=cots, retain_graph=True, is_grads_batched=True)[0]
-        grads = [
-            torch.autograd.grad(outs, self.xs, grad_outputs=[c[k] for c in cots], retain_graph=True)[0]
-            for k in range(K)
-        ]
+        with cpu_backward_kernels(self.cpu_kernels):
+            grads = [
+                torch.autograd.grad(outs, self.xs, grad_outputs=[c[k] for c in cots], retain_graph=True)[0]
+                for k in range(K)
+            ]
         return torch.stack(grads)
 
 
@@ -291,6 +295,7 @@ def instance_smoothgrad_many(
     max_group_windows: int = 8,
     channel: int = LESION_CHANNEL,
     memory_mb: float | None = None,
+    cpu_kernels: bool = True,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Instance SmoothGrad for several domains; yields ``(name, map [C, X, Y, Z] float32)`` per domain.
 
@@ -349,13 +354,13 @@ def instance_smoothgrad_many(
                 xs.requires_grad_(True)
                 args = (network, grid, windows, xs, box, group, aggregation, K, nb, dtype, device)
                 try:
-                    _accumulate_group(*args, backend, autocast_dtype, channel)
+                    _accumulate_group(*args, backend, autocast_dtype, channel, cpu_kernels)
                 except RuntimeError as exc:
                     if not fallback or backend == "loop":
                         raise
                     warnings.warn(f"batched VJP failed ({exc}); falling back to one backward per voxel")
                     backend = "loop"
-                    _accumulate_group(*args, backend, autocast_dtype, channel)
+                    _accumulate_group(*args, backend, autocast_dtype, channel, cpu_kernels)
                 done += nb
             for s in group:
                 out = np.zeros(img.shape, dtype=np.float32)
@@ -400,10 +405,10 @@ def graph_bytes_per_copy(network, grid: WindowGrid, img: torch.Tensor, device, a
 
 
 def _accumulate_group(network, grid, windows, xs, box, group, aggregation, K, nb, dtype, device, backend,
-                      autocast_dtype, channel):
+                      autocast_dtype, channel, cpu_kernels=False):
     # partial sums must not leak into the accumulators if this call fails and is retried
     jac = WindowJacobian(network, grid, windows, xs, box, backend=backend, autocast_dtype=autocast_dtype,
-                         channel=channel)
+                         channel=channel, cpu_kernels=cpu_kernels)
     results = []
     for s in group:
         if aggregation == "mean":
