@@ -146,7 +146,7 @@ class StudyInfo:
 
     def __post_init__(self):
         if not self.study_uid:
-            self.study_uid = stable_uid("study", self.patient_id)
+            self.study_uid = stable_uid("study", self.patient_id, self.study_description)
         if not self.frame_of_reference_uid:
             self.frame_of_reference_uid = stable_uid("for", self.study_uid)
 
@@ -178,7 +178,9 @@ def volume_to_mr_series(volume: np.ndarray, affine: np.ndarray, study: StudyInfo
         raise InputError(f"expected a 3D volume, got shape {volume.shape}")
     geo = slice_geometry(affine)
     q, slope, intercept = _quantise(volume)
-    series_uid = series_uid or stable_uid("series", study.study_uid, series_description, series_number)
+    # the content is part of the UID: another volume never overwrites some of this one's instances
+    series_uid = series_uid or stable_uid("series", study.study_uid, series_description, series_number,
+                                          content_hash(volume, np.asarray(affine, np.float64)))
     lo, hi = np.percentile(volume[volume > volume.min()] if np.any(volume > volume.min()) else volume, [1, 99.5])
     now = _dt.datetime.now().strftime("%H%M%S")
     out = []

@@ -1,0 +1,403 @@
+"""The OHIF path end to end: Orthanc (DICOMweb, authentication, own network namespace) holding a synthetic FLAIR/T1
+study, the msxai MONAI Label app on Orthanc's DICOMweb, results written back as DICOM SEG, and OHIF (served by the
+app at /ohif/) driven in headless Chromium.
+
+Started once per module with ``msxai.ohif_stack.up`` (what ``scripts/ohif_stack.sh up`` runs) on free ports, with a
+2 mm synthetic subject (91x109x91; ``msxai synth --n 1 --seed 7 --voxel-size 2``) and a snapshot of the U-Net bundle.
+
+Skipped with the reason when the Debian packages (orthanc, orthanc-dicomweb; chromium for the browser test) or
+network namespaces (root / CAP_SYS_ADMIN) are not available; ``.ci/run`` installs the packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from msxai.loopback import netns_available
+from msxai.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
+    missing_requirements, start_server, up
+
+BUNDLE = REPO_ROOT / "bundles" / "msxai_unet"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+_missing = missing_requirements()
+_netns_ok, _netns_reason = netns_available() if not _missing else (False, "")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(_missing), reason="Debian packages not installed: " + "; ".join(_missing)
+                       + " (.ci/run runs scripts/install_ohif_deps.sh)"),
+    pytest.mark.skipif(not _missing and not _netns_ok,
+                       reason=f"Orthanc is isolated in a network namespace and {_netns_reason}"),
+    pytest.mark.skipif(not (BUNDLE / "models" / "model.pt").is_file(), reason="bundles/msxai_unet has no weights"),
+]
+VOXEL_MM = 2.0
+SCREENSHOT = REPO_ROOT / "docs" / "ohif_screenshot.png"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    run = tmp_path_factory.mktemp("ohif_stack")
+    bundles = run / "bundles"
+    shutil.copytree(BUNDLE, bundles / "msxai_unet", ignore=shutil.ignore_patterns("eval", "logs", "__pycache__"))
+    cfg = StackConfig(run_dir=run, orthanc_port=_free_port(), server_port=_free_port(), models="unet",
+                      bundles_dir=bundles, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    t0 = time.time()
+    try:
+        state = up(cfg, voxel_size=VOXEL_MM, log=lambda m: print("[stack]", m))
+    except StackError as exc:
+        pytest.fail(f"stack did not start: {exc}")
+    state["startup_s"] = time.time() - t0
+    yield cfg, state
+    down(cfg, log=lambda m: print("[stack]", m))
+
+
+@pytest.fixture(scope="module")
+def dw(stack):
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    cfg, _ = stack
+    return DICOMwebClient(url=cfg.dicomweb_url, session=create_session_from_user_pass(*cfg.auth))
+
+
+def _infer(cfg: StackConfig, task: str, image: str, params: dict, timeout: float = 900):
+    """POST /infer/<task> like the clients (multipart params); returns (status, JSON answer or text)."""
+    boundary = "msxaiboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{json.dumps(params)}\r\n"
+            f"--{boundary}--\r\n").encode()
+    url = f"{cfg.server_url}/infer/{task}?image={urllib.parse.quote(image, safe='')}&output=json"
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        text = e.read().decode(errors="replace")
+        try:
+            return e.code, json.loads(text)
+        except ValueError:
+            return e.code, text
+
+
+def _get_json(url: str, auth=None):
+    import base64
+
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def _flair(stack, dw):
+    cfg, state = stack
+    study = state["study"]["StudyInstanceUID"]
+    series = state["study"]["series"]["FLAIR"]
+    metas = [__import__("pydicom").Dataset.from_json(m) for m in dw.retrieve_series_metadata(study, series)]
+    return study, series, metas
+
+
+@pytest.fixture(scope="module")
+def segmentation(stack):
+    cfg, state = stack
+    flair = state["study"]["series"]["FLAIR"]
+    t0 = time.time()
+    code, res = _infer(cfg, "segmentation_unet", flair, {})
+    assert code == 200, res
+    res["_seconds"] = time.time() - t0
+    print(f"[timing] segmentation_unet over DICOMweb: {res['_seconds']:.1f} s")
+    return res
+
+
+def _seg_dataset(dw, study: str, seg_uid: str):
+    inst = dw.retrieve_series(study, seg_uid)
+    assert len(inst) == 1, f"SEG series {seg_uid} holds {len(inst)} instances"
+    return inst[0]
+
+
+def _check_seg_geometry(seg, flair_metas, flair_series):
+    """The SEG references the FLAIR series and lies on its frames: same frame of reference, orientation, spacing,
+    size; every frame's position is that of the FLAIR instance it names."""
+    by_uid = {str(m.SOPInstanceUID): m for m in flair_metas}
+    assert seg.Modality == "SEG" and seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == flair_series
+    ref = flair_metas[0]
+    assert seg.StudyInstanceUID == ref.StudyInstanceUID and seg.FrameOfReferenceUID == ref.FrameOfReferenceUID
+    assert (int(seg.Rows), int(seg.Columns)) == (int(ref.Rows), int(ref.Columns))
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    np.testing.assert_allclose([float(x) for x in shared.PlaneOrientationSequence[0].ImageOrientationPatient],
+                               [float(x) for x in ref.ImageOrientationPatient], atol=1e-6)
+    np.testing.assert_allclose([float(x) for x in shared.PixelMeasuresSequence[0].PixelSpacing],
+                               [float(x) for x in ref.PixelSpacing], atol=1e-6)
+    assert len(seg.PerFrameFunctionalGroupsSequence) == int(seg.NumberOfFrames) > 0
+    for fg in seg.PerFrameFunctionalGroupsSequence:
+        src = fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert src in by_uid
+        np.testing.assert_allclose([float(x) for x in fg.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(x) for x in by_uid[src].ImagePositionPatient], atol=1e-4)
+
+
+def _seg_volume_independent(seg, affine_ras: np.ndarray, shape) -> np.ndarray:
+    """The SEG as a label volume (value = segment number) on the grid ``affine_ras``/``shape``, read by pydicom-seg
+    (not msxai's code) and placed by the physical position of every voxel."""
+    import pydicom_seg
+    import SimpleITK as sitk
+
+    out = np.zeros(shape, np.int32)
+    res = pydicom_seg.SegmentReader().read(seg)
+    inv = np.linalg.inv(affine_ras)
+    for number in res.available_segments:
+        img = res.segment_image(number)
+        arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (x, y, z) = ITK index order
+        idx = np.argwhere(arr > 0).astype(np.float64)
+        d = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
+        lps = idx @ d.T + np.asarray(img.GetOrigin())
+        ras = lps * np.array([-1.0, -1.0, 1.0])
+        vox = ras @ inv[:3, :3].T + inv[:3, 3]
+        r = np.rint(vox).astype(int)
+        assert np.abs(vox - r).max() < 1e-3
+        assert not out[tuple(r.T)].any(), "segments overlap"
+        out[tuple(r.T)] = number
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- network
+def test_nothing_listens_beyond_loopback(stack):
+    cfg, state = stack
+    pids = [state[k] for k in ("orthanc_pid", "relay_pid", "server_pid")]
+    socks = listening_sockets(pids)
+    assert socks, "the stack listens nowhere?"
+    assert all(addr in ("127.0.0.1", "::1") for addr, _ in socks), socks
+    assert {p for _, p in socks} == {cfg.orthanc_port, cfg.server_port}, socks
+    # Orthanc itself: another network namespace whose only interface is lo, listening only on its HTTP port
+    opid = state["orthanc_pid"]
+    assert os.readlink(f"/proc/{opid}/ns/net") != os.readlink("/proc/self/ns/net")
+    ifaces = {line.split(":")[0].strip() for line in Path(f"/proc/{opid}/net/dev").read_text().splitlines()[2:]}
+    assert ifaces == {"lo"}, ifaces
+    ports = set()
+    for f in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{opid}/net/{f}").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A":
+                ports.add(int(parts[1].split(":")[1], 16))
+    assert ports == {cfg.orthanc_port}, f"Orthanc listens on {ports} (its DICOM port must be off)"
+
+
+def test_bad_credentials_refused(stack):
+    cfg, _ = stack
+    for path in ("/system", "/dicom-web/studies", "/instances"):
+        assert http_status(cfg.orthanc_url + path, cfg.auth) == 200
+        assert http_status(cfg.orthanc_url + path, (cfg.user, "wrong")) == 401
+        assert http_status(cfg.orthanc_url + path, ("nobody", cfg.password)) == 401
+        assert http_status(cfg.orthanc_url + path) == 401
+    # the app with wrong credentials stops at start-up with the reason
+    bad = StackConfig(run_dir=cfg.run_dir / "bad", orthanc_port=cfg.orthanc_port, server_port=_free_port(),
+                      models="unet", bundles_dir=cfg.bundles_dir, password="wrong", extra_env=cfg.extra_env)
+    bad.run_dir.mkdir(exist_ok=True)
+    with pytest.raises(StackError) as ei:
+        start_server(bad, timeout=240)
+    log = (bad.run_dir / "server.log").read_text(errors="replace")
+    assert "HTTP 401" in log and "credentials refused" in log, log[-3000:]
+    assert "exited" in str(ei.value)
+
+
+# ------------------------------------------------------------------------------------------------------- the app
+def test_study_listing_and_pairing(stack):
+    cfg, state = stack
+    rows = _get_json(cfg.server_url + "/msxai/studies")
+    flair, t1 = state["study"]["series"]["FLAIR"], state["study"]["series"]["T1"]
+    assert [(r["image"], r.get("t1")) for r in rows] == [(flair, t1)]
+    # MONAI Label's own view of the datastore: one image (the FLAIR; the T1 is its companion, not an image)
+    assert _get_json(cfg.server_url + "/datastore/?output=stats")["total"] == 1
+
+
+def test_segmentation_saved_as_seg(stack, dw, segmentation):
+    cfg, state = stack
+    study, flair, metas = _flair(stack, dw)
+    res = segmentation
+    assert res["n_lesions"] == len(res["lesions"]) > 0
+    info = res["dicom_seg"]
+    assert "error" not in info, info
+    seg = _seg_dataset(dw, study, info["SeriesInstanceUID"])
+    _check_seg_geometry(seg, metas, flair)
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    expected = sorted(res["label_names"], key=lambda k: res["label_names"][k])
+    assert len(labels) == res["n_lesions"] and labels == expected
+    assert all(s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Lesion" for s in seg.SegmentSequence)
+    # voxel for voxel: the SEG equals the lesion map the app computed (its cache, on the converted FLAIR's grid)
+    files = _get_json(f"{cfg.server_url}/msxai/artifacts/{flair}")["files"]
+    assert "seg_unet/labels.nii.gz" in files and "seg_unet/meta.json" in files
+    with urllib.request.urlopen(f"{cfg.server_url}/msxai/artifacts/{flair}/seg_unet/labels.nii.gz") as r:
+        p = cfg.run_dir / "labels_http.nii.gz"
+        p.write_bytes(r.read())
+    lab = nib.load(str(p))
+    instances = np.asarray(lab.dataobj).astype(np.int32)
+    vol = _seg_volume_independent(seg, lab.affine, instances.shape)
+    np.testing.assert_array_equal(vol, instances)
+    # the quantitative per-lesion JSON stays available over HTTP
+    meta = _get_json(f"{cfg.server_url}/msxai/artifacts/{flair}/seg_unet/meta.json")
+    assert [r["id"] for r in meta["table"]] == [r["id"] for r in res["lesions"]]
+    assert abs(lab.affine[0, 0]) == pytest.approx(VOXEL_MM)
+
+
+@pytest.mark.parametrize("task,params", [("explain_gradcampp", {}), ("explain_smoothgrad", {"samples": 2, "seed": 7})])
+def test_explain_saved_as_seg(stack, dw, segmentation, task, params):
+    cfg, _ = stack
+    study, flair, metas = _flair(stack, dw)
+    smallest = min(segmentation["lesions"], key=lambda r: (r["voxels"], r["id"]))
+    lesion = smallest["id"] if task == "explain_smoothgrad" else max(
+        segmentation["lesions"], key=lambda r: (r["voxels"], -r["id"]))["id"]
+    t0 = time.time()
+    code, res = _infer(cfg, task, flair, dict(params, model="unet", lesion=lesion))
+    print(f"[timing] {task} lesion {lesion} over DICOMweb: {time.time() - t0:.1f} s")
+    assert code == 200, res
+    info = res["dicom_seg"]
+    assert "error" not in info, info
+    seg = _seg_dataset(dw, study, info["SeriesInstanceUID"])
+    _check_seg_geometry(seg, metas, flair)
+    # the label map the app answered, fetched over HTTP, against the SEG read independently
+    url = [u for u in res["urls"] if u.endswith("labelmap.nii.gz")][0]
+    with urllib.request.urlopen(cfg.server_url + url) as r:
+        p = cfg.run_dir / f"{task}_labelmap.nii.gz"
+        p.write_bytes(r.read())
+    lab = nib.load(str(p))
+    arr = np.asarray(lab.dataobj).astype(np.int32)
+    names = {v: k for k, v in res["label_names"].items()}
+    present = [v for v in sorted(names) if np.any(arr == v)]
+    labels = [str(s.SegmentLabel) for s in seg.SegmentSequence]
+    assert labels == [names[v] for v in present] and len(labels) == int(len(seg.SegmentSequence)) >= 1
+    assert all(s.SegmentedPropertyCategoryCodeSequence[0].CodingSchemeDesignator == "99MSXAI"
+               for s in seg.SegmentSequence)
+    vol = _seg_volume_independent(seg, lab.affine, arr.shape)
+    expected = np.zeros_like(arr)
+    for n, v in enumerate(present, start=1):
+        expected[arr == v] = n
+    np.testing.assert_array_equal(vol, expected)
+    # the quantitative summary stays available over HTTP
+    summary = _get_json(cfg.server_url + [u for u in res["urls"] if u.endswith("summary.json")][0])
+    assert list(summary["domains"]) == [f"lesion_{lesion}"]
+    assert f"lesion_{lesion}" in summary["summary"]
+
+
+def test_bad_input_over_dicomweb(stack, dw):
+    """Unknown series 404, a FLAIR without a T1 series in its study 422 with the reason; the server keeps serving."""
+    from msxai.dicom import StudyInfo, volume_to_mr_series
+    from msxai.ohif_stack import store_datasets
+
+    cfg, state = stack
+    code, res = _infer(cfg, "segmentation_unet", "1.2.3.4.5.6", {})
+    assert code == 404 and "not on the DICOMweb server" in json.dumps(res), res
+    code, res = _infer(cfg, "segmentation_unet", "../etc/passwd", {})
+    assert code == 400, res
+    vol = np.asarray(nib.load(state["study"]["flair"]).dataobj, np.float32)[::4, ::4, ::4]
+    lonely = volume_to_mr_series(vol, np.diag([-8.0, 8.0, 8.0, 1.0]), StudyInfo(patient_id="MSXAI-LONELY"),
+                                 "FLAIR", 1)
+    store_datasets(cfg, lonely)
+    code, res = _infer(cfg, "segmentation_unet", str(lonely[0].SeriesInstanceUID), {})
+    assert code == 422 and "no T1/MPRAGE series" in json.dumps(res), res
+    assert http_status(cfg.server_url + "/info/") == 200
+
+
+# ----------------------------------------------------------------------------------------------------- the viewer
+@pytest.mark.skipif(not CHROMIUM, reason="Debian package chromium not installed (.ci/run installs it)")
+def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
+    """Open the study in /ohif/ (MONAI Label mode), connect the MONAI Label panel, set the explain task's lesion in
+    its options dialog, run explain_gradcampp from the panel and see the result drawn over the FLAIR."""
+    pytest.importorskip("playwright", reason="the playwright wheel is not installed (requirements.txt)")
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    cfg, state = stack
+    study, flair = state["study"]["StudyInstanceUID"], state["study"]["series"]["FLAIR"]
+    # the largest lesion on the middle axial slice (OHIF opens the MPR views in the middle of the volume)
+    depth = len(dw.search_for_instances(study, flair))
+    mid = depth // 2
+    on_mid = [r for r in segmentation["lesions"] if r["bbox_min"][2] <= mid <= r["bbox_max"][2]]
+    lesion = max(on_mid or segmentation["lesions"], key=lambda r: r["voxels"])["id"]
+
+    logs, errors = [], []
+    args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+    # (Playwright gives every launch a fresh temporary profile: no --user-data-dir needed)
+    t0 = time.time()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            ctx = browser.new_context(viewport={"width": 1600, "height": 900})
+            # the panel's server URL (default: port 8000 of the page's host) is kept in this cookie
+            ctx.add_cookies([{"name": "MONAILABEL_SERVER_URL", "value": cfg.server_url + "/", "url": cfg.server_url}])
+            ctx.add_init_script("""window.__errs = []; const _d = console.debug; console.debug = function(...a) {
+                if (String(a[0]).includes('Error Boundary')) window.__errs.push(String(a[1] && a[1].stack));
+                return _d.apply(this, a); };""")
+            page = ctx.new_page()
+            page.on("console", lambda m: logs.append(m.text))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{cfg.server_url}/ohif/monai-label?StudyInstanceUIDs={study}")
+            # the viewport: all images of the FLAIR loaded and drawn
+            deadline = time.time() + 180
+            while not any("displaySetsToAllImages" in m for m in logs):
+                assert time.time() < deadline, "OHIF did not load the study's images:\n" + "\n".join(logs[-30:])
+                page.wait_for_timeout(500)
+            page.wait_for_selector("canvas", state="visible")
+            page.wait_for_timeout(2000)
+            t_view = time.time() - t0
+            try:
+                page.click("text=Confirm and Hide", timeout=5000)  # the 'investigational use' banner
+            except Exception:
+                pass
+            before = tmp_path / "before.png"
+            page.screenshot(path=str(before))
+            # connect the MONAI Label panel (the refresh button beside the server URL)
+            page.locator(".settingsTable button.actionButton").first.click()
+            page.wait_for_selector("text=msxai - explainable MS lesion segmentation", timeout=60000)
+            # the explain task's options: one lesion (default 'all')
+            page.click("text=Options / Configurations")
+            page.select_option("select[name=selectName]", "explain_gradcampp")
+            page.fill("#inferexplain_gradcampplesion", str(lesion))
+            page.click("button:has-text('Confirm')")
+            models = page.locator(".modelSelector select.selectBox").first
+            assert {"segmentation_unet", "explain_smoothgrad", "explain_gradcampp"} <= set(
+                models.inner_text().split())
+            models.select_option("explain_gradcampp")
+            with page.expect_response(lambda r: "/infer/explain_gradcampp" in r.url, timeout=600000) as resp:
+                page.locator(".modelSelector button.actionButton").first.click()
+            r = resp.value
+            assert r.status == 200, r.text()[:500]
+            assert f'"lesion":"{lesion}"' in (r.request.post_data or "").replace(" ", ""), r.request.post_data
+            deadline = time.time() + 60
+            while not any("updated the segmentation's scalar data" in m for m in logs):
+                assert time.time() < deadline, "the panel did not draw the result:\n" + "\n".join(logs[-30:])
+                page.wait_for_timeout(500)
+            page.wait_for_timeout(3000)
+            shot = tmp_path / "ohif.png"
+            page.screenshot(path=str(shot))
+            errs = page.evaluate("window.__errs")
+        finally:
+            browser.close()
+    print(f"[timing] OHIF: study on screen {t_view:.1f} s, whole browser session {time.time() - t0:.1f} s")
+    assert not errs, errs
+    # the result is drawn: the viewports changed where the overlay is, and the overlay has colour (grey FLAIR)
+    a = np.asarray(Image.open(before).convert("RGB")).astype(int)
+    b = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    view = (slice(60, 880), slice(290, 1310))  # the three viewports
+    changed = np.abs(a[view] - b[view]).sum(-1) > 30
+    coloured = (np.ptp(b[view], axis=-1) > 60) & changed
+    assert coloured.sum() > 20, f"no coloured overlay drawn ({coloured.sum()} px)"
+    if os.environ.get("MSXAI_SAVE_SCREENSHOT") == "1":
+        shutil.copy(shot, SCREENSHOT)
