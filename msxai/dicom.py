@@ -278,7 +278,7 @@ def rgb_to_dicom_lab(rgb: Sequence[int]) -> list[int]:
     c = np.asarray(rgb, dtype=np.float64) / 255.0
     c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
     m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
-    xyz = m @ c / np.array([0.95047, 1.0, 1.08883])
+    xyz = m @ c / m.sum(axis=1)  # D65 white of this matrix: white maps to L* = 100, a* = b* = 0 exactly
     f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     L, a, b = 116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
     return [int(round(L * 65535 / 100)), int(round((a + 128) * 65535 / 255)), int(round((b + 128) * 65535 / 255))]
