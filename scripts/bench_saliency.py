@@ -10,8 +10,15 @@ its own (CPU: peak RSS; CUDA: ``torch.cuda.max_memory_allocated``), both in the 
   ``--naive-samples`` noise copies (its cost is linear in voxels × copies plus one full forward per copy);
 * ``fast-subset``: the engine on exactly the same sub-domains and copies -> the like-for-like speed-up and the max
   abs difference of the maps;
-* ``fast``: the engine on the full lesions with ``--samples`` copies; the naive time for that work is extrapolated
-  from the measured naive time per (voxel, copy) and per full forward (stated as such in the output).
+* ``fast-subset-nb1`` / ``fast-subset-plain``: the same with one copy per forward / without the CPU kernel
+  rerouting (``cpu_kernels=False``), for the exactness and the gain of each;
+* ``fast``: the engine on the full lesions with ``--samples`` copies (``--samples 50``: the method's default); the
+  naive time for that work is extrapolated from the measured naive time per (voxel, copy) and per full forward
+  (stated as such in the output).
+
+Every phase reports its wall time and its CPU time (``time.process_time``; with one thread the CPU time is what the
+phase itself computed, much less sensitive than the wall time to other processes sharing the machine); speed-ups
+are given for both, and the load average (``os.getloadavg``) before and after the run.
 
 Example (CPU, 1 thread)::
 
@@ -101,19 +108,20 @@ def phase(args):
             "windows_per_lesion": {k: len(spec.grid(img.shape[1:]).windows_covering(d)) for k, d in domains.items()},
             "voxels_per_lesion": {k: int(d.sum()) for k, d in domains.items()}}
     maps = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if args.phase == "naive":
         sub = subset(domains, args.naive_voxels)
         sig = noise_sigma(img, 0.05)
-        fwd = 0.0
+        fwd = fwd_cpu = 0.0
         for name, dom in sub.items():
             voxels = np.argwhere(dom)
             total = torch.zeros_like(img)
             for eps in noise_samples(img.shape, n, sig, args.seed):
                 x = (img + eps)[None].to(dev).requires_grad_(True)
-                tf = time.perf_counter()
+                tf, cf = time.perf_counter(), time.process_time()
                 y = inferer(x, net)[0, 1]
                 fwd += time.perf_counter() - tf
+                fwd_cpu += time.process_time() - cf
                 best = torch.zeros_like(x[0])
                 for v in voxels:
                     g = torch.autograd.grad(y[tuple(v)], x, retain_graph=True)[0][0]
@@ -122,6 +130,7 @@ def phase(args):
                 del y
             maps[name] = (total / n).numpy()
         info["forward_seconds"] = fwd
+        info["forward_cpu_seconds"] = fwd_cpu
         info["voxel_copies"] = int(sum(d.sum() for d in sub.values()) * n)
         info["forwards"] = len(sub) * n
     else:
@@ -132,11 +141,13 @@ def phase(args):
         ac = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
         for name, m in instance_smoothgrad_many(net, img, doms, spec, n_samples=samples, seed=args.seed, device=dev,
                                                 max_batch=args.max_batch, noise_batch=nbatch,
-                                                autocast_dtype=ac if args.phase == "fast-autocast" else None):
+                                                autocast_dtype=ac if args.phase == "fast-autocast" else None,
+                                                cpu_kernels=args.phase != "fast-subset-plain"):
             maps[name] = m
     if dev.type == "cuda":
         torch.cuda.synchronize()
     info["seconds"] = time.perf_counter() - t0
+    info["cpu_seconds"] = time.process_time() - c0
     info["peak_memory_mb"] = peak_memory_mb(args.device)
     np.savez(Path(args.tmp) / f"{args.phase}.npz", **maps)
     (Path(args.tmp) / f"{args.phase}.json").write_text(json.dumps(info))
@@ -177,46 +188,68 @@ def main(argv=None):
     if args.phase:
         return phase(args)
     own = [a for a in (argv if argv is not None else sys.argv[1:])]
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         naive, nmaps = run_phase("naive", own, tmp)
         fsub, fmaps = run_phase("fast-subset", own, tmp)
         f1, f1maps = run_phase("fast-subset-nb1", own, tmp)
+        fp, fpmaps = run_phase("fast-subset-plain", own, tmp)
         diff = max(float(np.abs(nmaps[k] - fmaps[k]).max()) for k in nmaps)
         diff1 = max(float(np.abs(nmaps[k] - f1maps[k]).max()) for k in nmaps)
+        diffp = max(float(np.abs(nmaps[k] - fpmaps[k]).max()) for k in nmaps)
         scale = max(float(np.abs(nmaps[k]).max()) for k in nmaps)
         flips = sum(int((np.abs(nmaps[k] - fmaps[k]) > 1e-4 * scale).sum()) for k in nmaps)
         nonzero = sum(int((nmaps[k] != 0).sum()) for k in nmaps)
+
+        def ratio(a, b):
+            return f"{a['seconds'] / b['seconds']:6.1f} x wall, {a['cpu_seconds'] / b['cpu_seconds']:6.1f} x CPU"
+
+        def times(r):
+            return f"{r['seconds']:8.2f} s wall {r['cpu_seconds']:8.2f} s CPU"
+
         print(f"device {args.device}, threads {args.threads}, image {args.size}^3, "
               f"{naive['windows_total']} windows, lesions: voxels {naive['voxels_per_lesion']}, "
               f"windows covering {naive['windows_per_lesion']}")
         print(f"like-for-like ({args.naive_voxels} voxels/lesion, {args.naive_samples} copies, max aggregation):")
-        print(f"  naive loop   {naive['seconds']:9.2f} s  peak {naive['peak_memory_mb']:8.0f} MB")
-        print(f"  fast engine  {fsub['seconds']:9.2f} s  peak {fsub['peak_memory_mb']:8.0f} MB")
-        print(f"  speed-up     {naive['seconds'] / fsub['seconds']:9.1f} x   max |diff| {diff:.3g} "
+        print(f"  naive loop   {times(naive)}  peak {naive['peak_memory_mb']:8.0f} MB")
+        print(f"  fast engine  {times(fsub)}  peak {fsub['peak_memory_mb']:8.0f} MB")
+        print(f"  speed-up     {ratio(naive, fsub)}   max |diff| {diff:.3g} "
               f"(max |map| {scale:.3g}, relative {diff / scale:.2g}; {flips} of {nonzero} non-zero voxels differ by"
               f" > 1e-4 max |map|)")
-        print(f"  fast, 1 copy per forward  {f1['seconds']:9.2f} s  speed-up {naive['seconds'] / f1['seconds']:.1f} x"
+        print(f"  fast, 1 copy per forward      {times(f1)}  speed-up {ratio(naive, f1)}"
               f"   max |diff| {diff1:.3g} (relative {diff1 / scale:.2g})")
-        result = {"naive": naive, "fast_subset": fsub, "fast_subset_noise_batch_1": f1, "max_abs_diff": diff,
-                  "max_abs_diff_noise_batch_1": diff1, "max_abs_map": scale, "voxels_over_1e-4": flips}
+        print(f"  fast, no CPU kernel rerouting {times(fp)}  speed-up {ratio(naive, fp)}"
+              f"   max |diff| {diffp:.3g} (relative {diffp / scale:.2g})")
+        result = {"naive": naive, "fast_subset": fsub, "fast_subset_noise_batch_1": f1, "fast_subset_plain": fp,
+                  "max_abs_diff": diff, "max_abs_diff_noise_batch_1": diff1, "max_abs_diff_plain": diffp,
+                  "max_abs_map": scale, "voxels_over_1e-4": flips}
         if not args.skip_full:
             full, fullmaps = run_phase("fast", own, tmp)
-            per_vc = (naive["seconds"] - naive["forward_seconds"]) / naive["voxel_copies"]
-            per_fwd = naive["forward_seconds"] / naive["forwards"]
             vc = sum(full_v for full_v in naive["voxels_per_lesion"].values()) * args.samples
-            est = per_vc * vc + per_fwd * args.lesions * args.samples
+            est = {}
+            for key, fkey in (("seconds", "forward_seconds"), ("cpu_seconds", "forward_cpu_seconds")):
+                per_vc = (naive[key] - naive[fkey]) / naive["voxel_copies"]
+                per_fwd = naive[fkey] / naive["forwards"]
+                est[key] = (per_vc * vc + per_fwd * args.lesions * args.samples, per_vc, per_fwd)
             print(f"full lesions ({sum(naive['voxels_per_lesion'].values())} voxels, {args.samples} copies):")
-            print(f"  fast engine  {full['seconds']:9.2f} s  peak {full['peak_memory_mb']:8.0f} MB")
-            print(f"  naive loop   {est:9.2f} s  (extrapolated: {per_vc:.3f} s per voxel-copy measured above"
-                  f" + {per_fwd:.3f} s per full forward)")
-            print(f"  speed-up     {est / full['seconds']:9.1f} x (extrapolated naive / measured fast)")
+            print(f"  fast engine  {times(full)}  peak {full['peak_memory_mb']:8.0f} MB")
+            print(f"  naive loop   {est['seconds'][0]:8.2f} s wall {est['cpu_seconds'][0]:8.2f} s CPU  (extrapolated:"
+                  f" {est['seconds'][1]:.3f} s wall / {est['cpu_seconds'][1]:.3f} s CPU per voxel-copy measured above"
+                  f" + {est['seconds'][2]:.3f} / {est['cpu_seconds'][2]:.3f} s per full forward)")
+            print(f"  speed-up     {est['seconds'][0] / full['seconds']:6.1f} x wall, "
+                  f"{est['cpu_seconds'][0] / full['cpu_seconds']:6.1f} x CPU (extrapolated naive / measured fast)")
             result["fast_full"] = full
-            result["naive_full_extrapolated_seconds"] = est
+            result["naive_full_extrapolated_seconds"] = est["seconds"][0]
+            result["naive_full_extrapolated_cpu_seconds"] = est["cpu_seconds"][0]
             if args.autocast != "none":
                 ac, acmaps = run_phase("fast-autocast", own, tmp)
                 err = max(float(np.abs(acmaps[k] - fullmaps[k]).max() / np.abs(fullmaps[k]).max()) for k in fullmaps)
                 print(f"  {args.autocast} autocast {ac['seconds']:9.2f} s, max |diff| / max |map| vs fp32: {err:.3g}")
                 result["autocast"] = {"dtype": args.autocast, "seconds": ac["seconds"], "relative_error": err}
+        load_after = os.getloadavg()
+        print(f"load average (1/5/15 min): before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
+              f"after {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}")
+        result["load_average_before"], result["load_average_after"] = load_before, load_after
         print(json.dumps(result))
     return 0
 

@@ -14,6 +14,7 @@ from msxai.saliency.smoothgrad import (
     graph_bytes_per_copy,
     instance_smoothgrad,
     instance_smoothgrad_many,
+    noise_batches,
     noise_sigma,
 )
 
@@ -147,6 +148,20 @@ def test_backends_give_identical_maps():
     assert per_copy > img[:, :8, :8, :6].numel() * 4
     tight = instance_smoothgrad(net, img, dom, spec, n_samples=2, noise_batch=2, memory_mb=1.5 * per_copy / 2**20)
     np.testing.assert_allclose(tight, maps["batched"], rtol=1e-5, atol=1e-7)
+
+
+def test_noise_batches_are_balanced_and_do_not_change_the_maps():
+    assert noise_batches(50, 16) == [13, 13, 12, 12]
+    assert noise_batches(50, 8) == [8] + [7] * 6
+    assert noise_batches(3, 8) == [3] and noise_batches(4, 1) == [1] * 4 and noise_batches(1, 4) == [1]
+    shape = (10, 9, 8)
+    net = TinySegNet(2)
+    img = random_image(shape, seed=3)
+    spec = SlidingWindowSpec((8, 8, 6), overlap=0.5, mode="gaussian")
+    dom = _box(shape, (3, 3, 2), (5, 5, 4))
+    a = instance_smoothgrad(net, img, dom, spec, n_samples=5, noise_batch=4)  # batches 3, 2
+    b = instance_smoothgrad(net, img, dom, spec, n_samples=5, noise_batch=1)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_many_domains_equal_single_domain_results():

@@ -27,7 +27,7 @@ import torch
 
 from msxai import THRESHOLD
 from msxai.errors import EmptyDomainError, GeometryError, InputError
-from msxai.saliency.cpu_kernels import cpu_backward_kernels
+from msxai.saliency.cpu_kernels import cpu_kernels as cpu_kernel_mode
 from msxai.saliency.sliding import (
     SlidingWindowSpec,
     WindowGrid,
@@ -125,7 +125,7 @@ class WindowJacobian:
             raise ValueError(f"backend must be batched, vmap or loop, got {backend!r}")
         self.network, self.grid, self.windows, self.box = network, grid, list(windows), box
         self.backend, self.autocast_dtype, self.channel = backend, autocast_dtype, channel
-        # faster CPU backward kernels (same arithmetic, msxai.saliency.cpu_kernels): plain backward passes only
+        # faster CPU kernels (same arithmetic, msxai.saliency.cpu_kernels): plain forward/backward passes only
         self.cpu_kernels = bool(cpu_kernels) and backend == "loop" and xs.device.type == "cpu"
         self.xs = xs
         self.outputs: dict[int, torch.Tensor] = {}
@@ -135,7 +135,8 @@ class WindowJacobian:
                 out, fn = torch.func.vjp(lambda t, w=w: self._window_fn(t, w), xs)
                 self.outputs[w], self.vjp_fns[w] = out.detach(), fn
             else:
-                self.outputs[w] = self._window_fn(xs, w)
+                with cpu_kernel_mode(self.cpu_kernels):
+                    self.outputs[w] = self._window_fn(xs, w)
 
     def _window_fn(self, xs: torch.Tensor, w: int) -> torch.Tensor:
         """Lesion logits [B, *roi] of window ``w``."""
@@ -161,7 +162,7 @@ class WindowJacobian:
         outs = [self.outputs[w] for w in wins]
         if self.backend == "batched":
             return torch.autograd.grad(outs, self.xs, grad_outputs=cots, retain_graph=True, is_grads_batched=True)[0]
-        with cpu_backward_kernels(self.cpu_kernels):
+        with cpu_kernel_mode(self.cpu_kernels):
             grads = [
                 torch.autograd.grad(outs, self.xs, grad_outputs=[c[k] for c in cots], retain_graph=True)[0]
                 for k in range(K)
@@ -347,9 +348,7 @@ def instance_smoothgrad_many(
             for s in group:
                 s.acc = torch.zeros((img.shape[0], *[hi - lo for lo, hi in box]), dtype=dtype, device=device)
             noise = noise_samples(img.shape, n_samples, sig, seed, dtype)
-            done = 0
-            while done < n_samples:
-                nb = min(Bg, n_samples - done)
+            for nb in noise_batches(n_samples, Bg):
                 xs = torch.stack([(img + next(noise))[(slice(None), *bsl)] for _ in range(nb)]).to(device)
                 xs.requires_grad_(True)
                 args = (network, grid, windows, xs, box, group, aggregation, K, nb, dtype, device)
@@ -361,12 +360,20 @@ def instance_smoothgrad_many(
                     warnings.warn(f"batched VJP failed ({exc}); falling back to one backward per voxel")
                     backend = "loop"
                     _accumulate_group(*args, backend, autocast_dtype, channel, cpu_kernels)
-                done += nb
             for s in group:
                 out = np.zeros(img.shape, dtype=np.float32)
                 out[(slice(None), *bsl)] = (s.acc / n_samples).float().cpu().numpy()
                 s.acc = None
                 yield s.name, out
+
+
+def noise_batches(n_samples: int, batch: int) -> list[int]:
+    """Sizes of the noise batches: as few batches of at most ``batch`` copies as possible, balanced (50 copies at
+    most 16 per batch: 13, 13, 12, 12 — not 16, 16, 16, 2, whose last small batch runs at a poor per-copy speed on the
+    CPU). The copies are still drawn in order, so the maps do not depend on the batching."""
+    n = max(1, -(-int(n_samples) // max(1, int(batch))))
+    q, r = divmod(int(n_samples), n)
+    return [q + 1] * r + [q] * (n - r)
 
 
 def default_memory_budget(device: torch.device) -> float:
