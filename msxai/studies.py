@@ -789,6 +789,7 @@ class StudyService:
             affine = np.asarray(prepared.affine, dtype=np.float64)
             seg = None
             domains: dict[str, np.ndarray] = {}
+            not_predicted: dict[str, str] = {}  # domains that are not this bundle's own lesions (no error score)
             if label_file:
                 domains["client_label"] = _read_domain_label(label_file, shape, affine, p.label_value)
                 source = "uploaded label"
@@ -825,13 +826,25 @@ class StudyService:
                     )
                 for i in ids:
                     domains[f"lesion_{i}"] = lesion_domain(labels, i)
+                    if saved:
+                        not_predicted[f"lesion_{i}"] = f"a lesion of {origin}, not the model's own: no error score"
                 source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of {origin}"
             if seg is None:
                 seg = self.segmentation(p.model, pair, device, prepared=prepared)
             maps, summaries = explain_maps(bundle, prepared, domains, p, device, prob=seg["prob"])
-            return shape, affine, domains, source, maps, summaries
+            from msxai.experiments.error_flag import score_for_bundle  # error score per lesion (or null + reason)
 
-        shape, affine, domains, source, maps, summaries = self.run(compute)
+            for n in domains:
+                if not n.startswith("lesion_"):
+                    not_predicted[n] = "a drawn domain, not a lesion predicted by the bundle: no error score"
+            scores, flag_info = score_for_bundle(
+                getattr(bundle, "path", None), p.method, p.aggregation, p.samples, p.sigma, maps, domains, affine,
+                prob=seg["prob"], threshold=getattr(bundle, "threshold", 0.3), not_predicted=not_predicted)
+            for n, sc in scores.items():
+                summaries[n].update(sc)
+            return shape, affine, domains, source, maps, summaries, flag_info
+
+        shape, affine, domains, source, maps, summaries, flag_info = self.run(compute)
 
         # one display map: the chosen sequence (SmoothGrad) or the CAM, largest magnitude over the domains
         ch = SEQUENCE_NAMES.index(p.sequence)
@@ -873,6 +886,7 @@ class StudyService:
             "labelmap_sequence": p.sequence if method == "smoothgrad" else "Grad-CAM++",
             "bins": edges,
             "summary": summaries,
+            "error_flag": flag_info,
             "params": {
                 "samples": p.samples, "sigma": p.sigma, "aggregation": p.aggregation, "layer": p.layer,
                 "seed": p.seed, "strong": p.fractions[0], "medium": p.fractions[1],

@@ -281,3 +281,40 @@ def test_command_line_errors(tmp_path, capsys):
     assert "split 'val' is empty" in capsys.readouterr().err
     assert main(["experiments", "--bundle", str(tmp_path / "nobundle"), "--cohort", str(ds),
                  "--out", str(tmp_path / "o")]) == 2
+
+
+def test_partial_run_and_included_results(tmp_path, capsys):
+    """A cheap run (TP/FP only, no other experiment) pickles its results; a later report includes them, and a
+    context-only run of the same bundle replaces their (absent) context-dilation rows."""
+    import shutil
+
+    from msxai.cli import main
+
+    ds = write_cohort(tmp_path / "cohort", n=2)
+    first = _write_tiny_bundle(tmp_path)
+    other = tmp_path / "other_bundle"
+    shutil.copytree(first, other)
+    cfg = json.loads((other / "configs" / "inference.json").read_text())
+    cfg["bundle_root"] = str(other)
+    (other / "configs" / "inference.json").write_text(json.dumps(cfg))
+    common = ["--cohort", str(ds), "--samples", "1", "--max-lesions-per-class", "1", "--context-max-mm", "2",
+              "--context-step-mm", "2", "--n-boot", "50", "--no-progress"]
+    assert main(["experiments", "--bundle", str(first), "--out", str(tmp_path / "r1"), "--classes", "TP,FP",
+                 "--skip", "exp1", "--skip", "exp4", "--skip", "exp5", "--skip", "exp6", "--skip", "randomization",
+                 "--results-dir", str(tmp_path / "pk"), *common]) == 0
+    les1 = rows(tmp_path / "r1" / "lesions.csv")
+    assert {r["cls"] for r in les1} == {"TP", "FP"}
+    assert rows(tmp_path / "r1" / "exp6_context.csv") == []
+    pkl = tmp_path / "pk" / "results_tiny_bundle.pkl"
+    assert pkl.is_file()
+    assert main(["experiments", "--bundle", str(other), "--context-only-bundle", str(first), "--include-results",
+                 str(pkl), "--out", str(tmp_path / "r2"), *common]) == 0
+    les2 = rows(tmp_path / "r2" / "lesions.csv")
+    assert [r for r in les2 if r["model"] == "tiny_bundle"] == les1  # the included rows, unchanged
+    e6 = rows(tmp_path / "r2" / "exp6_context.csv")
+    assert {r["model"] for r in e6} == {"tiny_bundle", "other_bundle"}
+    text = (tmp_path / "r2" / "report.html").read_text()
+    assert "included results" in text and "experiments not run (CPU budget)" in text
+    assert main(["experiments", "--bundle", str(other), "--include-results", str(tmp_path / "nope.pkl"),
+                 "--out", str(tmp_path / "r3"), *common]) == 2
+    assert "results file not found" in capsys.readouterr().err

@@ -323,3 +323,29 @@ def test_label_window_counts_match_the_windows_covering_the_box():
         box = np.zeros(labels.shape, bool)
         box[sl] = True
         assert counts[i] == len(grid.windows_covering(box)), i
+
+
+def test_window_count_map_and_domain_costs_match_a_per_voxel_count():
+    """Fast path (product of per-axis counts) vs the slow twin (windows covering each single voxel)."""
+    from msxai.experiments.runner import domain_costs, interleave_classes, mask_cost, window_count_map
+    from msxai.saliency.sliding import SlidingWindowSpec
+
+    for shape, roi in (((20, 17, 9), (8, 8, 8)), ((6, 30, 12), (16, 16, 16))):
+        spec = SlidingWindowSpec(roi_size=roi, overlap=0.25, mode="gaussian")
+        grid = spec.grid(shape)
+        wmap = window_count_map(spec, shape)
+        ref = np.zeros(shape, np.float32)
+        for idx in np.ndindex(*shape):
+            m = np.zeros(shape, bool)
+            m[idx] = True
+            ref[idx] = len(grid.windows_covering(m))
+        np.testing.assert_array_equal(wmap, ref)
+        labels = np.zeros(shape, np.int32)
+        labels[1:4, 2:6, 1:3] = 1
+        labels[-3:, -4:, -2:] = 2
+        costs = domain_costs(spec, labels)
+        assert costs == {1: float(ref[labels == 1].sum()), 2: float(ref[labels == 2].sum())}
+        assert mask_cost(spec, labels == 2) == costs[2]
+    sel = {"TP": [("a", 1), ("b", 2), ("a", 3)], "FP": [("a", 5)], "FN": [], "TN": [("b", 0), ("a", 1)]}
+    assert interleave_classes(sel, first=[("TP", "a", 3)]) == [
+        ("TP", "a", 3), ("TP", "a", 1), ("FP", "a", 5), ("TN", "b", 0), ("TP", "b", 2), ("TN", "a", 1)]

@@ -48,8 +48,14 @@ def register(subparsers) -> None:
                         "windows covering each) is at most C voxel-windows (0 = no limit; CPU budget)")
     p.add_argument("--exp1-max-cost", type=float, default=0.0, metavar="C",
                    help="the 'large' lesion of experiment 1 is the largest TP costing at most C voxel-windows")
+    p.add_argument("--bulk-minutes", type=float, default=0.0, metavar="M",
+                   help="stop starting new bulk maps after M minutes (0 = no limit); domains are taken in turn "
+                        "TP, FP, FN, TN so the classes stay balanced")
     p.add_argument("--tn-mm3", type=float, default=93.0,
                    help="volume of the TN balls and of the healthy-WM ball (paper: 93 mm^3)")
+    p.add_argument("--classes", default="TP,FP,FN,TN", help="domain classes explained in bulk (default TP,FP,FN,TN)")
+    p.add_argument("--skip", action="append", default=[], choices=("exp1", "exp4", "exp5", "exp6", "randomization"),
+                   help="an experiment not to run (CPU budget); repeatable")
     p.add_argument("--results-dir", metavar="DIR", help="also pickle each model's results here (for --include-results)")
     p.add_argument("--include-results", action="append", default=[], metavar="PKL",
                    help="add a model's results from an earlier run (results_<model>.pkl); a --context-only-bundle "
@@ -94,7 +100,7 @@ def run(args) -> int:
         transplant_lesions=args.transplant_lesions, context_lesions=args.context_lesions,
         context_max_mm=args.context_max_mm, context_step_mm=args.context_step_mm,
         randomization_lesions=args.randomization_lesions, max_domain_windows=args.max_domain_windows,
-        max_domain_cost=args.max_domain_cost, exp1_max_cost=args.exp1_max_cost, tn_mm3=args.tn_mm3,
+        bulk_budget_s=60.0 * args.bulk_minutes, classes=_classes(args.classes), skip=tuple(args.skip), max_domain_cost=args.max_domain_cost, exp1_max_cost=args.exp1_max_cost, tn_mm3=args.tn_mm3,
         n_boot=args.n_boot, progress=not args.no_progress,
     )
     from msxai.experiments import load_results
@@ -134,3 +140,14 @@ def _resolve(b: str):
     from msxai.bundle import resolve_bundle_dir
 
     return resolve_bundle_dir(b)
+
+
+def _classes(text: str) -> tuple:
+    from msxai.errors import InputError
+    from msxai.experiments.runner import CLASSES
+
+    got = tuple(c.strip().upper() for c in text.split(",") if c.strip())
+    bad = [c for c in got if c not in CLASSES]
+    if bad or not got:
+        raise InputError(f"--classes: use a comma-separated subset of {','.join(CLASSES)}, got {text!r}")
+    return got

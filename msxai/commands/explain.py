@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--max-batch", type=int, default=None, help="vector-Jacobian products per backward (memory knob)")
     p.add_argument("--noise-batch", type=int, default=None, help="noise copies per forward")
+    p.add_argument("--error-flag", default="auto", metavar="auto|none|FILE",
+                   help="saliency-based error flag: auto (default) = the bundle's models/error_flag.json when it "
+                        "ships one; FILE = this fitted model; none = no error score")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
@@ -39,18 +42,32 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from msxai.bundle import load_bundle
     from msxai.errors import InputError
+    from msxai.experiments.error_flag import annotate_explain_output, load_bundle_flag
     from msxai.saliency.engine import explain_to_files, resolve_device
 
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     device = resolve_device(args.device)
     bundle = load_bundle(args.bundle, device=device)
+    bundle_dir = getattr(bundle, "path", None)
+    flag_file = None if args.error_flag in ("auto", "none") else args.error_flag
+    if flag_file is not None:
+        load_bundle_flag(bundle_dir, flag_file)  # a bad --error-flag FILE is refused before the maps are computed
     result = explain_to_files(
         bundle, args.flair, args.t1, args.out, lesions_path=args.lesions, lesion_ids=args.lesion_id,
         domain_path=args.domain, method=args.method, aggregation=args.aggregation, n_samples=args.samples,
         sigma_fraction=args.sigma, sigma=args.sigma_abs, layer=args.layer, seed=args.seed,
         progress=not args.no_progress, max_batch=args.max_batch, noise_batch=args.noise_batch,
     )
+    if args.error_flag != "none":
+        scores = annotate_explain_output(result, bundle_dir, args.flair, args.lesions, flag_file)
+        for name, s in scores.items():
+            if s["error_score"] is not None:
+                print(f"{name}: error score (P false positive) {s['error_score']:.3f}"
+                      f"{'  FLAGGED' if s['error_flag'] else ''}")
+        reasons = sorted({s["error_flag_reason"] for s in scores.values() if s["error_flag_reason"]})
+        for r in reasons:
+            print(f"error score not given: {r}")
     n = len(result["files"])
     print(f"explained {n} {'domain' if args.domain else 'lesion'}{'s' if n != 1 else ''} with {args.method}: "
           f"{result['json']}, {result['csv']}")

@@ -38,6 +38,8 @@ def run_experiments(models, cases, out_dir, config=None, settings: dict | None =
     first = None
     for m in full:
         results[id(m)] = run_model(m, cases, config, None if first is None else first.exp6_picks)
+        if results_dir is not None:  # saved as soon as each model is done (a later model may not finish)
+            save_results([results[id(m)]], results_dir)
         if first is None:
             first = results[id(m)]
     for m in models:

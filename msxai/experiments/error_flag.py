@@ -101,7 +101,7 @@ class ErrorFlagModel:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ErrorFlagModel":
-        if d.get("kind") != "msxai-error-flag":
+        if not isinstance(d, dict) or d.get("kind") != "msxai-error-flag":
             raise InputError("not an msxai error-flag model (missing kind: msxai-error-flag)")
         n = len(d["feature_names"])
         if not (len(d["mean"]) == len(d["scale"]) == len(d["coef"]) == n):
@@ -117,7 +117,7 @@ class ErrorFlagModel:
             raise InputError(f"error-flag model not found: {path}")
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: not a valid error-flag model ({exc})") from exc
 
 
@@ -363,6 +363,36 @@ def score_lesions(flag: LoadedFlag, maps: dict, domains: dict, affine, settings_
     return out
 
 
+def score_for_bundle(bundle_dir, method: str, aggregation: str | None, n_samples: int | None,
+                     sigma_fraction: float | None, maps: dict, domains: dict, affine, prob=None,
+                     threshold: float = 0.3, not_predicted: dict | None = None, sigma_abs: float | None = None,
+                     on_network_grid: bool = True, error_flag_path=None) -> tuple[dict, dict]:
+    """Error scores of explained domains with the bundle's fitted error flag: ``({name: {"error_score",
+    "error_flag", "error_flag_reason"}}, provenance)``.
+
+    ``maps``: name -> instance SmoothGrad ``[2, X, Y, Z]`` on the network grid; ``domains``: name -> Ω;
+    ``prob``: the bundle's lesion softmax (a domain whose mean softmax is not above ``threshold`` is not one of its
+    lesions); ``not_predicted``: name -> why a domain is not a lesion the bundle predicted (drawn domains, lesions
+    of a saved label). A score is given only when the model exists and the maps' settings match its training
+    (:func:`incompatibility`); otherwise ``error_score`` is None and ``error_flag_reason`` says why."""
+    flag = load_bundle_flag(bundle_dir, error_flag_path)
+    reason = None
+    if flag.model is not None:
+        reason = incompatibility(flag.model, method, aggregation, n_samples, sigma_fraction, sigma_abs,
+                                 bundle_weights_sha256(bundle_dir) if bundle_dir else None, on_network_grid)
+    reasons = dict(not_predicted or {})
+    if prob is not None:
+        for name, dom in domains.items():
+            if name in reasons:
+                continue
+            mp = float(np.asarray(prob)[np.asarray(dom, bool)].mean())
+            if mp <= threshold:
+                reasons[name] = (f"mean softmax in the domain {mp:.3f} <= threshold {threshold}: not a lesion this "
+                                 "bundle predicts")
+    scores = score_lesions(flag, maps, domains, affine, reason, reasons)
+    return scores, dict(flag.describe(), reason=flag.reason or reason)
+
+
 def annotate_explain_output(result: dict, bundle_dir, flair_path, lesions_path=None, error_flag_path=None) -> dict:
     """Add the error score of every explained lesion to the output of ``msxai explain``
     (:func:`msxai.saliency.engine.explain_to_files`): ``error_score``, ``error_flag`` and ``error_flag_reason`` per
@@ -375,42 +405,44 @@ def annotate_explain_output(result: dict, bundle_dir, flair_path, lesions_path=N
     from msxai.io import load_volume
 
     settings = result["settings"]
-    flag = load_bundle_flag(bundle_dir, error_flag_path)
-    reason = None
-    if flag.model is not None:
-        method = settings.get("method")
-        reason = incompatibility(flag.model, method, settings.get("aggregation"), settings.get("n_samples"),
-                                 settings.get("sigma_fraction"), settings.get("sigma_abs"),
-                                 bundle_weights_sha256(bundle_dir) if bundle_dir else None,
-                                 bool(settings.get("network_grid_is_input_grid", True)))
     summaries = result["summaries"]
-    lesion_reasons, maps, domains = {}, {}, {}
-    threshold = settings.get("threshold", 0.3)
-    needs_maps = flag.model is not None and reason is None
-    labels = affine = None
-    if needs_maps:
+    flag = load_bundle_flag(bundle_dir, error_flag_path)
+    on_grid = bool(settings.get("network_grid_is_input_grid", True))
+    ready = (flag.model is not None and settings.get("method") == "smoothgrad" and on_grid
+             and incompatibility(flag.model, settings.get("method"), settings.get("aggregation"),
+                                 settings.get("n_samples"), settings.get("sigma_fraction"), settings.get("sigma_abs"),
+                                 None) is None)
+    not_predicted, maps, domains = {}, {}, {}
+    affine = None
+    labels = None
+    if ready:
         affine = load_volume(flair_path, "FLAIR").affine
         if lesions_path is not None:
-            labels = load_volume(lesions_path, "lesions", dtype=np.float64).array
+            labels = np.rint(load_volume(lesions_path, "lesions", dtype=np.float64).array).astype(np.int64)
+    threshold = float(settings.get("threshold", 0.3))
     for name, s in summaries.items():
         if s.get("lesion_id") is None:
-            lesion_reasons[name] = "a drawn domain, not a lesion predicted by the bundle: no error score"
+            not_predicted[name] = "a drawn domain, not a lesion predicted by the bundle: no error score"
             continue
         mp = s.get("mean_probability")
         if mp is not None and mp <= threshold:
-            lesion_reasons[name] = (f"mean softmax in the lesion {mp:.3f} <= threshold {threshold}: not a lesion "
-                                    "this bundle predicts")
+            not_predicted[name] = (f"mean softmax in the domain {mp:.3f} <= threshold {threshold}: not a lesion "
+                                   "this bundle predicts")
             continue
-        if needs_maps:
-            files = sorted(result["files"][name])
-            fl = [f for f in files if f.endswith("_smoothgrad_flair.nii.gz")]
-            mr = [f for f in files if f.endswith("_smoothgrad_mprage.nii.gz")]
-            maps[name] = np.stack([load_volume(fl[0], "map").array, load_volume(mr[0], "map").array])
-            domains[name] = np.rint(labels).astype(np.int64) == int(s["lesion_id"])
-    scores = score_lesions(flag, maps, {n: domains.get(n) for n in summaries}, affine, reason, lesion_reasons)
+        if ready and labels is not None:
+            files = result["files"][name]
+            fl = [f for f in files if f.endswith("_smoothgrad_flair.nii.gz")][0]
+            mr = [f for f in files if f.endswith("_smoothgrad_mprage.nii.gz")][0]
+            maps[name] = np.stack([load_volume(fl, "map").array, load_volume(mr, "map").array])
+            domains[name] = labels == int(s["lesion_id"])
+    scores, info = score_for_bundle(
+        bundle_dir, settings.get("method"), settings.get("aggregation"), settings.get("n_samples"),
+        settings.get("sigma_fraction"), maps, {n: domains.get(n) for n in summaries}, affine,
+        threshold=threshold, not_predicted=not_predicted, sigma_abs=settings.get("sigma_abs"),
+        on_network_grid=on_grid, error_flag_path=error_flag_path)
     for name, s in summaries.items():
         s.update(scores[name])
-    settings["error_flag"] = dict(flag.describe(), reason=flag.reason or reason)
+    settings["error_flag"] = info
     pj, pc = Path(result["json"]), Path(result["csv"])
     doc = json.loads(pj.read_text())
     doc["settings"] = settings

@@ -72,7 +72,10 @@ class ExperimentConfig:
     max_domain_cost: float = 0.0  # > 0: domains whose Eq. 3 cost (sum over voxels of covering windows) exceeds it
     # are not explained in bulk (CPU budget; see domain_costs)
     exp1_max_cost: float = 0.0  # > 0: the "large" lesion of experiment 1 is the largest TP within this cost
+    bulk_budget_s: float = 0.0  # > 0: the bulk maps stop starting new domains after this many seconds
     tn_mm3: float = 93.0  # volume of the TN balls and of the healthy-WM ball (paper: 93 mm^3)
+    classes: tuple = ("TP", "FP", "FN", "TN")  # domain classes explained in bulk
+    skip: tuple = ()  # experiments not run: any of exp1, exp4, exp5, exp6, randomization (CPU budget)
     n_boot: int = 2000
     crop_margin: int = 10  # voxels kept around a lesion for the figures
     progress: bool = True
@@ -161,6 +164,23 @@ def crop_record(name: str, image: np.ndarray, maps: np.ndarray, domain: np.ndarr
         "maps": np.asarray(maps[(slice(None), *sl)][..., z], np.float32),
         "domain": np.asarray(domain[sl][..., z], bool),
     }
+
+
+def interleave_classes(selected: dict, first=()) -> list[tuple[str, str, int]]:
+    """``(cls, case, id)`` in the order TP1, FP1, FN1, TN1, TP2, ... (``first`` items at the front), so that a
+    run stopped early keeps the classes balanced."""
+    out = list(first)
+    seen = set(out)
+    queues = {c: [(c, cid, int(i)) for cid, i in selected.get(c, [])] for c in CLASSES}
+    while any(queues.values()):
+        for c in CLASSES:
+            while queues[c]:
+                item = queues[c].pop(0)
+                if item not in seen:
+                    out.append(item)
+                    seen.add(item)
+                    break
+    return out
 
 
 def select_round_robin(per_case: dict[str, list[int]], k: int, seed: int) -> list[tuple[str, int]]:
@@ -353,7 +373,15 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
             "copy) were eligible for the bulk maps, i.e. small lesions, or lesions read by few windows; not eligible: "
             + ", ".join(f"{c} {n}" for c, n in skipped.items()))
     selected = {c: select_round_robin(per_class[c], cfg.max_lesions_per_class, cfg.seed + 7 * k)
-                for k, c in enumerate(CLASSES)}
+                if c in cfg.classes else [] for k, c in enumerate(CLASSES)}
+    if tuple(cfg.classes) != CLASSES:
+        res.notes.append("classes explained: " + ", ".join(c for c in CLASSES if c in cfg.classes) + " only")
+    if cfg.skip:
+        res.notes.append("experiments not run (CPU budget): " + ", ".join(cfg.skip))
+    if "exp1" in cfg.skip:
+        exp1_skip = True
+    else:
+        exp1_skip = False
 
     # experiment 1 targets among all TP lesions (the large one within exp1_max_cost / exp1_max_voxels)
     tp_all = []
@@ -363,8 +391,8 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
         tp_all += [(s.id, int(lid), int(counts[lid])) for lid in s.classes.tp
                    if (cfg.max_domain_windows <= 0 or wins.get(lid, 0) <= cfg.max_domain_windows)
                    and (cfg.exp1_max_cost <= 0 or costs[(s.id, "TP", lid)] <= cfg.exp1_max_cost)]
-    exp1_targets = exp1_pick(tp_all, cfg.exp1_max_voxels)
-    if not exp1_targets:
+    exp1_targets = [] if exp1_skip else exp1_pick(tp_all, cfg.exp1_max_voxels)
+    if not exp1_targets and not exp1_skip:
         res.notes.append(f"experiment 1 not run: no TP lesion within the size/cost caps")
     n1 = cfg.exp1_samples or cfg.samples
     if n1 == cfg.samples and cfg.aggregation == "max":
@@ -377,10 +405,10 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
         f"{c} {available[c]}/{len(selected[c])}" for c in CLASSES))
     tp_sel = [(cid, lid, int((by_id[cid].pred == lid).sum())) for cid, lid in selected["TP"]]
     cheap_tp = sorted(tp_sel, key=lambda t: (costs[(t[0], "TP", t[1])], t[0], t[1]))
-    rand_targets = [(c, l) for c, l, _ in cheap_tp][: cfg.randomization_lesions]
+    rand_targets = [] if "randomization" in cfg.skip else [(c, l) for c, l, _ in cheap_tp][: cfg.randomization_lesions]
     near100 = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
-    exp4_target = near100[0] if near100 else None
-    tr_targets = near100[: cfg.transplant_lesions]
+    exp4_target = near100[0] if near100 and "exp4" not in cfg.skip else None
+    tr_targets = [] if "exp5" in cfg.skip else near100[: cfg.transplant_lesions]
 
     # ---- bulk explanation (per case, all of its selected domains in one engine call)
     t1 = time.time()
@@ -395,14 +423,14 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     n_domains = sum(len(v) for v in selected.values())
     bar = _bar(range(n_domains), cfg, desc=f"{model.name}: explain ({cfg.aggregation}, N={cfg.samples})",
                unit="domain")
-    for state in states:
-        domains = {}
-        for cls in CLASSES:
-            for cid, ident in selected[cls]:
-                if cid == state.id:
-                    domains[f"{cls}:{ident}"] = _domains_of(state, cls, ident)
-        if not domains:
-            continue
+    order = interleave_classes(selected, first=[("TP", c, l) for lab, c, l in exp1_targets if lab == "large"])
+    stopped = 0
+    for k_item, (cls_, cid_, ident_) in enumerate(order):
+        if cfg.bulk_budget_s > 0 and time.time() - t1 > cfg.bulk_budget_s:
+            stopped = len(order) - k_item
+            break
+        state = by_id[cid_]
+        domains = {f"{cls_}:{ident_}": _domains_of(state, cls_, ident_)}
         for name, maps in model.explain(state.image, domains, cfg.samples, cfg.aggregation, cfg.seed,
                                         cfg.sigma_fraction):
             bar.update(1)
@@ -441,6 +469,12 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
             if key_full in want_full:
                 keep_full[key_full] = maps
     bar.close()
+    if stopped:
+        res.notes.append(f"bulk maps stopped at the time budget ({cfg.bulk_budget_s / 60:.0f} min): {stopped} of "
+                         f"{len(order)} selected domains not explained (taken in turn TP, FP, FN, TN, so the classes "
+                         "stay balanced)")
+    explained_tp = {(r["case"], r["lesion_id"]) for r in res.lesions if r["cls"] == "TP"}
+    rand_targets = [t for t in rand_targets if (t[0], t[1]) in explained_tp]
     res.timings["explain_s"] = time.time() - t1
     res.exp2_values = {k: {r: (np.concatenate(v) if v else np.zeros(0)) for r, v in d.items()}
                        for k, d in exp2_vals.items()}
@@ -507,7 +541,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     # ---- experiment 6: context dilation
     def _exp6():
         t_start = time.time()
-        if cfg.context_lesions > 0 or context_picks is not None:
+        if "exp6" not in cfg.skip and (cfg.context_lesions > 0 or context_picks is not None):
             res.exp6, res.exp6_note, res.exp6_picks = exp6_context(model, states, cfg, context_picks)
         else:
             res.exp6_note = "not run for this model (context_lesions = 0)"
