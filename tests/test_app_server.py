@@ -113,7 +113,20 @@ def bundles(tmp_path_factory):
     d = tmp_path_factory.mktemp("bundles")
     for m in AVAILABLE:
         shutil.copytree(BUNDLES[m], d / f"msxai_{m}", ignore=shutil.ignore_patterns("eval", "logs", "__pycache__"))
+    _error_flag_for_tests(d / "msxai_unet")
     return {m: d / f"msxai_{m}" for m in AVAILABLE}
+
+
+def _error_flag_for_tests(bundle: Path) -> None:
+    """A fitted error flag for the snapshot's weights and the settings test_explain_matches_cli uses with Eq. 3
+    (N = 2, sigma 0.05), fitted on random features: the app must give the same scores as `msxai explain`."""
+    from msxai.experiments.error_flag import SALIENCY_FEATURES, ErrorFlagModel, file_sha256
+
+    rng = np.random.default_rng(0)
+    feats = [{n: float(rng.normal()) for n in SALIENCY_FEATURES} for _ in range(20)]
+    ErrorFlagModel.fit(feats, [i % 2 for i in range(20)], SALIENCY_FEATURES, info={
+        "weights_sha256": file_sha256(bundle / "models" / "model.pt"), "method": "smoothgrad", "aggregation": "max",
+        "samples": 2, "sigma_fraction": 0.05}).save(bundle / "models" / "error_flag.json")
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +327,16 @@ def test_explain_matches_cli(client, studies, bundles, target, tmp_path, method)
                     "negative_mass_in_domain"):
             assert res["summary"][name]["maps"][n][key] == pytest.approx(ref_json["maps"][n][key], rel=1e-3,
                                                                          abs=1e-6)
+    # the error score (P false positive) of the lesion: the same as `msxai explain`'s, or null with the same reason
+    # (Grad-CAM++ maps, Eq. 2 maps, a drawn domain)
+    for key in ("error_score", "error_flag", "error_flag_reason"):
+        if key == "error_score" and ref_json[key] is not None:
+            assert res["summary"][name][key] == pytest.approx(ref_json[key], rel=1e-3, abs=1e-6)
+        else:
+            assert res["summary"][name][key] == ref_json[key], key
+    scored = method == "smoothgrad" and target["kind"] == "lesion" and params.get("aggregation") == "max"
+    assert (ref_json["error_score"] is not None) == scored, ref_json["error_flag_reason"]
+    assert res["error_flag"]["loaded"] is True
     # the label map is the binning of the FLAIR (or CAM) map with the domain outline, names carry the ranges
     lab_ref, names_ref, edges_ref = saliency_bins(maps[names[0]], target["mask"],
                                                   prefix="FLAIR" if method == "smoothgrad" else "CAM",
