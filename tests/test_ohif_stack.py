@@ -295,6 +295,38 @@ def test_explain_saved_as_seg(stack, dw, segmentation, task, params):
     assert f"lesion_{lesion}" in summary["summary"]
 
 
+def test_final_label_saved_as_seg(stack, dw, segmentation):
+    """A label saved as 'final' (PUT /datastore/label, what the clients' Save Label does) becomes a SEG in Orthanc,
+    written by msxai (no dcmqi); the app's result SEGs do not count as labels, the final one does."""
+    cfg, _ = stack
+    study, flair, metas = _flair(stack, dw)
+    assert _get_json(cfg.server_url + "/datastore/?output=stats")["completed"] == 0  # result SEGs are not labels
+    lab = nib.load(str(cfg.run_dir / "labels_http.nii.gz")) if (cfg.run_dir / "labels_http.nii.gz").is_file() else None
+    if lab is None:
+        with urllib.request.urlopen(f"{cfg.server_url}/msxai/artifacts/{flair}/seg_unet/labels.nii.gz") as r:
+            (cfg.run_dir / "labels_http.nii.gz").write_bytes(r.read())
+        lab = nib.load(str(cfg.run_dir / "labels_http.nii.gz"))
+    mask = (np.asarray(lab.dataobj) > 0).astype(np.uint8)
+    path = cfg.run_dir / "final.nii.gz"
+    nib.save(nib.Nifti1Image(mask, lab.affine), str(path))
+    boundary = "msxaiboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"params\"\r\n\r\n{{}}\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"label\"; filename=\"final.nii.gz\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + path.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    req = urllib.request.Request(f"{cfg.server_url}/datastore/label?image={flair}&tag=final", data=body, method="PUT",
+                                 headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        assert r.status == 200
+    segs = [x for x in dw.search_for_series(study, search_filters={"Modality": "SEG"}, fields=["SeriesDescription"])
+            if x.get("0008103E", {}).get("Value") == ["msxai final label"]]
+    assert len(segs) == 1
+    seg = _seg_dataset(dw, study, segs[0]["0020000E"]["Value"][0])
+    _check_seg_geometry(seg, metas, flair)
+    assert [str(x.SegmentLabel) for x in seg.SegmentSequence] == ["lesion"]
+    np.testing.assert_array_equal(_seg_volume_independent(seg, lab.affine, mask.shape), mask)
+    assert _get_json(cfg.server_url + "/datastore/?output=stats")["completed"] == 1
+
+
 def test_bad_input_over_dicomweb(stack, dw):
     """Unknown series 404, a FLAIR without a T1 series in its study 422 with the reason; the server keeps serving."""
     from msxai.dicom import StudyInfo, volume_to_mr_series

@@ -13,6 +13,9 @@ Slicer MONAILabel module and the OHIF v3 plugin.
 
 A bundle that cannot be loaded (weights missing, ...) stops the start-up with a message naming it. Nothing is
 downloaded: no model zoo, no sample tasks (sam2 is not registered), no dcmqi tools.
+
+``--studies http://...`` (a DICOMweb server, e.g. Orthanc: docs/ohif.md) serves MR series; the T1 series of a FLAIR
+is found in its study (:func:`msxai.studies.find_t1_series`) and results are stored back as DICOM SEG.
 """
 
 from __future__ import annotations
@@ -189,7 +192,7 @@ class MsxaiApp(MONAILabelApp):
 
     def _download_dcmqi_tools(self):
         # MONAILabelApp downloads dcmqi for DICOMweb datastores; this app never downloads anything
-        logger.info("msxai: dcmqi tools are not downloaded (offline app); DICOM SEG output needs them on PATH")
+        logger.info("msxai: dcmqi tools are not downloaded (offline app): DICOM SEG is written by msxai.dicom")
 
     # ------------------------------------------------------------------------------------------------ tasks
     def init_infers(self) -> Dict[str, InferTask]:

@@ -44,6 +44,7 @@ import threading  # noqa: E402
 
 from monailabel.datastore.dicom import DICOMWebDatastore  # noqa: E402
 from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
+from pydicom.dataset import Dataset  # noqa: E402
 
 from msxai.studies import UnknownImageError, dicom_sequence_of, find_t1_series, validate_image_id  # noqa: E402
 
@@ -136,6 +137,37 @@ class MsxaiDICOMwebDatastore(DICOMWebDatastore):
             r.setdefault("0020000D", {"vr": "UI", "Value": [study]})
         return self.get_image_uri(find_t1_series(rows, image_id))
 
+    # ----------------------------------------------------------------------------------------------- labels
+    FINAL_SEG_DESCRIPTION = "msxai final label"
+
+    def _label_segs(self) -> list[tuple[str, str, str]]:
+        """``(study, SEG series, referenced image series)`` of the SEG series that are labels: MONAI Label counts
+        every SEG referencing an image as its label; the app's own results (``msxai lesions ...``, ``msxai
+        gradcampp ...``) are model output, not labels, and are left out."""
+        out = []
+        images = set(self.list_images())
+        for r in self._series(Modality="SEG"):
+            desc = self._value(r, "0008103E")
+            if desc.startswith("msxai ") and desc != self.FINAL_SEG_DESCRIPTION:
+                continue
+            study, uid = self._value(r, "0020000D"), self._value(r, "0020000E")
+            meta = Dataset.from_json(self._client.retrieve_series_metadata(study, uid)[0])
+            refs = meta.get("ReferencedSeriesSequence")
+            if refs and str(refs[0].SeriesInstanceUID) in images:
+                out.append((study, uid, str(refs[0].SeriesInstanceUID)))
+        return out
+
+    def get_labeled_images(self, label_tag=None, labels=None):
+        return sorted({image for _, _, image in self._label_segs()})
+
+    def get_unlabeled_images(self, label_tag=None, labels=None):
+        return sorted(set(self.list_images()) - set(self.get_labeled_images()))
+
+    def _download_labeled_data(self):
+        for _, seg_uid, image in self._label_segs():
+            self.get_image_uri(image_id=image)
+            self.get_label_uri(label_id=seg_uid, label_tag=DefaultLabelTag.FINAL, image_id=image)
+
     # ------------------------------------------------------------------------------------------------- SEG
     def store_seg(self, image_id: str, labels, affine, segments, description: str) -> dict:
         """Write ``labels`` (on the grid of ``get_image_uri(image_id)``) as a DICOM SEG of the series
@@ -182,7 +214,7 @@ class MsxaiDICOMwebDatastore(DICOMWebDatastore):
                 for v in values:
                     if v not in names.values():
                         names[f"lesion {v}" if len(values) > 1 else "lesion"] = v
-                info = self.store_seg(image_id, arr, aff, lesion_segments(names), "msxai final label")
+                info = self.store_seg(image_id, arr, aff, lesion_segments(names), self.FINAL_SEG_DESCRIPTION)
                 image_info = self.get_image_info(image_id)
                 label_info = dict(label_info or {})
                 label_info.update({"SeriesInstanceUID": info["SeriesInstanceUID"],
