@@ -89,15 +89,20 @@ class SynthConfig:
     # contrasts (relative to white matter = 1)
     flair_gm: tuple[float, float] = (1.05, 1.25)
     flair_csf: tuple[float, float] = (0.04, 0.2)
-    flair_lesion: tuple[float, float] = (1.2, 1.65)
-    flair_caps: tuple[float, float] = (0.0, 0.15)
+    flair_lesion: tuple[float, float] = (1.25, 1.9)
+    flair_caps: tuple[float, float] = (0.0, 0.3)
+    flair_caps_mm: tuple[float, float] = (2.0, 6.0)  # decay length of the caps away from the ventricles
+    # normal-appearing WM heterogeneity on FLAIR (unlabelled): diffuse "dirty-appearing" patches and small faint
+    # hyperintense foci, so that moderately bright WM is not always a lesion (patient26: WM FLAIR z p95 = 1.1)
+    flair_dawm: tuple[float, float] = (0.03, 0.2)
+    flair_foci: tuple[float, float] = (0.05, 0.25)
     t1_gm: tuple[float, float] = (0.62, 0.8)
     t1_csf: tuple[float, float] = (0.15, 0.35)
     t1_lesion: tuple[float, float] = (0.55, 0.97)
     black_hole_fraction: float = 0.15  # lesions with a markedly hypointense T1 core
     lesion_heterogeneity: tuple[float, float] = (0.03, 0.1)
     lesion_edge_mm: tuple[float, float] = (0.4, 1.0)  # partial-volume blur of lesion borders
-    texture: tuple[float, float] = (0.015, 0.05)
+    texture: tuple[float, float] = (0.015, 0.08)
     # acquisition
     bias_strength: tuple[float, float] = (0.02, 0.08)
     blur_sigma_mm: tuple[float, float] = (0.0, 0.6)
@@ -587,6 +592,9 @@ def _intensities(rng, cfg, p, mask, t1_tpl, labels, dist_vent) -> tuple[np.ndarr
         "t1_gm": _u(rng, cfg.t1_gm),
         "t1_csf": _u(rng, cfg.t1_csf),
         "flair_caps": _u(rng, cfg.flair_caps),
+        "flair_caps_mm": _u(rng, cfg.flair_caps_mm),
+        "flair_dawm": _u(rng, cfg.flair_dawm),
+        "flair_foci": _u(rng, cfg.flair_foci),
         "texture": _u(rng, cfg.texture),
     }
     # tissue model (WM = 1)
@@ -596,7 +604,12 @@ def _intensities(rng, cfg, p, mask, t1_tpl, labels, dist_vent) -> tuple[np.ndarr
     t1 = t1 + 0.5 * t1_tpl * (1 - csf)
     # periventricular caps on FLAIR (normal-appearing, thin hyperintense rim around the ventricles)
     if dist_vent is not None:
-        flair = flair * (1 + c["flair_caps"] * np.exp(-dist_vent / 3.0) * wm)
+        flair = flair * (1 + c["flair_caps"] * np.exp(-dist_vent / c["flair_caps_mm"]) * wm)
+    # normal-appearing WM heterogeneity (not lesions, not labelled): diffuse patches (~6 mm correlation) and small
+    # faint foci (~1.5 mm), positive parts only, inside WM
+    dawm = np.clip(smooth_noise(rng, shape, 6.0 / v), 0, 2.0)
+    foci = np.clip(smooth_noise(rng, shape, 1.5 / v, coarse=1) - 1.5, 0, 1.0)
+    flair = flair * (1 + (c["flair_dawm"] * dawm + c["flair_foci"] * foci) * wm)
     # anatomical texture: shared part + sequence-specific part
     shared = smooth_noise(rng, shape, 1.0 / v, coarse=1)
     flair *= 1 + c["texture"] * (0.7 * shared + 0.7 * smooth_noise(rng, shape, 1.0 / v, coarse=1))
