@@ -109,7 +109,9 @@ def _flair(stack, dw):
     cfg, state = stack
     study = state["study"]["StudyInstanceUID"]
     series = state["study"]["series"]["FLAIR"]
-    metas = [__import__("pydicom").Dataset.from_json(m) for m in dw.retrieve_series_metadata(study, series)]
+    from pydicom import Dataset
+
+    metas = [Dataset.from_json(m) for m in dw.retrieve_series_metadata(study, series)]
     return study, series, metas
 
 
@@ -349,8 +351,9 @@ def test_bad_input_over_dicomweb(stack, dw):
 # ----------------------------------------------------------------------------------------------------- the viewer
 @pytest.mark.skipif(not CHROMIUM, reason="Debian package chromium not installed (.ci/run installs it)")
 def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
-    """Open the study in /ohif/ (MONAI Label mode), connect the MONAI Label panel, set the explain task's lesion in
-    its options dialog, run explain_gradcampp from the panel and see the result drawn over the FLAIR."""
+    """Open the study in /ohif/ (MONAI Label mode), connect the MONAI Label panel, run segmentation_unet from it, set
+    the explain task's lesion in its options dialog, run explain_gradcampp, and see each result drawn over the
+    FLAIR."""
     pytest.importorskip("playwright", reason="the playwright wheel is not installed (requirements.txt)")
     from PIL import Image
     from playwright.sync_api import sync_playwright
@@ -406,17 +409,31 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
             models = page.locator(".modelSelector select.selectBox").first
             assert {"segmentation_unet", "explain_smoothgrad", "explain_gradcampp"} <= set(
                 models.inner_text().split())
+            run = page.locator(".modelSelector button.actionButton").first
+
+            def drawn(n: int):
+                deadline = time.time() + 60
+                while sum("updated the segmentation's scalar data" in m for m in logs) < n:
+                    assert time.time() < deadline, "the panel did not draw the result:\n" + "\n".join(logs[-30:])
+                    page.wait_for_timeout(500)
+                page.wait_for_timeout(3000)
+
+            # 1) the segmentation (the lesion mask: the panel maps values through /info's static labels)
+            models.select_option("segmentation_unet")
+            with page.expect_response(lambda r: "/infer/segmentation_unet" in r.url, timeout=600000) as resp:
+                run.click()
+            assert resp.value.status == 200, resp.value.text()[:500]
+            drawn(1)
+            seg_shot = tmp_path / "ohif_segmentation.png"
+            page.screenshot(path=str(seg_shot))
+            # 2) the explanation of one lesion
             models.select_option("explain_gradcampp")
             with page.expect_response(lambda r: "/infer/explain_gradcampp" in r.url, timeout=600000) as resp:
-                page.locator(".modelSelector button.actionButton").first.click()
+                run.click()
             r = resp.value
             assert r.status == 200, r.text()[:500]
             assert f'"lesion":"{lesion}"' in (r.request.post_data or "").replace(" ", ""), r.request.post_data
-            deadline = time.time() + 60
-            while not any("updated the segmentation's scalar data" in m for m in logs):
-                assert time.time() < deadline, "the panel did not draw the result:\n" + "\n".join(logs[-30:])
-                page.wait_for_timeout(500)
-            page.wait_for_timeout(3000)
+            drawn(2)
             shot = tmp_path / "ohif.png"
             page.screenshot(path=str(shot))
             errs = page.evaluate("window.__errs")
@@ -426,10 +443,12 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
     assert not errs, errs
     # the result is drawn: the viewports changed where the overlay is, and the overlay has colour (grey FLAIR)
     a = np.asarray(Image.open(before).convert("RGB")).astype(int)
-    b = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     view = (slice(60, 880), slice(290, 1310))  # the three viewports
-    changed = np.abs(a[view] - b[view]).sum(-1) > 30
-    coloured = (np.ptp(b[view], axis=-1) > 60) & changed
-    assert coloured.sum() > 20, f"no coloured overlay drawn ({coloured.sum()} px)"
+    for result in (seg_shot, shot):
+        b = np.asarray(Image.open(result).convert("RGB")).astype(int)
+        changed = np.abs(a[view] - b[view]).sum(-1) > 30
+        coloured = (np.ptp(b[view], axis=-1) > 60) & changed
+        assert coloured.sum() > 20, f"{result.name}: no coloured overlay drawn ({coloured.sum()} px)"
     if os.environ.get("MSXAI_SAVE_SCREENSHOT") == "1":
         shutil.copy(shot, SCREENSHOT)
+        shutil.copy(seg_shot, SCREENSHOT.with_name("ohif_screenshot_segmentation.png"))
