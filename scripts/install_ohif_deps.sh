@@ -18,11 +18,17 @@ if [ "$(id -u)" != 0 ]; then
 fi
 start=$(date +%s)
 export DEBIAN_FRONTEND=noninteractive
-# services must not start at install time (a container's policy-rc.d usually says so already)
+# the orthanc package must not start its service (it would listen on all interfaces): deny service starts during
+# the install unless a policy-rc.d already decides (containers usually have one that says no)
+made_policy=0
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  $SUDO sh -c 'printf "#!/bin/sh\nexit 101\n" > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d' && made_policy=1
+fi
 $SUDO apt-get update -q >/tmp/msxai_apt.log 2>&1 \
   && $SUDO apt-get install -y -q --no-install-recommends $pkgs >>/tmp/msxai_apt.log 2>&1 \
   && echo "install_ohif_deps: $pkgs installed ($(( $(date +%s) - start )) s)" \
   || { echo "install_ohif_deps: apt-get failed (see /tmp/msxai_apt.log); the OHIF tests will skip" >&2; tail -5 /tmp/msxai_apt.log >&2; }
+[ "$made_policy" = 1 ] && $SUDO rm -f /usr/sbin/policy-rc.d
 # a packaged Orthanc service (if the package started one) would listen on all interfaces: stop it
 if command -v service >/dev/null && service orthanc status >/dev/null 2>&1; then $SUDO service orthanc stop || true; fi
 exit 0
