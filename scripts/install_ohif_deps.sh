@@ -3,7 +3,7 @@
 # iproute2 for the network namespace. Tolerant: without them (no root, no network, not Debian) the OHIF tests skip
 # with the reason, and everything else still runs.
 set -uo pipefail
-pkgs="orthanc orthanc-dicomweb chromium iproute2 util-linux"
+pkgs="orthanc orthanc-dicomweb chromium fonts-liberation iproute2 util-linux"
 if command -v Orthanc >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v chromium >/dev/null \
    && command -v ip >/dev/null; then
   exit 0
