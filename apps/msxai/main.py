@@ -36,6 +36,7 @@ except ImportError:  # pragma: no cover
 if str(APP_DIR) not in sys.path:
     sys.path.insert(0, str(APP_DIR))
 
+import requests  # noqa: E402
 from fastapi import HTTPException  # noqa: E402
 from monailabel.config import settings  # noqa: E402
 from monailabel.interfaces.app import MONAILabelApp  # noqa: E402
@@ -262,3 +263,6 @@ class MsxaiApp(MONAILabelApp):
             raise HTTPException(status_code=http_status(exc), detail=str(exc)) from None
         except MONAILabelException as exc:
             raise HTTPException(status_code=400, detail=exc.msg) from None
+        except requests.RequestException as exc:  # the DICOMweb server (PACS) failed, not the request
+            logger.warning(f"msxai: DICOMweb server error for {request.get('model')}: {exc}")
+            raise HTTPException(status_code=502, detail=f"DICOMweb server {self.studies}: {exc}") from None

@@ -125,6 +125,16 @@ class MsxaiDICOMwebDatastore(DICOMWebDatastore):
                 self.study_of(image_id)  # a clear 404 instead of an IndexError deep in monailabel
             return super().get_image_uri(image_id)
 
+    def get_label_uri(self, label_id: str, label_tag: str, image_id: str = "") -> str:
+        """With ``image_id`` (MONAI Label's own use: ``label_id`` is a SEG series) as MONAI Label does; without it
+        ``label_id`` is an image and its label is the one kept in the local cache (``""`` when there is none), never a
+        download of the image series as if it were a SEG."""
+        if label_tag == DefaultLabelTag.FINAL and not image_id:
+            from monailabel.datastore.local import LocalDatastore
+
+            return LocalDatastore.get_label_uri(self, label_id, label_tag) or ""
+        return super().get_label_uri(label_id, label_tag, image_id)
+
     def image_series_dir(self, image_id: str) -> str:
         self.get_image_uri(image_id)
         return os.path.join(self._datastore.image_path(), image_id)
