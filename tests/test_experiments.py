@@ -307,14 +307,27 @@ def test_partial_run_and_included_results(tmp_path, capsys):
     assert rows(tmp_path / "r1" / "exp6_context.csv") == []
     pkl = tmp_path / "pk" / "results_tiny_bundle.pkl"
     assert pkl.is_file()
-    assert main(["experiments", "--bundle", str(other), "--context-only-bundle", str(first), "--include-results",
-                 str(pkl), "--out", str(tmp_path / "r2"), *common]) == 0
+    # context dilation alone (no full bundle): the true lesions are picked from the truth, like a full run does
+    assert main(["experiments", "--context-only-bundle", str(first), "--context-lesions", "2", "--results-dir",
+                 str(tmp_path / "pk_ctx"), "--out", str(tmp_path / "r0"), *common]) == 0
+    ctx_pkl = tmp_path / "pk_ctx" / "results_tiny_bundle.pkl"
+    assert main(["experiments", "--bundle", str(other), "--context-lesions", "2", "--include-results", str(pkl),
+                 "--include-results", str(ctx_pkl), "--out", str(tmp_path / "r2"), *common]) == 0
     les2 = rows(tmp_path / "r2" / "lesions.csv")
     assert [r for r in les2 if r["model"] == "tiny_bundle"] == les1  # the included rows, unchanged
     e6 = rows(tmp_path / "r2" / "exp6_context.csv")
     assert {r["model"] for r in e6} == {"tiny_bundle", "other_bundle"}
+    lesions_of = {m: {(r["case"], r["lesion_id"]) for r in e6 if r["model"] == m} for m in ("tiny_bundle", "other_bundle")}
+    assert lesions_of["tiny_bundle"] == lesions_of["other_bundle"] and len(lesions_of["tiny_bundle"]) == 2
     text = (tmp_path / "r2" / "report.html").read_text()
     assert "included results" in text and "experiments not run (CPU budget)" in text
+    assert text.count("Model tiny_bundle") == 1  # the context-only results merged into the full ones
+    # report only: the same results, no model run
+    assert main(["experiments", "--include-results", str(pkl), "--include-results", str(ctx_pkl), "--out",
+                 str(tmp_path / "r4"), "--no-progress"]) == 0
+    assert rows(tmp_path / "r4" / "lesions.csv") == les1
+    assert {r["model"] for r in rows(tmp_path / "r4" / "exp6_context.csv")} == {"tiny_bundle"}
+    assert "computed by:" in (tmp_path / "r4" / "report.html").read_text()
     assert main(["experiments", "--bundle", str(other), "--include-results", str(tmp_path / "nope.pkl"),
                  "--out", str(tmp_path / "r3"), *common]) == 2
     assert "results file not found" in capsys.readouterr().err

@@ -15,8 +15,9 @@ def register(subparsers) -> None:
         "TP/FP/FN/TN peaks, sanity domains, transplants, context dilation, model randomisation - and the "
         "saliency-based error flag, per bundle, on a cohort split and/or the real patient.",
     )
-    p.add_argument("--bundle", action="append", required=True, metavar="B",
-                   help="bundle folder or short name (unet, msxai_dynunet, ...); repeat for several")
+    p.add_argument("--bundle", action="append", default=[], metavar="B",
+                   help="bundle folder or short name (unet, msxai_dynunet, ...) running every experiment; repeat for "
+                        "several")
     p.add_argument("--context-only-bundle", action="append", default=[], metavar="B",
                    help="a bundle that runs the context-dilation experiment only (forward passes; cheap); repeatable")
     p.add_argument("--cohort", metavar="DIR|dataset.json", help="synthetic cohort (msxai synth output)")
@@ -89,8 +90,11 @@ def run(args) -> int:
         cases += cohort_cases(args.cohort, None if args.split == "all" else args.split)
     if args.real_patient:
         cases.append(real_patient_case())
-    if not cases:
+    if not cases and (args.bundle or args.context_only_bundle):
         raise InputError("no cases: give --cohort DIR and/or --real-patient")
+    if not (args.bundle or args.context_only_bundle or args.include_results):
+        raise InputError("no bundle: give --bundle B (every experiment), --context-only-bundle B, or "
+                         "--include-results PKL (report only)")
     models = [ExperimentModel.from_bundle(_resolve(b)) for b in args.bundle]
     light = [ExperimentModel.from_bundle(_resolve(b)) for b in args.context_only_bundle]
     cfg = ExperimentConfig(
@@ -107,7 +111,8 @@ def run(args) -> int:
 
     included = [load_results(p) for p in args.include_results]
     settings = {
-        "cohort": ", ".join(sorted({c.source for c in cases})) + f" ({', '.join(c.id for c in cases)})",
+        "cohort": (", ".join(sorted({c.source for c in cases})) + f" ({', '.join(c.id for c in cases)})") if cases
+        else "see each model's run",
         "command": "msxai experiments " + " ".join(f"--bundle {b}" for b in args.bundle),
         "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch threads": torch.get_num_threads(),
@@ -125,12 +130,14 @@ def run(args) -> int:
     if args.ship_error_flag:
         from msxai.experiments.error_flag import BUNDLE_MODEL_FILE
 
-        for m in models:
-            r = next(r for r in results if r.model == m.name and r.kind == "full")
-            if r.error_flag_model is None:
+        for r in results:
+            if r.kind != "full":
+                continue
+            bundle_dir = (r.error_flag_model.info.get("bundle") if r.error_flag_model is not None else None)
+            if r.error_flag_model is None or not bundle_dir:
                 print(f"{r.model}: no error flag fitted ({r.error_flag.get('status', 'not run')}); nothing shipped")
                 continue
-            dest = r.error_flag_model.save(Path(m.info["bundle_dir"]) / BUNDLE_MODEL_FILE)
+            dest = r.error_flag_model.save(Path(bundle_dir) / BUNDLE_MODEL_FILE)
             print(f"{r.model}: error flag installed as {dest}")
     print(f"report: {path}")
     return 0

@@ -24,20 +24,32 @@ def run_experiments(models, cases, out_dir, config=None, settings: dict | None =
     picked for the first full model; every other full model uses those lesions too. ``included``: results of earlier
     runs (:func:`load_results`) added to the report; when a model of this run has the same name, its experiment 6
     rows replace the included ones. ``results_dir``: where to pickle each model's results (``results_<model>.pkl``)
-    for a later ``included``. At least one model must run in full."""
+    for a later ``included``. With context-only models alone, the true lesions are picked from the truth
+    (:func:`msxai.experiments.runner.pick_context_truth`), as a full run picks them."""
     from msxai.errors import InputError
     from msxai.experiments.report import slug, write_report
     from msxai.experiments.runner import ExperimentConfig, run_context_only, run_model
 
+    from msxai.experiments.runner import pick_context_truth
+
     config = config or ExperimentConfig()
     light = {id(m) for m in context_only}
     full = [m for m in models if id(m) not in light]
-    if not full:
-        raise InputError("at least one bundle must run the saliency experiments (not only the context dilation)")
+    if not models and not included:
+        raise InputError("no model to run and no results to include")
     results = {}
     first = None
+    if not full and models:  # context dilation only: the true lesions are picked from the truth (as a full run does)
+        from types import SimpleNamespace
+
+        picks, note = pick_context_truth(cases, *config.context_range, config.context_lesions,
+                                         models[0].spec if models else None)
+        first = SimpleNamespace(exp6_picks=picks, exp6_note=note)
+    run_settings = {k: v for k, v in (settings or {}).items() if k in ("command", "generated", "torch threads",
+                                                                         "arguments", "cohort")}
     for m in full:
         results[id(m)] = run_model(m, cases, config, None if first is None else first.exp6_picks)
+        results[id(m)].run_settings = run_settings
         if results_dir is not None:  # saved as soon as each model is done (a later model may not finish)
             save_results([results[id(m)]], results_dir)
         if first is None:
@@ -45,22 +57,30 @@ def run_experiments(models, cases, out_dir, config=None, settings: dict | None =
     for m in models:
         if id(m) in light:
             results[id(m)] = run_context_only(m, cases, first.exp6_picks, first.exp6_note, config)
+            results[id(m)].run_settings = run_settings
+            if results_dir is not None:
+                save_results([results[id(m)]], results_dir)
     results = [results[id(m)] for m in models]
     if results_dir is not None:
         save_results(results, results_dir)
-    merged = []
-    for inc in included:
-        ctx = next((r for r in results if r.model == inc.model and r.kind == "context"), None)
-        if ctx is not None:
-            inc.exp6, inc.exp6_note = ctx.exp6, ctx.exp6_note
-            inc.timings["exp6_s"] = ctx.timings.get("exp6_s", 0.0)
-            inc.notes.append("experiment 6 from the run that wrote this report (same lesions as the first model)")
-            results = [r for r in results if r is not ctx]
-        merged.append(inc)
-    results = results[:1] + merged + results[1:]
+    results = merge_results(results[:1] + list(included) + results[1:])
     path = write_report(results, Path(out_dir), title or "msxai: instance-level saliency experiments",
                         settings=settings)
     return path, results
+
+
+def merge_results(results: list) -> list:
+    """A context-only result (experiment 6) of a model that also has full results moves its rows into them."""
+    out = []
+    for r in results:
+        full = next((f for f in results if f.model == r.model and f.kind == "full"), None)
+        if r.kind == "context" and full is not None:
+            full.exp6, full.exp6_note = r.exp6, r.exp6_note
+            full.timings["exp6_s"] = r.timings.get("exp6_s", 0.0)
+            full.notes.append("experiment 6 from a context-only run on the same true lesions")
+            continue
+        out.append(r)
+    return out
 
 
 def save_results(results, directory) -> list[Path]:

@@ -394,6 +394,7 @@ def _section_model(res: ModelResults, files: dict) -> str:
          + (f", each costing at most {c.get('max_domain_cost'):g} voxel-windows" if c.get("max_domain_cost") else "")
          + f"; TN and healthy-WM balls of {c.get('tn_mm3', 93.0):g} mm³; run time "
          f"{res.timings.get('total_s', 0) / 60:.1f} min.</p>"]
+    s.append(_run_line(res))
     s.append("<h3>Segmentation of the cohort</h3>")
     s.append(_table(res.segmentation, ["case", "dice", "n_pred", "n_truth", "tp", "fp", "fn", "F1", "n_tn_spheres"]))
     s.append("<p class=note>" + "; ".join(html.escape(n) for n in res.notes) + "</p>")
@@ -509,6 +510,17 @@ def _section_model(res: ModelResults, files: dict) -> str:
     return "\n".join(s)
 
 
+def _run_line(res: ModelResults) -> str:
+    rs = getattr(res, "run_settings", None) or {}
+    if not rs:
+        return ""
+    args = rs.get("arguments", {})
+    keep = {k: v for k, v in args.items() if v not in (None, False, [], "") and k not in ("func", "command")}
+    return (f"<p class=note>computed by: <code>{html.escape(str(rs.get('command', '')))}</code> at "
+            f"{html.escape(str(rs.get('generated', '')))}, torch threads {html.escape(str(rs.get('torch threads', '')))}"
+            f"; arguments: {html.escape(json.dumps(keep, default=str))}</p>")
+
+
 def write_report(results: list[ModelResults], out_dir, title: str = "msxai experiments", settings: dict | None = None,
                  save_pngs: bool = True) -> Path:
     """Write CSVs, PNGs, error-flag JSONs and ``report.html`` into ``out_dir``; returns the HTML path."""
@@ -545,7 +557,8 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
         if res.kind == "context":
             html_models.append(f"<h2 id='{slug(res.model)}'>Model {html.escape(res.model)}</h2><p class=note>weights: "
                                f"{html.escape(res.source)}</p><p>Context dilation only (experiment 6, forward passes): "
-                               "the saliency experiments were not run for this bundle in this report (CPU budget).</p>")
+                               "the saliency experiments were not run for this bundle in this report (CPU budget).</p>"
+                               + _run_line(res))
             continue
         files = {}
         m = slug(res.model)
@@ -570,6 +583,10 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
     cfg = results[0].config if results else {}
     light = [r.model for r in results if r.kind == "context"]
     n_cases = len({r["case"] for r in seg})
+    if not settings.get("cohort") or settings.get("cohort") == "see each model's run":
+        cohorts = list(dict.fromkeys(str((r.run_settings or {}).get("cohort", "")) for r in results
+                                     if getattr(r, "run_settings", None)))
+        settings["cohort"] = "; ".join(c for c in cohorts if c)
     (out / "settings.json").write_text(json.dumps({**settings, "config": cfg}, indent=1, default=str))
     head = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -610,10 +627,10 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
                 + ". Tables: " + ", ".join(f"<a href='{n}'>{n}</a>" for n in tables) + ".</p>")
     body = html_models
     body.append("<h2>6. Context dilation (all models)</h2>")
-    body.append("<p>Lesions: TP lesions of the first model with a volume of 90-120 mm³ (paper: the same range), the "
-                "ones read by the fewest sliding windows first (CPU budget). For every architecture Ω = its own "
-                "predicted lesion overlapping the same true lesion (as in the paper: the predicted TP component; an "
-                "architecture that misses the lesion has no curve for it). Paper: " + html.escape(PAPER["context"])
+    body.append("<p>Lesions: true lesions of 90-120 mm³ (the paper's range), the ones read by the fewest sliding "
+                "windows first (CPU budget), the same for every architecture; for each architecture Ω = its own "
+                "predicted lesion overlapping the true lesion (as in the paper: the predicted TP component; its volume "
+                "is in the table; an architecture that misses the lesion has no curve for it). Paper: " + html.escape(PAPER["context"])
                 + ". Every voxel farther than r mm from Ω is set to the background value (the median outside the brain, "
                 "per channel), r = 0 (lesion alone) ... max; mean softmax in Ω and detection per step (forward passes "
                 "only; detection = a component of softmax &gt; 0.3, 18-connected, ≥ 5 mm³, computed within 3 mm of "

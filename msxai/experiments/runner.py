@@ -127,6 +127,7 @@ class ModelResults:
     exp6_note: str = ""
     exp6_picks: list = field(default_factory=list)
     kind: str = "full"  # "full" = every experiment, "context" = experiment 6 only (forward passes)
+    run_settings: dict = field(default_factory=dict)  # the command line / settings of the run that computed these
     randomization: list[dict] = field(default_factory=list)
     error_flag: dict = field(default_factory=dict)
     error_flag_rows: list[dict] = field(default_factory=list)
@@ -317,7 +318,7 @@ def _domains_of(state: CaseState, cls: str, ident: int) -> np.ndarray:
 def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig | None = None,
               context_picks: list | None = None) -> ModelResults:
     """Run every experiment for one model on ``cases``; ``context_picks``: the lesions of experiment 6 picked for
-    another model (:func:`pick_context_lesions`), so that every architecture is measured on the same lesions."""
+    another model (:func:`pick_context_truth`), so that every architecture is measured on the same lesions."""
     cfg = cfg or ExperimentConfig()
     if not cases:
         raise InputError("no cases to run the experiments on")
@@ -406,7 +407,9 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     tp_sel = [(cid, lid, int((by_id[cid].pred == lid).sum())) for cid, lid in selected["TP"]]
     cheap_tp = sorted(tp_sel, key=lambda t: (costs[(t[0], "TP", t[1])], t[0], t[1]))
     rand_targets = [] if "randomization" in cfg.skip else [(c, l) for c, l, _ in cheap_tp][: cfg.randomization_lesions]
-    near100 = sorted(tp_sel, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
+    # experiments 4 and 5 recompute maps of their TP in other conditions: within the bulk cost cap (not exp. 1's large)
+    capped = [t for t in tp_sel if cfg.max_domain_cost <= 0 or costs[(t[0], "TP", t[1])] <= cfg.max_domain_cost]
+    near100 = sorted(capped, key=lambda t: abs(t[2] * voxel_volume_mm3(by_id[t[0]].affine) - 100.0))
     exp4_target = near100[0] if near100 and "exp4" not in cfg.skip else None
     tr_targets = [] if "exp5" in cfg.skip else near100[: cfg.transplant_lesions]
 
@@ -835,41 +838,43 @@ def own_prediction_near(model: ExperimentModel, image: np.ndarray, affine, truth
     return predicted_component(model.lesions(prob, affine), truth_domain), float(prob[truth_domain].mean())
 
 
-def pick_context_lesions(states: list[CaseState], lo: float, hi: float, k: int, spec=None) -> tuple[list, str]:
-    """TP lesions of this model (predicted components overlapping a true lesion) with volume in [lo, hi] mm^3, as
-    ``(case id, true lesion id, volume of the predicted component)``; the range is widened by 50 % steps when none
-    qualifies. Among those in range, lesions read by fewer sliding windows (cheaper) come first when ``spec`` is
-    given, then by closeness to the middle of the range. Other architectures use their own predicted component
-    overlapping the same true lesion (:func:`own_prediction_near`)."""
-    cands = []
-    for s in states:
-        vox = voxel_volume_mm3(s.affine)
-        counts = np.bincount(s.pred.ravel())
-        best: dict[int, tuple[int, int]] = {}  # pred id -> (overlap, truth id)
-        for pid, tid in s.classes.pairs:
-            ov = int(((s.pred == pid) & (s.truth == tid)).sum())
-            if pid not in best or ov > best[pid][0]:
-                best[int(pid)] = (ov, int(tid))
-        for pid, (_, tid) in best.items():
-            cands.append((s.id, tid, float(counts[pid] * vox), pid))
-    by_id = {s.id: s for s in states}
+def pick_context_truth(cases: list[CaseSpec], lo: float, hi: float, k: int, spec=None,
+                       truths: dict | None = None) -> tuple[list, str]:
+    """True lesions with volume in [lo, hi] mm^3 as ``(case id, true lesion id, volume)``, the ones read by the
+    fewest sliding windows first (when ``spec`` is given), then by closeness to the middle of the range; the range
+    is widened by 50 % steps when none qualifies. Depends on the truth only, so separate runs (one per architecture)
+    pick the same lesions; each architecture then uses its own predicted lesion overlapping each
+    (:func:`own_prediction_near`; an architecture that misses it has no curve for it)."""
+    from msxai.io import load_volume as _load
+
+    cands, labels = [], {}
+    for c in cases:
+        if truths is not None and c.id in truths:
+            truth, affine = truths[c.id]
+        else:
+            vol = _load(c.truth, "truth")
+            truth, affine = instances_from_mask(vol.array, vol.affine), vol.affine
+        labels[c.id] = truth
+        vox = voxel_volume_mm3(affine)
+        counts = np.bincount(np.asarray(truth, np.int64).ravel())
+        cands += [(c.id, int(i), float(counts[i] * vox)) for i in range(1, len(counts)) if counts[i]]
 
     def cost(c):
-        return 0 if spec is None else _n_windows(spec, by_id[c[0]].pred.shape, by_id[c[0]].pred == c[3])
+        return 0 if spec is None else _n_windows(spec, labels[c[0]].shape, labels[c[0]] == c[1])
 
     if not cands:
-        return [], "no TP lesion in the cohort"
+        return [], "no true lesion in the cohort"
     a, b = lo, hi
     for _ in range(12):
         pick = [c for c in cands if a <= c[2] <= b]
         if pick:
-            note = (f"TP lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
-                    f"no TP lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
+            note = (f"true lesions of {lo:g}-{hi:g} mm^3" if (a, b) == (lo, hi) else
+                    f"no true lesion of {lo:g}-{hi:g} mm^3; range widened to {a:.0f}-{b:.0f} mm^3")
             pick.sort(key=lambda c: (cost(c), abs(c[2] - (lo + hi) / 2), c[0], c[1]))
-            return [c[:3] for c in pick[:k]], note
+            return pick[:k], note
         a, b = a / 1.5, b * 1.5
     pick = sorted(cands, key=lambda c: abs(c[2] - (lo + hi) / 2))[:k]
-    return [c[:3] for c in pick], f"no TP lesion near {lo:g}-{hi:g} mm^3; used the TP lesions closest in volume"
+    return pick, f"no true lesion near {lo:g}-{hi:g} mm^3; used the true lesions closest in volume"
 
 
 def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, dom: np.ndarray, affine,
@@ -893,10 +898,12 @@ def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, 
 
 def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: ExperimentConfig,
                  picks: list | None = None) -> tuple[list[dict], str, list]:
-    """Context dilation of TP lesions: Ω = this model's predicted lesion overlapping the picked true lesion."""
+    """Context dilation: Ω = this model's predicted lesion overlapping each picked true lesion
+    (:func:`pick_context_truth`; the same true lesions for every architecture)."""
     note = ""
     if picks is None:
-        picks, note = pick_context_lesions(states, *cfg.context_range, cfg.context_lesions, model.spec)
+        picks, note = pick_context_truth([s.spec for s in states], *cfg.context_range, cfg.context_lesions,
+                                         model.spec, {s.id: (s.truth, s.affine) for s in states})
     by_id = {s.id: s for s in states}
     rows = []
     steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
