@@ -4,6 +4,7 @@ monailabel wheel ships (``/ohif/`` of the app server, DICOMweb through the serve
 
     python -m msxai.ohif_stack up      # scripts/ohif_stack.sh up
     python -m msxai.ohif_stack status
+    python -m msxai.ohif_stack load --flair F.nii.gz --t1 T.nii.gz   # another study into the running Orthanc
     python -m msxai.ohif_stack down
 
 Network: Orthanc 1.10 cannot bind to one address, so it runs in its own network namespace (only ``lo``) and
@@ -456,7 +457,8 @@ def status(cfg: StackConfig) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="scripts/ohif_stack.sh", description=__doc__.split("\n\n")[0])
-    ap.add_argument("action", choices=["up", "down", "status"])
+    ap.add_argument("action", choices=["up", "down", "status", "load"],
+                    help="load: store another FLAIR/T1 study (--flair, --t1) in the running stack's Orthanc")
     ap.add_argument("--run-dir", default=os.environ.get("MSXAI_OHIF_DIR", str(REPO_ROOT / "out" / "ohif_stack")))
     ap.add_argument("--orthanc-port", type=int, default=int(os.environ.get("MSXAI_ORTHANC_PORT", 8042)))
     ap.add_argument("--port", type=int, default=int(os.environ.get("MSXAI_PORT", 8000)), help="app server port")
@@ -474,6 +476,12 @@ def main(argv=None) -> int:
             up(cfg, a.flair, a.t1, voxel_size=a.voxel_size)
         elif a.action == "down":
             down(cfg)
+        elif a.action == "load":
+            if not status(cfg).get("running"):
+                raise StackError(f"no running stack in {cfg.run_dir} (run 'up' first)")
+            cfg.load_or_create_password()
+            st = load_study(cfg, a.flair, a.t1, voxel_size=a.voxel_size)
+            print(f"study {st['StudyInstanceUID']} stored (FLAIR {st['series']['FLAIR']}, T1 {st['series']['T1']})")
         else:
             print(json.dumps(status(cfg), indent=1))
     except (StackError, ValueError) as exc:

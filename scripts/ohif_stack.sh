@@ -2,6 +2,7 @@
 # The OHIF web viewer path on this machine, loopback only (see docs/ohif.md):
 #   scripts/ohif_stack.sh up [--flair F --t1 T] [--port 8000] [--orthanc-port 8042] [--models unet]
 #   scripts/ohif_stack.sh status | down
+#   scripts/ohif_stack.sh load --flair F.nii.gz --t1 T.nii.gz   (another study into the running Orthanc)
 # `up` starts Orthanc (DICOMweb, authentication, own network namespace), stores a FLAIR/T1 study (default: the
 # synthetic subject of `msxai synth --n 1 --seed 7`) and starts the msxai MONAI Label app on Orthanc's DICOMweb;
 # then open http://127.0.0.1:8000/ohif/ . Needs: Debian packages orthanc orthanc-dicomweb (scripts/install_ohif_deps.sh)
