@@ -104,6 +104,11 @@ def _box_slices(box) -> tuple[slice, slice, slice]:
     return tuple(slice(lo, hi) for lo, hi in box)
 
 
+def _sub_box(inner, outer) -> tuple[slice, slice, slice]:
+    """Slices of the image-coordinate box ``inner`` inside the box ``outer`` (which contains it)."""
+    return tuple(slice(lo - olo, hi - olo) for (lo, hi), (olo, _) in zip(inner, outer))
+
+
 def _autocast(device: torch.device, dtype):
     if dtype is None:
         return contextlib.nullcontext()
@@ -149,22 +154,25 @@ class WindowJacobian:
             out = network_window_output(self.network, xw)
         return out[:, self.channel].to(xs.dtype)
 
-    def vjp(self, cotangents: Mapping[int, torch.Tensor]) -> torch.Tensor:
+    def vjp(self, cotangents: Mapping[int, torch.Tensor], region=None) -> torch.Tensor:
+        """``[K, B, C, *box]``, or only ``region`` (3 slices of the box) of it."""
         wins = [w for w in cotangents]
         cots = [cotangents[w] for w in wins]
         K = cots[0].shape[0]
+        idx = (slice(None), slice(None), slice(None), *(region or ()))
         if self.backend == "vmap":
             total = None
             for w, c in zip(wins, cots):
                 g = torch.func.vmap(self.vjp_fns[w])(c)[0]
                 total = g if total is None else total + g
-            return total
+            return total[idx]
         outs = [self.outputs[w] for w in wins]
         if self.backend == "batched":
-            return torch.autograd.grad(outs, self.xs, grad_outputs=cots, retain_graph=True, is_grads_batched=True)[0]
+            return torch.autograd.grad(outs, self.xs, grad_outputs=cots, retain_graph=True,
+                                       is_grads_batched=True)[0][idx]
         with cpu_kernel_mode(self.cpu_kernels):
             grads = [
-                torch.autograd.grad(outs, self.xs, grad_outputs=[c[k] for c in cots], retain_graph=True)[0]
+                torch.autograd.grad(outs, self.xs, grad_outputs=[c[k] for c in cots], retain_graph=True)[0][idx[1:]]
                 for k in range(K)
             ]
         return torch.stack(grads)
@@ -213,26 +221,36 @@ def _region_cotangents(grid: WindowGrid, windows, mask_padded: np.ndarray, scale
 
 class _MaxAbs:
     """Running Eq. 3 reduction over the voxels of Ω: per input element, the gradient of largest |.| (sign kept);
-    on exact ties the voxel that comes first in raster order wins, whatever order the voxels are processed in."""
+    on exact ties the voxel that comes first in raster order wins, whatever order the voxels are processed in.
 
-    def __init__(self):
-        self.value: torch.Tensor | None = None
-        self.index: torch.Tensor | None = None
+    State over the whole box ``shape``; an update may cover only a ``region`` of it (the input box of a cell's
+    windows: the gradient is exactly 0 outside). Skipping those zeros changes nothing but the rank recorded where
+    the running value is 0 — which never decides a later comparison (a non-zero gradient beats 0 whatever the rank;
+    another 0 leaves the value 0)."""
 
-    def update(self, g: torch.Tensor, order: torch.Tensor) -> None:
-        """``g``: [k, ...] gradients of k voxels with raster ranks ``order`` [k] (element-wise passes, in order)."""
-        ranks = [int(r) for r in order]
-        start = 0
-        if self.value is None:
-            self.value = g[0].clone()
-            self.index = torch.full(g.shape[1:], ranks[0], dtype=torch.int64, device=g.device)
-            start = 1
-        for k in range(start, g.shape[0]):
+    _NONE = torch.iinfo(torch.int32).max  # rank of "no voxel yet" (ranks index Ω's voxels: < 2**31)
+
+    def __init__(self, shape, dtype, device):
+        self.value = torch.zeros(shape, dtype=dtype, device=device)
+        self.absval = torch.zeros(shape, dtype=dtype, device=device)
+        self.index = torch.full(shape, self._NONE, dtype=torch.int32, device=device)
+
+    def update(self, g: torch.Tensor, order, region=None) -> None:
+        """``g``: [k, B, C, *region] gradients of k voxels with raster ranks ``order`` [k] (element-wise passes, in
+        order); ``region``: 3 slices of the box (default: all of it)."""
+        idx = (slice(None), slice(None), *(region or ()))
+        v, av, ix = self.value[idx], self.absval[idx], self.index[idx]  # views, updated in place
+        g = g.detach()
+        for k, rank in enumerate(int(r) for r in order):
             gk = g[k]
-            a, b = gk.abs(), self.value.abs()
-            take = (a > b) | ((a == b) & (self.index > ranks[k]))
-            self.value = torch.where(take, gk, self.value)
-            self.index = torch.where(take, torch.full_like(self.index, ranks[k]), self.index)
+            a = gk.abs()
+            take = a > av
+            tie = a == av
+            tie &= ix > rank
+            take |= tie
+            torch.where(take, gk, v, out=v)
+            torch.where(take, a, av, out=av)
+            ix.masked_fill_(take, rank)
 
 
 def _voxel_cells(grid: WindowGrid, windows: Sequence[int], voxels: np.ndarray) -> list[tuple[list[int], np.ndarray]]:
@@ -423,13 +441,14 @@ def _accumulate_group(network, grid, windows, xs, box, group, aggregation, K, nb
             g = jac.vjp({w: c[None] for w, c in cots.items()})[0]  # [B, C, box]
             results.append(g.sum(0))
         else:
-            best = _MaxAbs()
+            best = _MaxAbs(xs.shape, dtype, device)
             for cell_windows, rows in _voxel_cells(grid, s.windows, s.voxels):
+                region = _sub_box(grid.support_box(cell_windows), box)
                 for i in range(0, len(rows), K):
                     chunk = rows[i : i + K]
                     cots = _voxel_cotangents(grid, cell_windows, s.voxels[chunk], nb, dtype, device)
-                    g = jac.vjp(cots)  # [k, B, C, box]
-                    best.update(g, torch.as_tensor(chunk, dtype=torch.int64))
+                    g = jac.vjp(cots, region)  # [k, B, C, region]
+                    best.update(g, chunk, region)
             results.append(best.value.sum(0))
     for s, r in zip(group, results):
         s.acc += r.detach()
