@@ -225,8 +225,8 @@ class _MaxAbs:
 
     State over the whole box ``shape``; an update may cover only a ``region`` of it (the input box of a cell's
     windows: the gradient is exactly 0 outside). Skipping those zeros changes nothing but the rank recorded where
-    the running value is 0 — which never decides a later comparison (a non-zero gradient beats 0 whatever the rank;
-    another 0 leaves the value 0)."""
+    the running value is 0 (and the sign of that zero) — which never decides a later comparison (a non-zero gradient
+    beats 0 whatever the rank; another 0 leaves the value 0)."""
 
     _NONE = torch.iinfo(torch.int32).max  # rank of "no voxel yet" (ranks index Ω's voxels: < 2**31)
 
@@ -326,7 +326,8 @@ def instance_smoothgrad_many(
     window graphs (measured for one copy of one window) fit in ``memory_mb`` (default: half the free CUDA memory,
     a quarter of the RAM on CPU); ``max_batch``: vector-Jacobian products per backward (voxels × copies; default 32
     on CPU, 64 on CUDA); ``autocast_dtype``: e.g. ``torch.bfloat16`` for a reduced-precision forward/backward (not
-    the default).
+    the default); ``cpu_kernels``: reroute a few slow CPU kernels to equivalent faster ones
+    (:mod:`msxai.saliency.cpu_kernels`; CPU, ``loop`` back-end, float32 only).
     """
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
