@@ -208,6 +208,15 @@ def test_bad_credentials_refused(stack):
         assert http_status(cfg.orthanc_url + path, (cfg.user, "wrong")) == 401
         assert http_status(cfg.orthanc_url + path, ("nobody", cfg.password)) == 401
         assert http_status(cfg.orthanc_url + path) == 401
+    # OHIF reads Orthanc through the app's /proxy/dicom with the stack's credentials: DICOMweb resources only, never
+    # the rest of Orthanc's REST API (MONAI Label 0.8.5 forwards any path, '..' included)
+    assert http_status(cfg.server_url + "/proxy/dicom/qido/studies") == 200
+    for path in ("/proxy/dicom/../system", "/proxy/dicom/%2e%2e/system", "/proxy/dicom/qido/..%2f..%2fsystem",
+                 "/proxy/dicom/studies/../../instances", "/proxy/dicom/tools/now"):
+        with socket.create_connection(("127.0.0.1", cfg.server_port)) as c:  # raw: no client-side '..' folding
+            c.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            head = c.recv(200).decode(errors="replace")
+        assert head.startswith("HTTP/1.1 403"), (path, head)
     # the app with wrong credentials stops at start-up with the reason
     bad = StackConfig(run_dir=cfg.run_dir / "bad", orthanc_port=cfg.orthanc_port, server_port=_free_port(),
                       models="unet", bundles_dir=cfg.bundles_dir, password="wrong", extra_env=cfg.extra_env)

@@ -35,6 +35,7 @@ from fastapi.responses import FileResponse
 # "output" query parameter (OHIF sends output=image) failed with "ResultType is not fully defined" otherwise
 from monailabel.endpoints.infer import ResultType  # noqa: F401
 from monailabel.endpoints.user.auth import User  # noqa: F401
+from starlette.requests import Request  # noqa: F401
 
 from msxai.errors import InputError
 from msxai.studies import find_t1, list_artifacts, safe_artifact_path, validate_image_id
@@ -119,6 +120,30 @@ def build_infer_router():
     return router
 
 
+def build_proxy_guard_router():
+    """``/proxy/dicom/...`` (what OHIF reads the PACS through) in front of MONAI Label's own: only DICOMweb resource
+    paths are forwarded (:func:`msxai.dicom.split_proxy_path`). MONAI Label 0.8.5 forwards any path with the
+    DICOMweb credentials, so ``/proxy/dicom/../system`` reached Orthanc's whole REST API (GET and POST)."""
+    from monailabel.config import settings
+    from monailabel.endpoints.proxy import proxy_dicom
+    from monailabel.endpoints.user.auth import RBAC
+
+    from msxai.dicom import split_proxy_path
+
+    router = APIRouter(prefix="/proxy", tags=["Others"])
+
+    @router.api_route("/dicom/{path:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def msxai_proxy_dicom(request: Request, path: str,
+                                user: User = Depends(RBAC(settings.MONAI_LABEL_AUTH_ROLE_USER))):
+        try:
+            op, rest = split_proxy_path(path)
+        except InputError as exc:
+            raise HTTPException(status_code=403, detail=str(exc)) from None
+        return await proxy_dicom(request, op, rest)
+
+    return router
+
+
 def install_routes(app) -> bool:
     """Add the routes to the served FastAPI app (``monailabel.app:app``) once; a no-op outside the server."""
     mod = sys.modules.get("monailabel.app")
@@ -131,13 +156,16 @@ def install_routes(app) -> bool:
     ]
     from monailabel.config import settings
 
-    fastapi_app.router.routes = [r for r in fastapi_app.router.routes if getattr(r, "name", "") != "msxai_run_inference"]
+    fastapi_app.router.routes = [r for r in fastapi_app.router.routes
+                                 if getattr(r, "name", "") not in ("msxai_run_inference", "msxai_proxy_dicom")]
     fastapi_app.include_router(build_router(app))
     n = len(fastapi_app.router.routes)
     fastapi_app.include_router(build_infer_router(), prefix=settings.MONAI_LABEL_API_STR)
+    fastapi_app.include_router(build_proxy_guard_router(), prefix=settings.MONAI_LABEL_API_STR)
     added = fastapi_app.router.routes[n:]
-    # in front of MONAI Label's POST /infer/{model}: the first matching route answers
+    # in front of MONAI Label's POST /infer/{model} and /proxy/dicom/...: the first matching route answers
     fastapi_app.router.routes = added + fastapi_app.router.routes[:n]
     fastapi_app.openapi_schema = None
-    logger.info("msxai: routes POST /infer/{model} (wrapper), /msxai/studies, /msxai/artifacts installed")
+    logger.info("msxai: routes POST /infer/{model} (wrapper), /proxy/dicom (guard), /msxai/studies, /msxai/artifacts "
+                "installed")
     return True
