@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--context-lesions", type=int, default=2)
     p.add_argument("--context-max-mm", type=float, default=35.0)
     p.add_argument("--context-step-mm", type=float, default=1.0)
+    p.add_argument("--context-radii", default="", metavar="R1,R2,...",
+                   help="explicit context radii in mm (e.g. 0,1,2,3,5,8,12,20,35) instead of --context-max-mm/--context-step-mm")
     p.add_argument("--randomization-lesions", type=int, default=2)
     p.add_argument("--max-domain-windows", type=int, default=0, metavar="W",
                    help="do not explain TP/FP/FN lesions read by more than W sliding windows (0 = no limit)")
@@ -103,6 +105,7 @@ def run(args) -> int:
         exp1_samples=args.exp1_samples, exp1_max_voxels=args.exp1_max_voxels,
         transplant_lesions=args.transplant_lesions, context_lesions=args.context_lesions,
         context_max_mm=args.context_max_mm, context_step_mm=args.context_step_mm,
+        context_radii_mm=_radii(args.context_radii),
         randomization_lesions=args.randomization_lesions, max_domain_windows=args.max_domain_windows,
         bulk_budget_s=60.0 * args.bulk_minutes, classes=_classes(args.classes), skip=tuple(args.skip), max_domain_cost=args.max_domain_cost, exp1_max_cost=args.exp1_max_cost, tn_mm3=args.tn_mm3,
         n_boot=args.n_boot, progress=not args.no_progress,
@@ -158,3 +161,17 @@ def _classes(text: str) -> tuple:
     if bad or not got:
         raise InputError(f"--classes: use a comma-separated subset of {','.join(CLASSES)}, got {text!r}")
     return got
+
+
+def _radii(text: str) -> tuple:
+    from msxai.errors import InputError
+
+    if not text.strip():
+        return ()
+    try:
+        out = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(f"--context-radii: comma-separated numbers in mm, got {text!r}") from None
+    if any(r < 0 for r in out):
+        raise InputError(f"--context-radii: radii must be >= 0, got {text!r}")
+    return out

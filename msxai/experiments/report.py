@@ -510,6 +510,23 @@ def _section_model(res: ModelResults, files: dict) -> str:
     return "\n".join(s)
 
 
+def _context_text(results: list[ModelResults]) -> str:
+    """What the context-dilation rows actually hold: lesions per model and the radii (paper: 1 mm steps to 35 mm)."""
+    rows = [r for res in results for r in res.exp6]
+    if not rows:
+        return "context dilation: not run"
+    radii = sorted({float(r["radius_mm"]) for r in rows})
+    per_model = {}
+    for r in rows:
+        per_model.setdefault(r["model"], set()).add((r["case"], r["lesion_id"]))
+    steps = np.diff(radii)
+    regular = len(steps) > 0 and np.allclose(steps, steps[0])
+    rtext = (f"0-{radii[-1]:g} mm in {steps[0]:g} mm steps" if regular and radii[0] == 0 else
+             "radii " + ", ".join(f"{x:g}" for x in radii) + " mm")
+    return ("context dilation: " + ", ".join(f"{m} {len(v)} lesion(s)" for m, v in per_model.items()) + "; "
+            + rtext + " (paper: 1 mm steps up to 35 mm)")
+
+
 def _run_line(res: ModelResults) -> str:
     rs = getattr(res, "run_settings", None) or {}
     if not rs:
@@ -609,8 +626,7 @@ def write_report(results: list[ModelResults], out_dir, title: str = "msxai exper
         f"cohort: {n_cases} case(s): {html.escape(str(settings.get('cohort', '')))}",
         f"TN: {cfg.get('n_tn')} spheres of 93 mm³ sampled per patient, of which at most "
         f"{cfg.get('max_lesions_per_class')} are explained",
-        f"context dilation: {cfg.get('context_lesions')} lesion(s) per model, radius 0-{cfg.get('context_max_mm')} mm "
-        f"in steps of {cfg.get('context_step_mm')} mm; transplants: {cfg.get('transplant_lesions')} lesion(s)",
+        _context_text(results) + f"; transplants: {cfg.get('transplant_lesions')} lesion(s)",
         f"bootstrap resamples: {cfg.get('n_boot')}; seed {cfg.get('seed')}",
     ]
     if light:

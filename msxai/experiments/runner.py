@@ -67,6 +67,7 @@ class ExperimentConfig:
     context_range: tuple[float, float] = (90.0, 120.0)
     context_max_mm: float = 35.0
     context_step_mm: float = 1.0
+    context_radii_mm: tuple = ()  # explicit radii (mm) instead of 0..context_max_mm in context_step_mm steps
     randomization_lesions: int = 2
     max_domain_windows: int = 0  # > 0: TP/FP/FN domains read by more sliding windows are not explained (CPU budget)
     max_domain_cost: float = 0.0  # > 0: domains whose Eq. 3 cost (sum over voxels of covering windows) exceeds it
@@ -877,6 +878,13 @@ def pick_context_truth(cases: list[CaseSpec], lo: float, hi: float, k: int, spec
     return pick, f"no true lesion near {lo:g}-{hi:g} mm^3; used the true lesions closest in volume"
 
 
+def context_radii(cfg: ExperimentConfig) -> list[float]:
+    """The context radii of experiment 6: ``context_radii_mm`` when given, else 0..max in steps."""
+    if cfg.context_radii_mm:
+        return sorted({float(r) for r in cfg.context_radii_mm})
+    return geo.radii(cfg.context_max_mm, cfg.context_step_mm)
+
+
 def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, dom: np.ndarray, affine,
                   cfg: ExperimentConfig, bar=None) -> list[dict]:
     """Mean softmax in Ω and detection with the full image and with context restored up to each radius."""
@@ -887,7 +895,7 @@ def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, 
     rows = []
     base = {"full_context_mean_prob": float(full[dom].mean()),
             "full_context_detected": _detected(full, region, dom, model, affine)}
-    for r in geo.radii(cfg.context_max_mm, cfg.context_step_mm):
+    for r in context_radii(cfg):
         prob = model.probability(geo.context_image(image, dist, r, bg), region)
         rows.append({"radius_mm": r, "mean_prob": float(prob[dom].mean()),
                      "detected": _detected(prob, region, dom, model, affine), **base})
@@ -906,7 +914,7 @@ def exp6_context(model: ExperimentModel, states: list[CaseState], cfg: Experimen
                                          model.spec, {s.id: (s.truth, s.affine) for s in states})
     by_id = {s.id: s for s in states}
     rows = []
-    steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
+    steps = context_radii(cfg)
     bar = _bar(range(len(picks) * len(steps)), cfg, desc=f"{model.name}: exp6 context", unit="step")
     missed = []
     for cid, tid, _ in picks:
@@ -936,7 +944,7 @@ def run_context_only(model: ExperimentModel, cases: list[CaseSpec], picks: list,
     res = ModelResults(model.name, model.source, cfg.as_dict(), kind="context")
     t0 = time.time()
     specs = {c.id: c for c in cases}
-    steps = geo.radii(cfg.context_max_mm, cfg.context_step_mm)
+    steps = context_radii(cfg)
     bar = _bar(range(len(picks) * len(steps)), cfg, desc=f"{model.name}: exp6 context", unit="step")
     missed = []
     for cid, tid, _ in picks:
