@@ -87,7 +87,8 @@ class SynthConfig:
     site_weights: tuple[float, float, float] = (0.5, 0.3, 0.2)  # periventricular, deep, juxtacortical
     min_lesion_mm3: float = MIN_LESION_MM3
     # contrasts (relative to white matter = 1)
-    flair_gm: tuple[float, float] = (1.05, 1.25)
+    flair_gm: tuple[float, float] = (1.08, 1.35)
+    flair_gm_heterogeneity: tuple[float, float] = (0.04, 0.15)  # local GM brightness variation (unlabelled)
     flair_csf: tuple[float, float] = (0.04, 0.2)
     flair_lesion: tuple[float, float] = (1.25, 1.9)
     flair_caps: tuple[float, float] = (0.0, 0.3)
@@ -595,10 +596,13 @@ def _intensities(rng, cfg, p, mask, t1_tpl, labels, dist_vent) -> tuple[np.ndarr
         "flair_caps_mm": _u(rng, cfg.flair_caps_mm),
         "flair_dawm": _u(rng, cfg.flair_dawm),
         "flair_foci": _u(rng, cfg.flair_foci),
+        "flair_gm_het": _u(rng, cfg.flair_gm_heterogeneity),
         "texture": _u(rng, cfg.texture),
     }
     # tissue model (WM = 1)
-    flair = csf * c["flair_csf"] + gm * c["flair_gm"] + wm
+    # cortex: bright on FLAIR with local variation (real cortex has bright spots that are not lesions)
+    gm_field = 1 + c["flair_gm_het"] * np.clip(smooth_noise(rng, shape, 2.0 / v, coarse=1), -2.5, 2.5)
+    flair = csf * c["flair_csf"] + gm * c["flair_gm"] * gm_field + wm
     # MPRAGE: the tissue model plus the template's own fine contrast (deep nuclei, etc.)
     t1 = csf * c["t1_csf"] + gm * c["t1_gm"] + wm
     t1 = t1 + 0.5 * t1_tpl * (1 - csf)
