@@ -4,7 +4,8 @@ Geometry
 --------
 NIfTI affines map voxel indices ``(i, j, k)`` to RAS millimetres; DICOM patient coordinates are LPS, so
 ``LPS = diag(-1, -1, 1) @ RAS``. A volume becomes one DICOM slice per ``k``: pixel ``(row r, column c)`` of slice
-``k`` is voxel ``(i=c, j=r, k)``, so the frame is ``volume[:, :, k].T``, ``ImageOrientationPatient`` is the LPS
+``k`` is voxel ``(i=c, j=r, k)``, so the frame is ``volume[:, :, k].T`` (after :func:`inplane_standard` has flipped
+``i``/``j`` to point towards +LPS, the radiological display), ``ImageOrientationPatient`` is the LPS
 direction of the ``i`` axis (along a row) then of the ``j`` axis (down a column), ``PixelSpacing`` is
 ``[spacing_j, spacing_i]`` (row spacing first) and ``ImagePositionPatient`` is the LPS position of voxel
 ``(0, 0, k)``. SimpleITK/GDCM (what MONAI Label's DICOMweb datastore uses to read a series back) gives the same
@@ -43,10 +44,16 @@ SALIENCY_CATEGORY = ("SALIENCY", MSXAI_SCHEME, "Saliency (msxai)")
 
 
 def _new_file_dataset(meta):
-    """A dataset with a preamble: ``pydicom.dcmwrite(fp, ds)`` (what dicomweb-client's STOW-RS uses) writes the
-    128-byte preamble + ``DICM`` only when the dataset has one, and readers without ``force`` need it."""
+    """A dataset as a file: ``pydicom.dcmwrite(fp, ds)`` (what dicomweb-client's STOW-RS uses) writes the dataset's
+    own preamble and file meta as they are, and readers need the 128-byte preamble + ``DICM`` (pydicom without
+    ``force``) and the meta's group length and version (dcmjs, which OHIF loads SEG with): all are set here."""
     from pydicom.dataset import FileDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
 
+    buf = DicomBytesIO()
+    buf.is_little_endian, buf.is_implicit_VR = True, False
+    write_file_meta_info(buf, meta, enforce_standard=True)  # adds FileMetaInformationGroupLength/Version to meta
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
     ds.is_little_endian, ds.is_implicit_VR = True, False
     return ds
@@ -79,6 +86,24 @@ def slice_geometry(affine_ras: np.ndarray) -> dict:
         raise GeometryError("affine is sheared (voxel axes not orthogonal): cannot write DICOM MR slices")
     return {"iop": [*row.tolist(), *col.tolist()], "pixel_spacing": [sj, si], "thickness": sk, "lps": a,
             "normal": normal}
+
+
+def inplane_standard(volume: np.ndarray, affine_ras: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same image with its first two voxel axes flipped where needed so that each points towards the positive
+    LPS direction it is closest to (axial slices: rows run to the patient's left, columns to posterior, i.e. the
+    radiological display of viewers that show slices as stored). Only the storage order changes, not the voxels'
+    positions."""
+    vol = np.asarray(volume)
+    a = np.asarray(affine_ras, dtype=np.float64).copy()
+    lps = lps_affine(a)
+    for ax in (0, 1):
+        d = lps[:3, ax]
+        if d[int(np.argmax(np.abs(d)))] < 0:
+            vol = np.flip(vol, axis=ax)
+            a[:3, 3] = a[:3, 3] + a[:3, ax] * (vol.shape[ax] - 1)
+            a[:3, ax] = -a[:3, ax]
+            lps = lps_affine(a)
+    return np.ascontiguousarray(vol), a
 
 
 def dataset_affine(datasets: Sequence) -> tuple[np.ndarray, list]:
@@ -176,6 +201,7 @@ def volume_to_mr_series(volume: np.ndarray, affine: np.ndarray, study: StudyInfo
     volume = np.asarray(volume)
     if volume.ndim != 3 or min(volume.shape) < 1:
         raise InputError(f"expected a 3D volume, got shape {volume.shape}")
+    volume, affine = inplane_standard(volume, affine)
     geo = slice_geometry(affine)
     q, slope, intercept = _quantise(volume)
     # the content is part of the UID: another volume never overwrites some of this one's instances

@@ -147,6 +147,9 @@ def test_seg_frames_match_brute_force_and_pydicom_seg(kind):
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, seg)
     seg = pydicom.dcmread(io.BytesIO(buf.getvalue()))
+    # a complete file meta (dcmjs, which OHIF reads SEG with, refuses a file without the group length)
+    assert buf.getvalue()[128:132] == b"DICM" and int(seg.file_meta.FileMetaInformationGroupLength) > 0
+    assert seg.file_meta.FileMetaInformationVersion == b"\x00\x01"
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["lesion 1", "lesion 3", "lesion 4"]
     assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3]
     # frames: only where a segment is present (2 + 1 + 1 slices)

@@ -450,6 +450,27 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
             shot = tmp_path / "ohif.png"
             page.screenshot(path=str(shot))
             errs = page.evaluate("window.__errs")
+            # 3) the stored DICOM SEG in OHIF's own SEG viewer (default mode): named segments over the FLAIR
+            page.goto(f"{cfg.server_url}/ohif/viewer?StudyInstanceUIDs={study}")
+            deadline = time.time() + 180
+            while sum("displaySetsToAllImages" in m for m in logs) < 2:
+                assert time.time() < deadline, "OHIF did not reload the study:\n" + "\n".join(logs[-30:])
+                page.wait_for_timeout(500)
+            page.wait_for_timeout(2000)
+            page.dblclick(f"text={segmentation['dicom_seg']['SeriesDescription']}")
+            page.click("button:has-text('Yes')", timeout=60000)  # "Do you want to open this Segmentation?"
+            page.wait_for_timeout(3000)
+            page.mouse.click(1580, 100)  # the segmentation panel's icon on the right edge
+            first = segmentation["dicom_seg"]["segments"][0]
+            page.wait_for_selector(f"text={first}", timeout=30000)
+            page.mouse.move(800, 450)
+            for _ in range(depth // 2 - 1):  # the SEG viewport opens on the first slice: scroll to the middle
+                page.mouse.wheel(0, 100)
+                page.wait_for_timeout(60)
+            page.wait_for_timeout(3000)
+            seg_view = tmp_path / "ohif_dicom_seg.png"
+            page.screenshot(path=str(seg_view))
+            errs += page.evaluate("window.__errs")
         finally:
             browser.close()
     print(f"[timing] OHIF: study on screen {t_view:.1f} s, whole browser session {time.time() - t0:.1f} s")
@@ -462,6 +483,9 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
         changed = np.abs(a[view] - b[view]).sum(-1) > 30
         coloured = (np.ptp(b[view], axis=-1) > 60) & changed
         assert coloured.sum() > 20, f"{result.name}: no coloured overlay drawn ({coloured.sum()} px)"
+    b = np.asarray(Image.open(seg_view).convert("RGB")).astype(int)[150:780, 450:1150]  # inside the image, no text
+    assert ((np.ptp(b, axis=-1) > 60).sum()) > 20, "the DICOM SEG shows no coloured segment on the middle slice"
     if os.environ.get("MSXAI_SAVE_SCREENSHOT") == "1":
         shutil.copy(shot, SCREENSHOT)
         shutil.copy(seg_shot, SCREENSHOT.with_name("ohif_screenshot_segmentation.png"))
+        shutil.copy(seg_view, SCREENSHOT.with_name("ohif_screenshot_dicom_seg.png"))
