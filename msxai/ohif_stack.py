@@ -296,6 +296,17 @@ def load_study(cfg: StackConfig, flair: Path | None = None, t1: Path | None = No
         stem = Path(flair).name.split(".")[0]
         study = StudyInfo(patient_id=f"MSXAI-{stem}"[:64], patient_name=f"msxai^{stem}"[:64],
                           study_description=f"msxai study {stem}"[:64])
+    # one study per input content: a changed FLAIR/T1 becomes another study, never extra series in this one (which
+    # would make its T1 ambiguous)
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in (flair, t1):
+        h.update(Path(f).read_bytes())
+    from msxai.dicom import stable_uid
+
+    study.study_uid = stable_uid("study", study.patient_id, study.study_description, h.hexdigest())
+    study.frame_of_reference_uid = stable_uid("for", study.study_uid)
     series = study_from_nifti(flair, t1, study)
     for s in series.values():
         store_datasets(cfg, s)
