@@ -24,7 +24,7 @@ if [ "$#" -gt 0 ]; then
 fi
 COHORT="${COHORT:-data/synth_v3}"
 R=out/experiments
-CASES=(--cohort "$COHORT" --split test --real-patient --seed 0 --threads 1 --no-progress)
+CASES=(--cohort "$COHORT" --split test --real-patient --seed 0 --threads 1)
 CTX=(--context-lesions 1 --context-radii 0,1,2,3,4,5,6,7,8,10,12,15,20,25,35)
 mkdir -p "$R"
 run() { local name=$1; shift; "$PY" -m msxai experiments "$@" --out "$R/$name" --results-dir "$R/$name/pkl" \

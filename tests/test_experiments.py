@@ -328,6 +328,17 @@ def test_partial_run_and_included_results(tmp_path, capsys):
     assert rows(tmp_path / "r4" / "lesions.csv") == les1
     assert {r["model"] for r in rows(tmp_path / "r4" / "exp6_context.csv")} == {"tiny_bundle"}
     assert "computed by:" in (tmp_path / "r4" / "report.html").read_text()
+    # experiments 4, 5 and the randomisation check from a second run of the same model fill the first one's gaps
+    assert main(["experiments", "--bundle", str(first), "--classes", "TP", "--bulk-minutes", "0.0001", "--skip",
+                 "exp1", "--skip", "exp6", "--results-dir", str(tmp_path / "pk2"), "--out", str(tmp_path / "r5"),
+                 *common]) == 0
+    assert main(["experiments", "--include-results", str(pkl), "--include-results", str(tmp_path / "pk2" / pkl.name),
+                 "--include-results", str(ctx_pkl), "--out", str(tmp_path / "r6"), "--no-progress"]) == 0
+    assert rows(tmp_path / "r6" / "lesions.csv") == les1  # the bulk maps of the first run only
+    for name in ("exp4_sanity", "exp5_transplant", "randomization", "exp6_context"):
+        assert rows(tmp_path / "r6" / f"{name}.csv"), name
+    text = (tmp_path / "r6" / "report.html").read_text()
+    assert text.count("Model tiny_bundle") == 1 and "from another run of this model" in text
     assert main(["experiments", "--bundle", str(other), "--include-results", str(tmp_path / "nope.pkl"),
                  "--out", str(tmp_path / "r3"), *common]) == 2
     assert "results file not found" in capsys.readouterr().err

@@ -69,11 +69,39 @@ def run_experiments(models, cases, out_dir, config=None, settings: dict | None =
     return path, results
 
 
+MERGED_FIELDS = {"exp1": ("exp1", "exp1_crops"), "exp4": ("exp4",), "exp5": ("exp5", "exp5_crops"),
+                 "randomization": ("randomization",), "exp6": ("exp6",)}
+
+
 def merge_results(results: list) -> list:
-    """A context-only result (experiment 6) of a model that also has full results moves its rows into them."""
-    out = []
+    """Results of one model from several runs become one: a context-only result (experiment 6) moves its rows into
+    the model's full results; a second full result of the same model (e.g. experiments 4, 5 and the randomisation
+    check run in parallel with the bulk maps) fills the experiments the first one did not run."""
+    import json as _json
+
+    kept = []
     for r in results:
-        full = next((f for f in results if f.model == r.model and f.kind == "full"), None)
+        base = next((f for f in kept if f.model == r.model and f.kind == "full"), None)
+        if r.kind == "full" and base is not None:
+            taken = []
+            for name, fields in MERGED_FIELDS.items():
+                if not getattr(base, fields[0]) and getattr(r, fields[0]):
+                    for f in fields:
+                        setattr(base, f, getattr(r, f))
+                    taken.append(name)
+                    base.timings[f"{name}_s (other run)"] = r.timings.get(f"{name}_s", 0.0)
+            if "exp6" in taken:
+                base.exp6_note = r.exp6_note
+            rs = getattr(r, "run_settings", None) or {}
+            args = {k: v for k, v in rs.get("arguments", {}).items() if v not in (None, False, [], "")}
+            base.notes.append(f"{', '.join(taken) or 'nothing'} from another run of this model"
+                              + (f" ({rs.get('generated', '')}; arguments {_json.dumps(args, default=str)})" if rs else "")
+                              + (f"; its notes: {'; '.join(r.notes)}" if r.notes else ""))
+            continue
+        kept.append(r)
+    out = []
+    for r in kept:
+        full = next((f for f in kept if f.model == r.model and f.kind == "full"), None)
         if r.kind == "context" and full is not None:
             full.exp6, full.exp6_note = r.exp6, r.exp6_note
             full.timings["exp6_s"] = r.timings.get("exp6_s", 0.0)
