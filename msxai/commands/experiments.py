@@ -123,6 +123,9 @@ def run(args) -> int:
     }
     if light:
         settings["command"] += " " + " ".join(f"--context-only-bundle {b}" for b in args.context_only_bundle)
+    if included and not (models or light):  # report only: the runs' own settings are in each model section
+        settings["command"] = "msxai experiments (report from the results of the runs below)"
+        settings["arguments"] = {k: getattr(args, k) for k in ("include_results", "out", "ship_error_flag")}
     if included:
         settings["included results"] = ", ".join(f"{r.model} ({p})" for r, p in zip(included, args.include_results))
     path, results = run_experiments(models + light, cases, args.out, cfg, settings, context_only=light,
