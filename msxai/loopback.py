@@ -26,6 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 CLONE_NEWNET = 0x40000000
 
 
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (the kernel's pick for port 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def netns_available() -> tuple[bool, str]:
     """Whether ``unshare -n`` works here (and ``ip`` exists to bring its loopback up); ``(ok, reason)``."""
     if not shutil.which("unshare"):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,17 +22,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+from msxai.loopback import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(studies: Path, models: str, log: Path):
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     proc = subprocess.Popen(
         [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(REPO / "apps" / "msxai"),

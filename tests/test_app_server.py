@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
+
+from msxai.loopback import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "msxai"
@@ -39,15 +40,9 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERE
            MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     def __init__(self, studies: Path, log: Path, models: str = "all", bundles_dir: Path | None = None):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self._fh = open(log, "ab")

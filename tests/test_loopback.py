@@ -4,7 +4,6 @@ msxai.ohif_stack that need no Orthanc: its configuration and the listening-socke
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,16 +11,10 @@ import urllib.request
 
 import pytest
 
-from msxai.loopback import netns_available, netns_command
+from msxai.loopback import free_port, netns_available, netns_command
 from msxai.ohif_stack import StackConfig, listening_sockets, orthanc_config, port_free
 
 _ok, _reason = netns_available()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_orthanc_config_is_locked_down(tmp_path):
@@ -43,7 +36,7 @@ def test_password_generated_once_and_private(tmp_path):
 
 @pytest.mark.skipif(not _ok, reason=f"network namespaces not available here: {_reason}")
 def test_server_in_netns_reachable_only_through_loopback_relay(tmp_path):
-    port = _free_port()
+    port = free_port()
     (tmp_path / "hello.txt").write_text("hello from the namespace")
     srv = subprocess.Popen(netns_command([sys.executable, "-m", "http.server", str(port), "--bind", "0.0.0.0",
                                           "--directory", str(tmp_path)]),

@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msxai.loopback import netns_available
+from msxai.loopback import free_port, netns_available
 from msxai.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
     missing_requirements, start_server, up
 
@@ -44,18 +44,12 @@ VOXEL_MM = 2.0
 SCREENSHOT = REPO_ROOT / "docs" / "ohif_screenshot.png"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     run = tmp_path_factory.mktemp("ohif_stack")
     bundles = run / "bundles"
     shutil.copytree(BUNDLE, bundles / "msxai_unet", ignore=shutil.ignore_patterns("eval", "logs", "__pycache__"))
-    cfg = StackConfig(run_dir=run, orthanc_port=_free_port(), server_port=_free_port(), models="unet",
+    cfg = StackConfig(run_dir=run, orthanc_port=free_port(), server_port=free_port(), models="unet",
                       bundles_dir=bundles, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     t0 = time.time()
     try:
@@ -218,7 +212,7 @@ def test_bad_credentials_refused(stack):
             head = c.recv(200).decode(errors="replace")
         assert head.startswith("HTTP/1.1 403"), (path, head)
     # the app with wrong credentials stops at start-up with the reason
-    bad = StackConfig(run_dir=cfg.run_dir / "bad", orthanc_port=cfg.orthanc_port, server_port=_free_port(),
+    bad = StackConfig(run_dir=cfg.run_dir / "bad", orthanc_port=cfg.orthanc_port, server_port=free_port(),
                       models="unet", bundles_dir=cfg.bundles_dir, password="wrong", extra_env=cfg.extra_env)
     bad.run_dir.mkdir(exist_ok=True)
     with pytest.raises(StackError) as ei:
