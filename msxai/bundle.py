@@ -161,10 +161,13 @@ def train_bundle(
     max_minutes: float | None = None,
     device: str | torch.device | None = None,
     num_threads: int | None = None,
+    save_every: int | None = None,
     **overrides,
 ) -> dict:
     """Run ``configs/train.json`` of a bundle on a cohort (its train/val splits); the best network by validation
-    Dice is written to ``<bundle>/models/model.pt``. Returns a summary (best metric, epoch, minutes, log folder)."""
+    Dice is written to ``<bundle>/models/model.pt``. With ``save_every=N`` the network is also kept every N epochs
+    as ``<log_dir>/checkpoints/model_epoch=K.pt`` (to pick a checkpoint on other data afterwards, e.g. a real
+    validation patient). Returns a summary (best metric, epoch, minutes, log folder)."""
     bundle_dir = resolve_bundle_dir(bundle_dir)
     cohort = Path(cohort)
     if not (cohort / "dataset.json").is_file() and not (cohort.is_file() and cohort.name.endswith(".json")):
@@ -178,6 +181,18 @@ def train_bundle(
     if num_threads is not None:
         ov["num_threads"] = int(num_threads)
     parser = _parser(bundle_dir, ("train.json",), device, ov)
+    if save_every is not None:
+        if int(save_every) < 1:
+            raise InputError(f"save_every must be a positive number of epochs, got {save_every}")
+        parser["train"]["handlers"].append({
+            "_target_": "CheckpointSaver",
+            "save_dir": "$@log_dir + '/checkpoints'",
+            "save_dict": {"model": "@network"},
+            "save_interval": int(save_every),
+            "epoch_level": True,
+            "n_saved": None,
+            "file_prefix": "",
+        })
     for i in range(len(parser["initialize"])):
         parser.get_parsed_content(f"initialize#{i}")
     trainer = parser.get_parsed_content("trainer")

@@ -227,3 +227,39 @@ def lesion_prior_init(network: torch.nn.Module, prior: float = 0.01) -> torch.nn
         for m in heads:
             m.bias.copy_(torch.tensor([0.0, logit], dtype=m.bias.dtype))
     return network
+
+
+def average_checkpoints(paths) -> dict[str, torch.Tensor]:
+    """Uniform average of the weights of several checkpoints of one network (stochastic weight averaging of
+    snapshots, Izmailov et al. 2018): floating-point tensors are averaged in float64 and cast back; integer
+    buffers (e.g. counters) are taken from the last checkpoint. All checkpoints must hold the same keys and shapes.
+    The networks here have no batch-norm statistics to recompute (instance norm), so the average is usable as is."""
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise InputError("no checkpoints to average")
+    states = []
+    for p in paths:
+        try:
+            states.append(torch.load(p, map_location="cpu", weights_only=True))
+        except FileNotFoundError:
+            raise InputError(f"checkpoint not found: {p}") from None
+        except Exception as exc:
+            raise InputError(f"cannot read checkpoint {p} as a state dict ({exc})") from exc
+        if not isinstance(states[-1], dict):
+            raise InputError(f"{p} is not a plain state dict")
+    keys = list(states[0])
+    for p, sd in zip(paths[1:], states[1:]):
+        if set(sd) != set(keys):
+            diff = sorted(set(sd) ^ set(keys))[:3]
+            raise InputError(f"{p} holds other weights than {paths[0]} (e.g. {diff}): not the same network")
+        bad = [k for k in keys if sd[k].shape != states[0][k].shape]
+        if bad:
+            raise InputError(f"{p}: weight {bad[0]} has shape {tuple(sd[bad[0]].shape)}, "
+                             f"{paths[0]} {tuple(states[0][bad[0]].shape)}: not the same network")
+    out = {}
+    for k in keys:
+        if states[0][k].is_floating_point():
+            out[k] = (torch.stack([sd[k].double() for sd in states]).mean(0)).to(states[0][k].dtype)
+        else:
+            out[k] = states[-1][k].clone()
+    return out

@@ -211,6 +211,23 @@ def test_train_config_runs_and_saves_best_checkpoint(name, patch, tiny_cohort, t
     assert any(not torch.equal(b.network.state_dict()[k], initial[k]) for k in initial)
 
 
+def test_train_keeps_periodic_checkpoints(tiny_cohort, tmp_path):
+    """``save_every`` (``msxai train --save-every``) keeps the network of every N-th epoch; the last one is the
+    final network, and they differ from each other (the weights moved between them)."""
+    logs = tmp_path / "logs"
+    train_bundle(BUNDLES_DIR / "msxai_unet", tiny_cohort, epochs=2, num_threads=1, save_every=1,
+                 patch_size=[32] * 3, samples_per_volume=1, batch_size=1, val_cases=0, val_interval=2,
+                 ckpt_dir=str(tmp_path / "models"), log_dir=str(logs))
+    saved = sorted(p.name for p in (logs / "checkpoints").glob("*.pt"))
+    assert saved == ["model_epoch=1.pt", "model_epoch=2.pt"]
+    first, last = (torch.load(logs / "checkpoints" / n, map_location="cpu", weights_only=True) for n in saved)
+    final = torch.load(logs / "model_final.pt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    assert any(not torch.equal(first[k], last[k]) for k in last)
+    with pytest.raises(InputError, match="save_every"):
+        train_bundle(BUNDLES_DIR / "msxai_unet", tiny_cohort, save_every=0)
+
+
 @pytest.mark.parametrize("name,size", [("unet", 32), ("dynunet", 32), ("swinunetr", 64)])
 def test_lesion_prior_init_sets_output_bias(name, size, tmp_path):
     from msxai.networks import build_network
