@@ -233,6 +233,7 @@ def average_checkpoints(paths) -> dict[str, torch.Tensor]:
     """Uniform average of the weights of several checkpoints of one network (stochastic weight averaging of
     snapshots, Izmailov et al. 2018): floating-point tensors are averaged in float64 and cast back; integer
     buffers (e.g. counters) are taken from the last checkpoint. All checkpoints must hold the same keys and shapes.
+    Names that alias one tensor in the first checkpoint alias one averaged tensor in the result.
     The networks here have no batch-norm statistics to recompute (instance norm), so the average is usable as is."""
     paths = [str(p) for p in paths]
     if not paths:
@@ -256,10 +257,18 @@ def average_checkpoints(paths) -> dict[str, torch.Tensor]:
         if bad:
             raise InputError(f"{p}: weight {bad[0]} has shape {tuple(sd[bad[0]].shape)}, "
                              f"{paths[0]} {tuple(states[0][bad[0]].shape)}: not the same network")
-    out = {}
+    out, by_view = {}, {}
     for k in keys:
-        if states[0][k].is_floating_point():
-            out[k] = (torch.stack([sd[k].double() for sd in states]).mean(0)).to(states[0][k].dtype)
+        ref = states[0][k]
+        # weights that are one tensor under several names (DynUNet's deep-supervision heads share the output block)
+        # stay one tensor, so the saved file does not store them twice
+        view = (ref.untyped_storage().data_ptr(), ref.storage_offset(), tuple(ref.shape), ref.stride(), ref.dtype)
+        if view in by_view:
+            out[k] = out[by_view[view]]
+            continue
+        by_view[view] = k
+        if ref.is_floating_point():
+            out[k] = (torch.stack([sd[k].double() for sd in states]).mean(0)).to(ref.dtype)
         else:
             out[k] = states[-1][k].clone()
     return out

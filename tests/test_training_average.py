@@ -40,6 +40,34 @@ def test_average_equals_elementwise_mean(tmp_path):
     net.load_state_dict(avg)
 
 
+def test_average_keeps_shared_weights_shared(tmp_path):
+    """DynUNet's deep-supervision heads share the output block's weights: the average must store them once
+    (equal values under both names, one storage), as the snapshots do."""
+    torch.manual_seed(0)
+    net = build_network("dynunet")
+    sd = net.state_dict()
+    shared = {}
+    for k, v in sd.items():
+        shared.setdefault(v.untyped_storage().data_ptr(), []).append(k)
+    groups = [ks for ks in shared.values() if len(ks) > 1]
+    assert groups, "the DynUNet state dict was expected to alias some weights"
+    paths = []
+    for i in range(2):
+        torch.manual_seed(i)
+        p = tmp_path / f"s{i}.pt"
+        torch.save(build_network("dynunet").state_dict(), p)
+        paths.append(p)
+    avg = average_checkpoints(paths)
+    states = [torch.load(p, weights_only=True) for p in paths]
+    for ks in groups:
+        assert len({avg[k].untyped_storage().data_ptr() for k in ks}) == 1
+    for k, v in avg.items():  # values still the element-wise mean, key by key
+        if v.is_floating_point():
+            torch.testing.assert_close(v, (states[0][k] + states[1][k]) / 2, rtol=1e-6, atol=1e-7)
+    torch.save(avg, tmp_path / "avg.pt")
+    assert (tmp_path / "avg.pt").stat().st_size < 1.05 * paths[0].stat().st_size
+
+
 def test_average_command_and_errors(tmp_path):
     from msxai.cli import main
 

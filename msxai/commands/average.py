@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 from pathlib import Path
 
 
@@ -22,12 +21,12 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from msxai.experiments.error_flag import file_sha256
     from msxai.training import average_checkpoints
 
     state = average_checkpoints(args.checkpoints)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
-    digest = hashlib.sha256(out.read_bytes()).hexdigest()
-    print(f"averaged {len(args.checkpoints)} checkpoint(s) -> {out} (sha256 {digest[:16]})")
+    print(f"averaged {len(args.checkpoints)} checkpoint(s) -> {out} (sha256 {file_sha256(out)[:16]})")
     return 0
