@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from msxai.loopback import free_port
+from deploy.loopback import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "msxai"

@@ -2,7 +2,7 @@
 study, the msxai MONAI Label app on Orthanc's DICOMweb, results written back as DICOM SEG, and OHIF (served by the
 app at /ohif/) driven in headless Chromium.
 
-Started once per module with ``msxai.ohif_stack.up`` (what ``scripts/ohif_stack.sh up`` runs) on free ports, with a
+Started once per module with ``deploy.ohif_stack.up`` (what ``scripts/ohif_stack.sh up`` runs) on free ports, with a
 2 mm synthetic subject (91x109x91; ``msxai synth --n 1 --seed 7 --voxel-size 2``) and a snapshot of the U-Net bundle.
 
 Skipped with the reason when the Debian packages (orthanc, orthanc-dicomweb; chromium for the browser test) or
@@ -24,8 +24,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msxai.loopback import free_port, netns_available
-from msxai.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
+from deploy.loopback import free_port, netns_available
+from deploy.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
     missing_requirements, start_server, up
 
 BUNDLE = REPO_ROOT / "bundles" / "msxai_unet"
@@ -339,7 +339,7 @@ def test_final_label_saved_as_seg(stack, dw, segmentation):
 def test_bad_input_over_dicomweb(stack, dw):
     """Unknown series 404, a FLAIR without a T1 series in its study 422 with the reason; the server keeps serving."""
     from msxai.dicom import StudyInfo, volume_to_mr_series
-    from msxai.ohif_stack import store_datasets
+    from deploy.ohif_stack import store_datasets
 
     cfg, state = stack
     code, res = _infer(cfg, "segmentation_unet", "1.2.3.4.5.6", {})

@@ -122,13 +122,13 @@ def build_infer_router():
 
 def build_proxy_guard_router():
     """``/proxy/dicom/...`` (what OHIF reads the PACS through) in front of MONAI Label's own: only DICOMweb resource
-    paths are forwarded (:func:`msxai.dicom.split_proxy_path`). MONAI Label 0.8.5 forwards any path with the
+    paths are forwarded (:func:`lib.proxy_guard.split_proxy_path`). MONAI Label 0.8.5 forwards any path with the
     DICOMweb credentials, so ``/proxy/dicom/../system`` reached Orthanc's whole REST API (GET and POST)."""
     from monailabel.config import settings
     from monailabel.endpoints.proxy import proxy_dicom
     from monailabel.endpoints.user.auth import RBAC
 
-    from msxai.dicom import split_proxy_path
+    from lib.proxy_guard import split_proxy_path
 
     router = APIRouter(prefix="/proxy", tags=["Others"])
 
