@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from msxai.device import resolve_device
 from msxai.errors import InputError
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -584,32 +585,6 @@ def _root_message(exc: BaseException) -> str:
     return str(best) if best is not None else f"{type(exc).__name__}: {exc}"
 
 
-def resolve_device(value) -> str:
-    """``"cpu"``, ``"cuda"``/``"cuda:N"`` or a GPU name as MONAI Label clients list it -> a torch device string;
-    CUDA when available and nothing (or a GPU) is asked for, the CPU otherwise."""
-    import torch
-
-    value = _first(value)
-    cuda = torch.cuda.is_available()
-    if value in (None, ""):
-        return "cuda" if cuda else "cpu"
-    if not isinstance(value, str):
-        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    v = value.strip().lower()
-    if v == "cpu":
-        return "cpu"
-    if re.fullmatch(r"cuda(:\d+)?", v):
-        if not cuda:
-            return "cpu"
-        if ":" in v and int(v.split(":")[1]) >= torch.cuda.device_count():
-            raise InputError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s)")
-        return v
-    if cuda:  # a GPU name from monailabel's device_list(), e.g. "NVIDIA H100 80GB HBM3" or "<name>:1"
-        m = re.search(r":(\d+)$", value)
-        return f"cuda:{m.group(1)}" if m else "cuda"
-    raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-
-
 def _read_label_on_grid(path: str | Path, shape, affine, what: str = "uploaded label") -> np.ndarray:
     from msxai.errors import GeometryError
     from msxai.io import AFFINE_ATOL
@@ -726,7 +701,7 @@ class StudyService:
         from msxai.labelmaps import instance_label_names, write_labelmap
 
         pair = self.study(request)
-        device = resolve_device(request.get("device"))
+        device = str(resolve_device(_first(request.get("device"))))
         entry = self.run(self.segmentation, model, pair, device)
         labels, table = entry["labels"], entry["table"]
         mode = str(_first(request.get("label_mode", "auto")) or "auto").lower()
@@ -774,7 +749,7 @@ class StudyService:
         from msxai.lesions import lesion_domain
 
         pair = self.study(request)
-        device = resolve_device(request.get("device"))
+        device = str(resolve_device(_first(request.get("device"))))
         p = parse_explain_params(method, request, self.models, self.max_samples, default_layer="")
         bundle = self.bundle(p.model, device)
         if method == "gradcampp" and not p.layer:

@@ -158,7 +158,7 @@ def test_segmentation_cache_memory_disk_and_invalidation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ request parameters
-from msxai.studies import parse_explain_params, parse_lesion_param, resolve_device  # noqa: E402
+from msxai.studies import parse_explain_params, parse_lesion_param  # noqa: E402
 
 
 def test_parse_lesion_param():
@@ -202,15 +202,3 @@ def test_parse_explain_params_gradcampp():
         parse_explain_params("gradcampp", {}, ["unet"], default_layer=None)
     with pytest.raises(InputError, match="method"):
         parse_explain_params("lime", {}, ["unet"])
-
-
-def test_resolve_device_cpu_only_machine():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU fallback")
-    assert resolve_device(None) == "cpu"
-    assert resolve_device("cuda") == "cpu"
-    assert resolve_device(["cpu"]) == "cpu"
-    with pytest.raises(InputError, match="device"):
-        resolve_device("tpu")

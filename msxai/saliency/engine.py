@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from msxai import SEQUENCES, THRESHOLD
+from msxai.device import resolve_device
 from msxai.errors import EmptyDomainError, InputError
 from msxai.saliency.gradcampp import GradCAMPlusPlus
 from msxai.saliency.sliding import SlidingWindowSpec, check_image
@@ -52,16 +53,6 @@ class ModelParts:
     spec: SlidingWindowSpec
     layer: str | None
     threshold: float
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> CUDA when available, else CPU; ``cuda`` without a GPU is refused with a clear message."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return dev
 
 
 def model_parts(model, spec: SlidingWindowSpec | None = None, layer: str | None = None,
