@@ -80,7 +80,11 @@ class LesionSegmentation:
         device: str | torch.device = "cpu",
         register: bool = False,
         n4: bool = False,
+        normalization: str = "zscore_brain",
+        tta_flips=(),
     ):
+        from msxai.normalization import check_normalization
+
         if not 0.0 <= float(threshold) < 1.0:
             raise InputError(f"threshold must be in [0, 1), got {threshold}")
         if float(min_volume_mm3) < 0:
@@ -92,6 +96,8 @@ class LesionSegmentation:
         self.min_volume_mm3 = float(min_volume_mm3)
         self.register = bool(register)
         self.n4 = bool(n4)
+        self.normalization = check_normalization(normalization)
+        self.tta_flips = check_tta_flips(tta_flips)
 
     # ------------------------------------------------------------------ steps
     def prepare(self, flair_path, t1_path):
@@ -100,7 +106,7 @@ class LesionSegmentation:
 
         flair = _require_path(flair_path, "FLAIR", "--flair")
         t1 = _require_path(t1_path, "T1 (MPRAGE)", "--t1")
-        return prepare_image(flair, t1, register=self.register, n4=self.n4)
+        return prepare_image(flair, t1, register=self.register, n4=self.n4, normalization=self.normalization)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return plain_logits(self.network(x))
@@ -117,8 +123,17 @@ class LesionSegmentation:
         return out.float().cpu()
 
     def probability(self, image) -> np.ndarray:
-        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]``."""
-        return torch.softmax(self.logits(image), dim=1)[0, 1].numpy().astype(np.float32)
+        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]``; with ``tta_flips`` the mean of the
+        softmax over the image and its flipped copies (each flipped back), one sliding-window pass each."""
+        prob = torch.softmax(self.logits(image), dim=1)[0, 1]
+        if self.tta_flips:
+            x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
+            for axes in self.tta_flips:
+                dims = [a + 1 for a in axes]  # spatial axes of the [2, X, Y, Z] image
+                p = torch.softmax(self.logits(torch.flip(x, dims)), dim=1)[0, 1]
+                prob = prob + torch.flip(p, [a for a in axes])
+            prob = prob / (1 + len(self.tta_flips))
+        return prob.numpy().astype(np.float32)
 
     def postprocess(self, prob: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[dict]]:
         """Threshold + 18-connected components >= ``min_volume_mm3`` -> (int32 labels, lesion table)."""
@@ -151,6 +166,55 @@ class LesionSegmentation:
         out_dir = _require_path(output_dir, "output folder", "--output_dir")
         result = self.segment(flair_path, t1_path)
         return write_result(result, out_dir)
+
+
+def check_tta_flips(tta_flips) -> tuple[tuple[int, ...], ...]:
+    """Flip test-time augmentation of a bundle (``tta_flips`` in ``inference.json``): a list of spatial-axis lists,
+    each one extra pass on the image flipped along those axes (``[[0]]`` = left-right at 1 mm MNI/RAS-like grids);
+    ``[]`` = none."""
+    out = []
+    for axes in tta_flips or ():
+        if isinstance(axes, (int, np.integer)):
+            axes = [axes]
+        try:
+            t = tuple(sorted({int(a) for a in axes}))
+        except (TypeError, ValueError):
+            raise InputError(f"tta_flips: each entry must be a list of spatial axes 0-2, got {axes!r}") from None
+        if not t or any(a not in (0, 1, 2) for a in t):
+            raise InputError(f"tta_flips: each entry must be a non-empty list of spatial axes 0-2, got {axes!r}")
+        out.append(t)
+    return tuple(out)
+
+
+class EnsembleSegmentation(LesionSegmentation):
+    """Mean lesion probability of several :class:`LesionSegmentation` members (e.g. the three bundles), then the
+    same threshold and lesion rule. The input is prepared once (``register``/``n4`` of the first member); a member
+    whose normalisation differs gets the prepared raw image normalised its way."""
+
+    def __init__(self, members, threshold: float = THRESHOLD, min_volume_mm3: float = MIN_LESION_MM3):
+        members = list(members)
+        if not members:
+            raise InputError("ensemble: no member segmenters")
+        first = members[0]
+        super().__init__(first.network, first.inferer, threshold, min_volume_mm3, first.device, first.register,
+                         first.n4, first.normalization, ())
+        self.members = members
+
+    def predict(self, prepared) -> SegmentationResult:
+        from msxai.normalization import normalize
+
+        t0 = time.perf_counter()
+        prob = np.zeros(prepared.shape, dtype=np.float64)
+        for m in self.members:
+            image = prepared.image if m.normalization == self.normalization else normalize(
+                prepared.raw, prepared.brain_mask, m.normalization)
+            prob += m.probability(image)
+        prob = (prob / len(self.members)).astype(np.float32)
+        labels, table = self.postprocess(prob, prepared.affine)
+        return SegmentationResult(prob=prob, labels=labels, table=table,
+                                  affine=np.asarray(prepared.affine, dtype=np.float64), threshold=self.threshold,
+                                  min_volume_mm3=self.min_volume_mm3, seconds=time.perf_counter() - t0,
+                                  info={"ensemble": len(self.members)})
 
 
 def write_result(result: SegmentationResult, output_dir: str | Path) -> dict[str, Path]:

@@ -260,8 +260,8 @@ def resample_to_spacing(vol: Volume, spacing: tuple[float, float, float] = (1.0,
 class PreparedImage:
     """The network input of one subject.
 
-    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) z-scored over ``brain_mask``; ``raw``: the same before
-    z-scoring (after the optional registration/resampling/N4); ``affine``: the voxel-to-world matrix of the grid
+    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) normalised over ``brain_mask`` (z-scored by default); ``raw``:
+    the same before normalisation (after the optional registration/resampling/N4); ``affine``: the voxel-to-world matrix of the grid
     (the FLAIR grid, or its 1 mm resampling); ``brain_mask``: bool ``[X, Y, Z]``.
     """
 
@@ -281,8 +281,9 @@ def prepare_image(
     register: bool = False,
     n4: bool = False,
     resample: bool | tuple[float, float, float] = False,
+    normalization: str = "zscore_brain",
 ) -> PreparedImage:
-    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then z-score over the brain.
+    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then normalise over the brain.
 
     * ``register=False``: FLAIR and T1 must share one grid (else :func:`msxai.io.load_pair` raises GeometryError);
       ``register=True``: T1 is rigidly registered (mutual information) and resampled onto the FLAIR grid.
@@ -290,7 +291,12 @@ def prepare_image(
       (FLAIR grid first; T1 is already on it). Without it the output is on the FLAIR grid.
     * ``n4``: N4 bias-field correction of each sequence inside its non-zero voxels.
     * the brain mask is the union of the non-zero voxels of both sequences (skull-stripped input).
+    * ``normalization``: a name of :data:`msxai.normalization.NORMALIZATIONS` (default ``zscore_brain``, the
+      z-score over the brain), checked before anything is loaded.
     """
+    from msxai.normalization import check_normalization, normalize
+
+    normalization = check_normalization(normalization)
     if not register:
         raw, affine = load_pair(flair_path, t1_path)
     else:
@@ -310,4 +316,4 @@ def prepare_image(
         sp = voxel_spacing(affine)
         raw = np.stack([n4_bias_correct(raw[c], spacing=sp) for c in range(raw.shape[0])]).astype(np.float32)
     mask = foreground_mask(raw)
-    return PreparedImage(image=zscore(raw, mask), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)
+    return PreparedImage(image=normalize(raw, mask, normalization), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)

@@ -1,8 +1,9 @@
 """Pieces the bundles' ``configs/train.json`` assembles into MONAI/ignite engines.
 
 - :func:`cohort_datalist`: a cohort's split as ``[{"id", "flair", "t1", "label"}]`` (``dataset.json`` of ``msxai synth``);
-- :class:`PrepareSubjectd`: loads one subject through :func:`msxai.preprocess.prepare_image` (the same z-scoring as at
-  inference) and its lesion label, cropped to the brain's bounding box (+ margin) to save memory and time;
+  :func:`mixed_datalist` appends the subjects of extra cohorts (real tissue, :mod:`msxai.realtissue`);
+- :class:`PrepareSubjectd`: loads one subject through :func:`msxai.preprocess.prepare_image` (the same normalisation as
+  at inference) and its lesion label, cropped to the brain's bounding box (+ margin) to save memory and time;
 - :class:`LesionMaskd`: validation post-processing, 2-class logits -> one-hot of ``softmax[1] > 0.3``;
 - :class:`TimeLimit`: stops training after ``max_minutes`` (checked at epoch end, after a last validation);
 - :class:`TrainingRecord`: writes ``training.json`` (epochs, minutes, best validation Dice and epoch, losses).
@@ -40,6 +41,21 @@ def cohort_datalist(cohort, split: str, limit: int | None = None) -> list[dict]:
     return cases if limit in (None, 0) else cases[: int(limit)]
 
 
+def mixed_datalist(cohort, split: str, extra_cohorts=()) -> list[dict]:
+    """The ``split`` of ``cohort`` followed by the ``train`` split of every cohort in ``extra_cohorts`` (e.g. the
+    real-tissue subjects of :func:`msxai.realtissue.make_realtissue_cohort`); ids are prefixed by their cohort's
+    folder name when the cohorts share one."""
+    cases = cohort_datalist(cohort, split)
+    seen = {c["id"] for c in cases}
+    for extra in extra_cohorts or ():
+        for c in cohort_datalist(extra, "train"):
+            if c["id"] in seen:
+                c = {**c, "id": f"{Path(str(extra)).name}/{c['id']}"}
+            seen.add(c["id"])
+            cases.append(c)
+    return cases
+
+
 def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
     """Bounding box of the non-zero voxels of ``mask`` grown by ``margin`` voxels (clipped to the grid)."""
     idx = np.argwhere(mask)
@@ -53,19 +69,24 @@ def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
 class PrepareSubjectd:
     """``{"id", "flair", "t1", "label"}`` -> ``{"id", "image": float32 [2, ...], "label": float32 [1, ...]}``.
 
-    The image is :func:`msxai.preprocess.prepare_image` (z-scored within the brain); label = ``label > 0``; both are
-    cropped to the brain's bounding box grown by ``margin`` voxels (``crop=False`` keeps the full grid).
+    The image is :func:`msxai.preprocess.prepare_image` normalised within the brain by ``normalization`` (a name of
+    :data:`msxai.normalization.NORMALIZATIONS`, the bundle's ``normalization`` key; default the z-score); label =
+    ``label > 0``; both are cropped to the brain's bounding box grown by ``margin`` voxels (``crop=False`` keeps
+    the full grid).
     """
 
-    def __init__(self, margin: int = 8, crop: bool = True):
+    def __init__(self, margin: int = 8, crop: bool = True, normalization: str = "zscore_brain"):
+        from msxai.normalization import check_normalization
+
         self.margin = int(margin)
         self.crop = bool(crop)
+        self.normalization = check_normalization(normalization)
 
     def __call__(self, data: dict) -> dict:
         from msxai.io import load_volume
         from msxai.preprocess import prepare_image
 
-        prepared = prepare_image(data["flair"], data["t1"])
+        prepared = prepare_image(data["flair"], data["t1"], normalization=self.normalization)
         label = load_volume(data["label"], "label").array
         if label.shape != prepared.shape:
             raise InputError(f"{data.get('id', '?')}: label grid {label.shape} differs from the image grid {prepared.shape}")
