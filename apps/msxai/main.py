@@ -49,7 +49,7 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 import msxai as _msxai  # noqa: E402
-from msxai.errors import InputError, UnknownLesionError  # noqa: E402
+from msxai.errors import InputError  # noqa: E402
 from msxai.studies import (  # noqa: E402
     MAX_SAMPLES_DEFAULT,
     BundleLoadError,
@@ -62,6 +62,7 @@ from msxai.studies import (  # noqa: E402
 from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebDatastore  # noqa: E402
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
 from lib.routes import install_routes  # noqa: E402
+from lib.validation import status_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +70,9 @@ MODELS = ("unet", "dynunet", "swinunetr")
 
 
 def http_status(exc: InputError) -> int:
-    """404 for things that do not exist, 400 for malformed ids/parameters, 422 for unusable content."""
-    if isinstance(exc, (UnknownImageError, UnknownLesionError)):
-        return 404
-    if isinstance(exc, InvalidImageIdError):
-        return 400
-    from msxai.errors import EmptyDomainError, GeometryError
-    from msxai.studies import AmbiguousSequenceError, MissingSequenceError
-
-    if isinstance(exc, (GeometryError, EmptyDomainError, MissingSequenceError, AmbiguousSequenceError)):
-        return 422
-    msg = str(exc)
-    if "NaN" in msg or "empty" in msg or "cannot read" in msg:
-        return 422
-    return 400
+    """404 for things that do not exist, 400 for malformed ids/parameters, 422 for unusable content (the mapping of
+    :func:`lib.validation.status_for`)."""
+    return status_for(exc)
 
 
 class MsxaiApp(MONAILabelApp):
@@ -240,6 +230,10 @@ class MsxaiApp(MONAILabelApp):
             request = dict(request)
             request["image_id"] = image
             request.pop("msxai_t1", None)  # only the app sets it
+            if str(request.get("save_label", False)).strip().lower() in ("1", "true", "yes", "y", "on"):
+                # MONAI Label saves a result as a label when asked: only ever as the model's 'original', never over
+                # a clinician's 'final' (the /infer role is below the annotator role that label saves need)
+                request["label_tag"] = "original"
             if isinstance(ds, MsxaiDICOMwebDatastore):
                 request["msxai_t1"] = ds.get_t1_uri(image)  # T1 series of the same study (msxai.studies rule)
             if model.startswith("explain_"):
