@@ -90,7 +90,7 @@ def sr_items(item, concept: str | None = None, value_type: str | None = None) ->
 
 def ohif_sr_measurements(sr) -> list[dict]:
     """OHIF 3.10's ``_getMeasurements`` (extension cornerstone-dicom-sr) in Python: groups of the Imaging
-    Measurements container (126010) named Measurement Group (125007), merged by the TEXT of the tracking unique
+    Measurements container (126010) named Measurement Group (125007), merged by the UID of the tracking unique
     identifier item (112040); a group with a SCOORD/SCOORD3D item becomes a measurement whose tracking UID is the
     *first* UIDREF item, whose coordinates are that item's and whose labels are its NUM items."""
     meas = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010"]
