@@ -18,6 +18,7 @@ from msxai.experiments.error_flag import (
 )
 from msxai.experiments.features import region_values, saliency_features
 from msxai.experiments.runner import select_round_robin
+from msxai.lesions import distance_mm, ring_mask
 from msxai.metrics import lesion_metrics
 
 ANISO = np.diag([0.8, 1.0, 2.5, 1.0])
@@ -42,15 +43,21 @@ def brute_distance(domain, spacing):
 def test_distance_and_rings_match_brute_force_anisotropic():
     dom = random_domain()
     brute = brute_distance(dom, (0.8, 1.0, 2.5))
-    np.testing.assert_allclose(geo.distance_mm(dom, ANISO), brute, atol=1e-9)
-    ring = geo.ring_mask(dom, ANISO, 1.0, 3.0)
+    np.testing.assert_allclose(distance_mm(dom, ANISO), brute, atol=1e-9)
+    ring = ring_mask(dom, ANISO, 1.0, 3.0)
     np.testing.assert_array_equal(ring, (brute > 1.0 + 1e-6) & (brute <= 3.0 + 1e-6))
     assert not (ring & dom).any()
     np.testing.assert_array_equal(geo.dilate_mm(dom, ANISO, 2.0), brute <= 2.0 + 1e-6)
     with pytest.raises(InputError):
-        geo.ring_mask(dom, ANISO, 3.0, 1.0)
+        ring_mask(dom, ANISO, 3.0, 1.0)
     with pytest.raises(EmptyDomainError):
-        geo.distance_mm(np.zeros((3, 3, 3), bool))
+        distance_mm(np.zeros((3, 3, 3), bool))
+    # experiment 2's ring values are the brute-force ring (0, 3] mm, in raster order
+    maps = np.random.default_rng(1).normal(size=(2, *dom.shape))
+    vals = region_values(maps, dom, ANISO, 3.0)
+    for c, key in enumerate(("flair", "mprage")):
+        np.testing.assert_array_equal(vals[key]["ring"], maps[c][(brute > 1e-6) & (brute <= 3.0 + 1e-6)])
+        np.testing.assert_array_equal(vals[key]["inside"], maps[c][dom])
 
 
 def test_corner_fits_matches_a_loop():
@@ -98,7 +105,7 @@ def test_context_image_and_radii():
     img = rng.normal(size=(2, 8, 8, 8))
     dom = np.zeros((8, 8, 8), bool)
     dom[3:5, 3:5, 3:5] = True
-    d = geo.distance_mm(dom)
+    d = distance_mm(dom)
     bg = np.array([-1.0, -2.0])
     for r in (0.0, 1.0, 2.5):
         out = geo.context_image(img, d, r, bg)
@@ -130,7 +137,7 @@ def test_saliency_features_hand_values():
     maps = np.zeros((2, *shape))
     maps[0][dom] = 0.5
     maps[0, 4, 4, 4] = 2.0
-    maps[0][geo.ring_mask(dom, None, 0, 1.0)] = -0.25
+    maps[0][ring_mask(dom, None, 0, 1.0)] = -0.25
     maps[1][dom] = -0.1
     prob = np.where(dom, 0.8, 0.0)
     f = saliency_features(maps, dom, prob, np.diag([2.0, 1.0, 1.0, 1.0]), ring_mm=1.0)  # 2 mm^3 voxels
@@ -140,7 +147,7 @@ def test_saliency_features_hand_values():
     assert f["mprage_mass_neg"] == pytest.approx(-0.1 * 27 * 2.0)
     assert f["mean_prob"] == pytest.approx(0.8)
     # with 2 mm along x, the 1 mm ring holds the face neighbours along y and z only
-    ring = geo.ring_mask(dom, np.diag([2.0, 1.0, 1.0, 1.0]), 0, 1.0)
+    ring = ring_mask(dom, np.diag([2.0, 1.0, 1.0, 1.0]), 0, 1.0)
     assert f["flair_ring_mean"] == pytest.approx(maps[0][ring].mean())
     vals = region_values(maps, dom, np.diag([2.0, 1.0, 1.0, 1.0]), 1.0)
     assert vals["flair"]["inside"].size == 27 and vals["flair"]["ring"].size == int(ring.sum())

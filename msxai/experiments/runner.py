@@ -27,17 +27,20 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from msxai import SEQUENCE_KEYS, SEQUENCES
 from msxai.errors import EmptyDomainError, InputError
 from msxai.experiments import geometry as geo
 from msxai.experiments.cohort import CaseSpec
 from msxai.experiments.error_flag import ErrorFlagModel, SALIENCY_FEATURES, cross_validate
-from msxai.experiments.features import SEQ_KEYS, region_values, saliency_features, value_range
+from msxai.experiments.features import region_values, saliency_features
 from msxai.experiments.model import ExperimentModel
 from msxai.experiments.stats import median_ci, pairwise_mwu, spearman
 from msxai.io import load_volume, voxel_volume_mm3
 from msxai.lesions import (
+    DISTANCE_TOL_MM,
     TN_SPHERE_MM3,
     classify_lesions,
+    distance_mm,
     instances_from_mask,
     lesion_ids,
     lesion_instances,
@@ -422,8 +425,8 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
     want_full |= {f"{c}|TP:{l}" for c, l, _ in tr_targets}
     if exp4_target is not None:
         want_full.add(f"{exp4_target[0]}|TP:{exp4_target[1]}")
-    exp2_vals = {k: {"inside": [], "ring": []} for k in SEQ_KEYS}
-    exp2_counts = {k: {"inside": [0, 0], "ring": [0, 0]} for k in SEQ_KEYS}
+    exp2_vals = {k: {"inside": [], "ring": []} for k in SEQUENCE_KEYS}
+    exp2_counts = {k: {"inside": [0, 0], "ring": [0, 0]} for k in SEQUENCE_KEYS}
     n_domains = sum(len(v) for v in selected.values())
     bar = _bar(range(n_domains), cfg, desc=f"{model.name}: explain ({cfg.aggregation}, N={cfg.samples})",
                unit="domain")
@@ -445,7 +448,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                    "voxels": int(dom.sum()), "volume_mm3": feats["volume_mm3"],
                    "cost_voxel_windows": costs.get((state.id, cls, int(ident)), float("nan")),
                    "mean_prob": feats["mean_prob"], "max_prob": feats["max_prob"]}
-            for key in SEQ_KEYS:
+            for key in SEQUENCE_KEYS:
                 row[f"{key}_peak_max"] = feats[f"{key}_peak_max"]
                 row[f"{key}_peak_min"] = feats[f"{key}_peak_min"]
                 row[f"{key}_ring_mean"] = feats[f"{key}_ring_mean"]
@@ -458,7 +461,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                 cut = exp2_cut(vals, cfg)
                 lesion_row = {"model": model.name, "case": state.id, "lesion_id": int(ident),
                               "volume_mm3": feats["volume_mm3"], "cut": cut}
-                for key in SEQ_KEYS:
+                for key in SEQUENCE_KEYS:
                     for region in ("inside", "ring"):
                         v = vals[key][region]
                         kept = v[np.abs(v) >= cut]
@@ -509,7 +512,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                 row = {"model": model.name, "lesion": label, "case": cid, "lesion_id": int(lid),
                        "voxels": int(dom.sum()), "volume_mm3": float(dom.sum() * voxel_volume_mm3(st.affine)),
                        "cost_voxel_windows": costs[(cid, "TP", lid)], "aggregation": agg, "samples": n1}
-                for c, key in enumerate(SEQ_KEYS):
+                for c, key in enumerate(SEQUENCE_KEYS):
                     row[f"{key}_min"] = float(m[c].min())
                     row[f"{key}_max"] = float(m[c].max())
                     row[f"{key}_min_in"] = float(m[c][dom].min())
@@ -567,7 +570,7 @@ def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConf
                                              cfg.sigma_fraction)))[1][(slice(None), *sl)]
                 near = geo.dilate_mm(dom, st.affine, 5.0)[sl]
                 row = {"model": model.name, "case": cid, "lesion_id": int(lid), "voxels_compared": int(near.sum())}
-                for c, key in enumerate(SEQ_KEYS):
+                for c, key in enumerate(SEQUENCE_KEYS):
                     row[f"{key}_spearman"] = spearman(trained[c][near], rmap[c][near])
                     row[f"{key}_trained_range"] = float(trained[c][near].max() - trained[c][near].min())
                     row[f"{key}_random_range"] = float(rmap[c][near].max() - rmap[c][near].min())
@@ -640,7 +643,7 @@ def exp2_table(groups: dict, counts: dict, lesion_rows: list[dict], cfg: Experim
     from msxai.experiments.stats import cluster_bootstrap_ci
 
     rows = []
-    for key in SEQ_KEYS:
+    for key in SEQUENCE_KEYS:
         for region in ("inside", "ring"):
             g = groups[key][region]
             frac = cluster_bootstrap_ci([(a > 0).astype(float) for a in g], np.mean, cfg.n_boot, seed=cfg.seed)
@@ -650,7 +653,7 @@ def exp2_table(groups: dict, counts: dict, lesion_rows: list[dict], cfg: Experim
             per_lesion = [r[f"{key}_{region}_median"] for r in lesion_rows]
             per_lesion = [x for x in per_lesion if np.isfinite(x)]
             rows.append({
-                "sequence": "FLAIR" if key == "flair" else "MPRAGE", "region": region,
+                "sequence": SEQUENCES[SEQUENCE_KEYS.index(key)], "region": region,
                 "n_values": counts[key][region][0], "n_kept": counts[key][region][1],
                 "frac_positive": frac.estimate, "frac_positive_lo": frac.lo, "frac_positive_hi": frac.hi,
                 "median_positive": med_pos.estimate, "median_positive_lo": med_pos.lo, "median_positive_hi": med_pos.hi,
@@ -687,7 +690,7 @@ def healthy_wm_ball(state: CaseState, avoid_mm: float = 3.0, quantile: float = 0
 
     ball = ball_structure(tn_sphere_radius_mm(volume_mm3), voxel_spacing(state.affine))
     lesions = (state.truth > 0) | (state.pred > 0)
-    far = geo.distance_mm(lesions, state.affine) > avoid_mm if lesions.any() else np.ones_like(state.brain)
+    far = distance_mm(lesions, state.affine) > avoid_mm if lesions.any() else np.ones_like(state.brain)
     allowed = state.brain & far
     patch = np.zeros(state.brain.shape, bool)
     h = np.array(ball.shape) // 2
@@ -739,13 +742,13 @@ def exp4_sanity(model: ExperimentModel, st: CaseState, lid: int, cfg: Experiment
         d = domains[name]
         row = {"model": model.name, "case": cid, "domain": name, "voxels": int(d.sum()),
                "mean_prob": float(st.prob[d].mean())}
-        for c, key in enumerate(SEQ_KEYS):
+        for c, key in enumerate(SEQUENCE_KEYS):
             row[f"{key}_min"], row[f"{key}_max"] = float(maps[c].min()), float(maps[c].max())
         rows.append(row)
     rows.sort(key=lambda r: not r["domain"].startswith("TP lesion"))
     tp_row = rows[0]
     for r in rows:
-        for key in SEQ_KEYS:
+        for key in SEQUENCE_KEYS:
             span_tp = tp_row[f"{key}_max"] - tp_row[f"{key}_min"]
             r[f"{key}_range_vs_tp"] = (r[f"{key}_max"] - r[f"{key}_min"]) / span_tp if span_tp > 0 else float("nan")
     return rows
@@ -762,11 +765,11 @@ def transplant_conditions(state: CaseState, domain: np.ndarray, margin_mm: float
     """
     out = {}
     lesions = (state.truth > 0) | (state.pred > 0)
-    far = geo.distance_mm(lesions, state.affine) > 3.0
+    far = distance_mm(lesions, state.affine) > 3.0
     score = ndimage.uniform_filter(state.image[1].astype(np.float32), size=5)
     off = geo.find_target(domain, state.brain & far, score=score, quantile=0.75)
     out["healthy WM"] = None if off is None else geo.transplant(state.image, domain, off)
-    outside = geo.distance_mm(state.brain, state.affine) > 5.0
+    outside = distance_mm(state.brain, state.affine) > 5.0
     patch = geo.dilate_mm(domain, state.affine, margin_mm)
     for name, p in (("background", domain), (f"background + {margin_mm:g} mm", patch)):
         off = geo.find_target(p, outside)
@@ -800,7 +803,7 @@ def exp5_transplant(model: ExperimentModel, state: CaseState, lesion_id: int, cf
         row = {**base, "condition": name, "status": "ok", "mean_prob": float(prob[omega].mean()),
                "detected": _detected(prob, region, omega, model, state.affine),
                "centre_vox": str(tuple(int(v) for v in np.argwhere(omega).mean(0).round()))}
-        for c, key in enumerate(SEQ_KEYS):
+        for c, key in enumerate(SEQUENCE_KEYS):
             row[f"{key}_peak_max"] = float(maps[c][omega].max())
             row[f"{key}_peak_min"] = float(maps[c][omega].min())
             tot = float(np.abs(maps[c]).sum())
@@ -888,9 +891,9 @@ def context_radii(cfg: ExperimentConfig) -> list[float]:
 def context_curve(model: ExperimentModel, image: np.ndarray, brain: np.ndarray, dom: np.ndarray, affine,
                   cfg: ExperimentConfig, bar=None) -> list[dict]:
     """Mean softmax in Ω and detection with the full image and with context restored up to each radius."""
-    dist = geo.distance_mm(dom, affine)
+    dist = distance_mm(dom, affine)
     bg = geo.background_value(image, brain)
-    region = dist <= 3.0 + 1e-6
+    region = dist <= 3.0 + DISTANCE_TOL_MM
     full = model.probability(image, region)
     rows = []
     base = {"full_context_mean_prob": float(full[dom].mean()),
