@@ -17,7 +17,7 @@ from msxai.experiments.error_flag import (
     f1_gain,
 )
 from msxai.experiments.features import region_values, saliency_features
-from msxai.experiments.runner import select_round_robin
+from msxai.experiments.selection import select_round_robin
 from msxai.lesions import distance_mm, ring_mask
 from msxai.metrics import lesion_metrics
 
@@ -248,7 +248,8 @@ def test_radiomics_moments_match_scipy_and_exp2_cut():
     from scipy import stats as sps
 
     from msxai.experiments.features import _radiomics
-    from msxai.experiments.runner import ExperimentConfig, exp2_cut
+    from msxai.experiments.bulk import exp2_cut
+    from msxai.experiments.state import ExperimentConfig
 
     v = np.random.default_rng(8).gamma(2.0, size=200) - 1.0
     r = _radiomics(v, "x")
@@ -290,7 +291,7 @@ def test_randomized_model_changes_every_weight_and_keeps_the_original():
 
 
 def test_exp1_pick_large_under_the_cap_and_smallest():
-    from msxai.experiments.runner import exp1_pick
+    from msxai.experiments.selection import exp1_pick
 
     tps = [("a", 1, 50), ("a", 2, 7), ("b", 1, 19), ("b", 2, 300)]
     assert exp1_pick(tps, 20) == [("large", "b", 1), ("small", "a", 2)]
@@ -314,7 +315,7 @@ def test_tn_spheres_as_many_as_fit():
 def test_label_window_counts_match_the_windows_covering_the_box():
     from scipy import ndimage
 
-    from msxai.experiments.runner import label_window_counts
+    from msxai.experiments.selection import label_window_counts
     from msxai.saliency.sliding import SlidingWindowSpec
 
     rng = np.random.default_rng(10)
@@ -334,7 +335,7 @@ def test_label_window_counts_match_the_windows_covering_the_box():
 
 def test_window_count_map_and_domain_costs_match_a_per_voxel_count():
     """Fast path (product of per-axis counts) vs the slow twin (windows covering each single voxel)."""
-    from msxai.experiments.runner import domain_costs, interleave_classes, mask_cost, window_count_map
+    from msxai.experiments.selection import domain_costs, interleave_classes, mask_cost, window_count_map
     from msxai.saliency.sliding import SlidingWindowSpec
 
     for shape, roi in (((20, 17, 9), (8, 8, 8)), ((6, 30, 12), (16, 16, 16))):

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from msxai import SEQUENCE_KEYS, SEQUENCES
-from msxai.experiments.runner import CLASSES, ModelResults
+from msxai.experiments.selection import CLASSES
+from msxai.experiments.state import ModelResults
 
 DPI = 72
 
