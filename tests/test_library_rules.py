@@ -1,5 +1,6 @@
 """Rules of the library ``msxai/`` that hold for every module (read from the source, not from a running import):
-the science does not depend on the web server, the MONAI Label app or its deployment."""
+the science does not depend on the web server, the MONAI Label app or its deployment, and no module is longer than
+700 lines."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ LIBRARY = Path(__file__).resolve().parents[1] / "msxai"
 MODULES = sorted(LIBRARY.rglob("*.py"))
 # web frameworks, MONAI Label, and the app's own packages (apps/msxai/lib, apps/msxai/deploy)
 FORBIDDEN = ("fastapi", "starlette", "monailabel", "lib", "deploy")
+MAX_LINES = 700
+# Known to break the line rule until the move that fixes it lands; strict: the test fails once the module complies,
+# so the entry must then be removed.
+PENDING = {
+    "msxai/studies.py": "issue 13 part 2 moves its request parsing, StudyService and cache into apps/msxai/lib/",
+}
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -36,3 +43,12 @@ def test_the_rule_sees_imports(tmp_path):
 def test_library_module_imports_no_web_or_app_code(path):
     bad = sorted(imported_packages(path) & set(FORBIDDEN))
     assert not bad, f"{path.relative_to(LIBRARY.parent)} imports {bad}: server/app/deploy code belongs in apps/msxai/"
+
+
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason=PENDING[str(p.relative_to(LIBRARY.parent))]))
+    if str(p.relative_to(LIBRARY.parent)) in PENDING else p
+    for p in MODULES], ids=[str(p.relative_to(LIBRARY.parent)) for p in MODULES])
+def test_library_module_at_most_700_lines(path):
+    n = len(path.read_text().splitlines())
+    assert n <= MAX_LINES, f"{path.relative_to(LIBRARY.parent)} has {n} lines (> {MAX_LINES}): split it by job"

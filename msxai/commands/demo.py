@@ -57,12 +57,12 @@ def _explained_ids(table: list[dict], how: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from msxai.bundle import load_bundle
+    from msxai.device import resolve_device
     from msxai.errors import InputError
     from msxai.inference import write_result
-    from msxai.io import load_volume
+    from msxai.io import json_default, load_volume
     from msxai.lesions import format_lesion_table
     from msxai.metrics import evaluate_case, format_metrics_table
-    from msxai.device import resolve_device
     from msxai.saliency.engine import explain_to_files
 
     out = Path(args.out)
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if truth is not None:
         truth_vol = load_volume(truth, "truth")
         metrics = evaluate_case(result.labels, truth_vol.array, result.affine)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
         summary["metrics"] = str(out / "metrics.json")
         print("[3/4] metrics against the truth:")
         print(format_metrics_table(metrics))

@@ -80,7 +80,7 @@ def run(args) -> int:
     from msxai.experiments import run_experiments
     from msxai.experiments.cohort import cohort_cases, real_patient_case
     from msxai.experiments.model import ExperimentModel
-    from msxai.experiments.runner import ExperimentConfig
+    from msxai.experiments.state import ExperimentConfig
 
     torch.set_num_threads(int(args.threads or os.environ.get("OMP_NUM_THREADS", 1) or 1))
     if args.samples < 1:
@@ -157,7 +157,7 @@ def _resolve(b: str):
 
 def _classes(text: str) -> tuple:
     from msxai.errors import InputError
-    from msxai.experiments.runner import CLASSES
+    from msxai.experiments.selection import CLASSES
 
     got = tuple(c.strip().upper() for c in text.split(",") if c.strip())
     bad = [c for c in got if c not in CLASSES]

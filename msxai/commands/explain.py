@@ -42,9 +42,9 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from msxai.bundle import load_bundle
+    from msxai.device import resolve_device
     from msxai.errors import InputError
     from msxai.experiments.error_flag import annotate_explain_output, load_bundle_flag
-    from msxai.device import resolve_device
     from msxai.saliency.engine import explain_to_files
 
     if args.samples < 1:

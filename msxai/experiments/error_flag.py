@@ -24,6 +24,7 @@ import numpy as np
 from msxai.errors import InputError
 from msxai.experiments.features import saliency_features
 from msxai.experiments.stats import CI, bootstrap_auc, cluster_resamples, roc_auc
+from msxai.io import file_sha256
 
 # Features used by default: saliency only (plus size); BASELINE_FEATURES is the no-saliency comparison.
 SALIENCY_FEATURES = (
@@ -237,29 +238,10 @@ BUNDLE_MODEL_FILE = "models/error_flag.json"
 REQUIRED_INFO = ("weights_sha256", "method", "aggregation", "samples", "sigma_fraction")
 
 
-def file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
 def bundle_weights_sha256(bundle_dir) -> str | None:
-    """sha256 of the bundle's ``models/model.pt`` (cached per path, size and mtime), None when there is none."""
+    """sha256 of the bundle's ``models/model.pt`` (:func:`msxai.io.file_sha256`), None when there is none."""
     f = Path(bundle_dir) / "models" / "model.pt"
-    if not f.is_file():
-        return None
-    st = f.stat()
-    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(f)
-    return _SHA_CACHE[key]
+    return file_sha256(f) if f.is_file() else None
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from msxai import SEQUENCES, THRESHOLD
+from msxai import SEQUENCE_KEYS, THRESHOLD
 from msxai.device import resolve_device
 from msxai.errors import EmptyDomainError, InputError
 from msxai.saliency.gradcampp import GradCAMPlusPlus
@@ -75,35 +75,26 @@ def model_parts(model, spec: SlidingWindowSpec | None = None, layer: str | None 
 
 
 def lesion_domains(labels: np.ndarray, ids: str | int | Sequence[int] = "all") -> dict[str, np.ndarray]:
-    """``{"lesion_<k>": mask}`` for the requested ids of an instance label map (``"all"``: every lesion).
+    """``{"lesion_<k>": mask}`` for the requested ids of an instance label map (``ids`` as
+    :func:`msxai.lesions.parse_lesion_ids` takes them; ``"all"``: every lesion).
 
     Unknown ids raise ``UnknownLesionError`` naming the valid ones; a map without lesions raises
     ``EmptyDomainError``."""
-    from msxai.lesions import as_label_map, lesion_domain, lesion_ids
+    from msxai.lesions import as_label_map, lesion_domain, lesion_ids, parse_lesion_ids
 
     labels = as_label_map(labels)
-    if isinstance(ids, str) and ids.strip().lower() == "all":
+    chosen = parse_lesion_ids(ids)
+    if chosen == "all":
         chosen = lesion_ids(labels)
         if not chosen:
             raise EmptyDomainError("the lesion map holds no lesion: nothing to explain")
-    elif isinstance(ids, str):
-        chosen = []
-        for part in ids.split(","):
-            try:
-                chosen.append(int(part))
-            except ValueError:
-                raise InputError(f"lesion id must be an integer or 'all', got {part.strip()!r}") from None
-    elif isinstance(ids, (int, np.integer)):
-        chosen = [int(ids)]
-    else:
-        chosen = [int(i) for i in ids]
     return {f"lesion_{k}": lesion_domain(labels, k) for k in chosen}
 
 
 def map_names(method: str, n_channels: int) -> list[str]:
     if method == "gradcampp":
         return ["gradcampp"]
-    seq = [s.lower() for s in SEQUENCES] if n_channels == len(SEQUENCES) else [f"channel{c}" for c in range(n_channels)]
+    seq = SEQUENCE_KEYS if n_channels == len(SEQUENCE_KEYS) else [f"channel{c}" for c in range(n_channels)]
     return [f"smoothgrad_{s}" for s in seq]
 
 

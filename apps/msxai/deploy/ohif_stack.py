@@ -300,14 +300,11 @@ def load_study(cfg: StackConfig, flair: Path | None = None, t1: Path | None = No
                           study_description=f"msxai study {stem}"[:64])
     # one study per input content: a changed FLAIR/T1 becomes another study, never extra series in this one (which
     # would make its T1 ambiguous)
-    import hashlib
-
-    h = hashlib.sha1()
-    for f in (flair, t1):
-        h.update(Path(f).read_bytes())
     from msxai.dicom import stable_uid
+    from msxai.io import file_sha256
 
-    study.study_uid = stable_uid("study", study.patient_id, study.study_description, h.hexdigest())
+    study.study_uid = stable_uid("study", study.patient_id, study.study_description, file_sha256(flair),
+                                 file_sha256(t1))
     study.frame_of_reference_uid = stable_uid("for", study.study_uid)
     series = study_from_nifti(flair, t1, study)
     for s in series.values():
