@@ -55,6 +55,8 @@ LOAD_CLASSES = {
     "moderate": (0.30, (10, 30), 80.0, 0.3, 0.35, (2.0, 5.0)),
     "heavy": (0.30, (25, 50), 150.0, 0.45, 1.0, (3.0, 9.0)),
 }
+# most injected volume per hemisphere (mL): caps are trimmed to their part nearest the ventricles to stay below
+MAX_INJECTED_ML = {"real_only": 0.0, "light": 3.0, "moderate": 10.0, "heavy": 30.0}
 
 
 # ----------------------------------------------------------------------------------------------- halves
@@ -171,10 +173,13 @@ class LesionIntensityModel:
 
 # ----------------------------------------------------------------------------------------------- lesion shapes
 def periventricular_caps(rng: np.random.Generator, dist_vent: np.ndarray, allowed: np.ndarray,
-                         thickness_mm=(3.0, 9.0), coverage: float = 0.5, spacing: float = 1.0) -> np.ndarray:
+                         thickness_mm=(3.0, 9.0), coverage: float = 0.5, spacing: float = 1.0
+                         ) -> tuple[np.ndarray, np.ndarray]:
     """Confluent periventricular lesion caps: ``allowed`` voxels within a smoothly varying thickness (in
     ``thickness_mm``) of the ventricles, over a random ``coverage`` fraction of the ventricle surroundings (smooth
-    random sectors), with an irregular (noise-perturbed) outer border. Bool mask."""
+    random sectors), with an irregular (noise-perturbed) outer border. Returns the bool mask and each voxel's
+    relative depth in its cap (distance to the ventricles / local thickness; <= 1 inside), used to trim a cap to
+    its inner part."""
     from msxai.synth import smooth_noise
 
     shape = dist_vent.shape
@@ -187,7 +192,8 @@ def periventricular_caps(rng: np.random.Generator, dist_vent: np.ndarray, allowe
         cut = np.quantile(sector[near], 1.0 - float(np.clip(coverage, 0.0, 1.0)))
     else:
         cut = np.inf
-    return (dist_vent <= t) & (sector >= cut) & np.asarray(allowed, bool)
+    rel = dist_vent / np.maximum(t, 1e-3)
+    return (rel <= 1.0) & (sector >= cut) & np.asarray(allowed, bool), rel.astype(np.float32)
 
 
 def _uniform_field(g: np.ndarray) -> np.ndarray:
@@ -290,10 +296,21 @@ def inject_lesions(rng: np.random.Generator, bg: RealBackground, load: dict | No
                           lesion_volume_median_mm3=float(load["median_mm3"]),
                           confluent_fraction=float(load["confluent_fraction"]))
         inj, blobs = _place_lesions(rng, cfg, bg.p, bg.brain, bg.sites)
+    inj &= bg.allowed
+    budget = MAX_INJECTED_ML.get(load["class"], np.inf) * 1000.0 / v**3 * (2 if bg.side == "both" else 1)
     if load.get("caps"):
         c = load["caps"]
-        inj |= periventricular_caps(rng, bg.sites["dist_vent"], bg.allowed, c["thickness_mm"], c["coverage"], v)
-    inj &= bg.allowed
+        caps, rel = periventricular_caps(rng, bg.sites["dist_vent"], bg.allowed, c["thickness_mm"], c["coverage"], v)
+        caps &= ~inj
+        room = int(budget - inj.sum())
+        if caps.sum() > max(room, 0):  # keep the cap voxels nearest the ventricles within the budget
+            keep = np.zeros(caps.shape, bool)
+            if room > 0:
+                order = np.argsort(rel[caps], kind="stable")[:room]
+                idx = np.flatnonzero(caps)[order]
+                keep.flat[idx] = True
+            caps = keep
+        inj |= caps
     flair, t1 = bg.flair.copy(), bg.t1.copy()
     if inj.any():
         lab, n = ndi.label(inj, ndi.generate_binary_structure(3, 2))
@@ -380,3 +397,47 @@ def make_realtissue_cohort(out_dir, n: int, side: str, seed: int = 0, source=Non
     path = out / "dataset.json"
     path.write_text(json.dumps(dataset, indent=1))
     return path
+
+
+# ----------------------------------------------------------------------------------------------- held-out halves
+def evaluate_half(pred, truth, affine, side: str, threshold: float = 0.3, n_boot: int = 2000, seed: int = 0,
+                  min_volume_mm3: float = MIN_LESION_MM3) -> dict:
+    """Score a prediction made on the *whole* image on one hemisphere only (:func:`msxai.metrics.evaluate_region`
+    with :func:`hemisphere_mask`): lesions by centroid, voxels inside the half, Dice/nDSC against the truth as
+    given, lesion-wise with the 5 mm^3 rule, unit-bootstrap 95 % CIs."""
+    from msxai.metrics import evaluate_region
+
+    region = hemisphere_mask(np.shape(truth), affine, side)
+    out = evaluate_region(pred, truth, region, affine, threshold, min_volume_mm3, n_boot=n_boot, seed=seed)
+    out["half"] = side
+    return out
+
+
+BASELINE_EROSION_MM = 3.0
+
+
+def flair_threshold_map(flair: np.ndarray, brain: np.ndarray, z: float, erosion_mm: float = BASELINE_EROSION_MM,
+                        spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """The FLAIR-threshold baseline: voxels of the brain eroded by ``erosion_mm`` (away from the cortex rim) whose
+    FLAIR z-score (over the whole brain) exceeds ``z``; a bool mask (lesions follow from the usual >= 5 mm^3 rule)."""
+    from msxai.preprocess import zscore
+
+    brain = np.asarray(brain, bool)
+    zf = zscore(np.asarray(flair, np.float32), brain)
+    dist = ndi.distance_transform_edt(brain, sampling=spacing)
+    return (zf > float(z)) & (dist > float(erosion_mm))
+
+
+def choose_flair_z(flair, brain, truth, affine, side: str, zs=None) -> tuple[float, list[dict]]:
+    """The baseline's z chosen on one half (its training half): the z of ``zs`` (default 1.0-4.0 by 0.1) that
+    maximises nDSC + lesion F1 on that half. Returns ``(z, [{"z", "ndsc", "F1"}, ...])``."""
+    from msxai.io import voxel_spacing
+
+    zs = np.round(np.arange(1.0, 4.01, 0.1), 2) if zs is None else zs
+    rows = []
+    for z in zs:
+        m = evaluate_half(flair_threshold_map(flair, brain, z, spacing=voxel_spacing(affine)), truth, affine, side,
+                          n_boot=0)
+        rows.append({"z": float(z), "ndsc": m["ndsc"], "F1": m["F1"], "n_pred": m["n_pred"]})
+    best = max(rows, key=lambda r: (r["ndsc"] + r["F1"], -r["z"]))
+    return best["z"], rows

@@ -103,7 +103,7 @@ def test_injected_subject_keeps_the_other_half_blank(source, left_background):
     assert np.all(lab[(truth > 0) & ~right] == 1)  # the real lesions of the half stay labelled
     injected = (lab > 0) & ~(truth > 0)
     assert injected.any() and np.all(bg.allowed[injected])
-    assert info["injected_ml"] > 5 and info["load_class"] == "heavy"  # a heavy load at 2 mm in a half brain
+    assert 5 < info["injected_ml"] <= 30 and info["load_class"] == "heavy"  # heavy, capped at 30 mL per half
     # outside the injected lesions and their 2-voxel halo, the half is the source image unchanged
     from scipy import ndimage
 
@@ -140,3 +140,33 @@ def test_cohort_is_readable_by_the_training_datalist(source, tmp_path):
     assert [c["id"] for c in cases] == ["rtright000", "rtright001"] and path.name == "dataset.json"
     with pytest.raises(InputError):
         make_realtissue_cohort(tmp_path / "rt0", 0, "right", source=source)
+
+
+def test_flair_threshold_baseline_and_half_scoring():
+    from msxai.metrics import evaluate_region
+    from msxai.realtissue import choose_flair_z, evaluate_half, flair_threshold_map
+
+    rng = np.random.default_rng(4)
+    shape = (16, 12, 10)
+    affine = np.array([[-1.0, 0, 0, 8.0], [0, 1.0, 0, 0], [0, 0, 1.0, 0], [0, 0, 0, 1]])
+    brain = np.zeros(shape, bool)
+    brain[1:15, 1:11, 1:9] = True
+    flair = np.where(brain, rng.normal(100, 5, shape), 0).astype(np.float32)
+    truth = np.zeros(shape, np.uint8)
+    truth[4:7, 4:7, 4:6] = 1  # right half (x = 8 - i > 0)
+    truth[10:13, 5:8, 4:6] = 1  # left half
+    flair[truth > 0] += 40
+    mask = flair_threshold_map(flair, brain, 2.0, erosion_mm=1.5)
+    vals = flair[brain]
+    zf = (flair - vals.mean()) / vals.std()
+    outside = np.argwhere(~brain)
+    for v in np.ndindex(*shape):
+        d = np.sqrt(((outside - v) ** 2).sum(1)).min() if brain[v] else 0.0
+        assert mask[v] == (brain[v] and zf[v] > 2.0 and d > 1.5), v
+    region = hemisphere_mask(shape, affine, "right")
+    a = evaluate_half(mask, truth, affine, "right", n_boot=20)
+    b = evaluate_region(mask, truth, region, affine, n_boot=20)
+    assert a["half"] == "right" and {k: a[k] for k in b} == b
+    z, rows = choose_flair_z(flair, brain, truth, affine, "left", zs=[0.5, 1.5, 2.5, 6.0])
+    best = max(rows, key=lambda r: r["ndsc"] + r["F1"])
+    assert z == best["z"] and [r["z"] for r in rows] == [0.5, 1.5, 2.5, 6.0]
