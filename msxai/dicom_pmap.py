@@ -12,12 +12,10 @@ Frames lie on the source (FLAIR) instances: same rows, columns, orientation and 
 slice, each referencing its FLAIR instance by UID and position (as :func:`msxai.dicom.write_seg` does); a top-level
 ``ReferencedSeriesSequence`` names the FLAIR series (OHIF's PM loader needs it to find the volume it overlays).
 
-Frames are limited along the slice axis to the part's extent plus ``margin`` slices. OHIF 3.10's PM loader (the
-cornerstone adapter's ``insertPixelDataPlanar``) writes frame ``i`` into a buffer of ``NumberOfFrames`` slices at
-the index of its source image in the FLAIR volume (sorted along the slice normal), so it only accepts frames that
-start at the volume's first slice: ``frames="from_first"`` (what the app stores for OHIF) keeps the frames from the
-first FLAIR slice up to the extent's far end; ``frames="extent"`` (any other reader, e.g. Slicer) keeps only the
-extent.
+Frames are limited along the slice axis to the part's extent plus ``margin`` slices (a 1 mm map of 182 x 218 x 182
+is 29 MB when every slice is written). OHIF 3.10's Parametric Map loader needs two fixes to show such maps (a byte
+offset given in elements, a buffer as long as the map instead of the volume): the app serves them with OHIF
+(``apps/msxai/lib/ohif_fixes.py``).
 """
 
 from __future__ import annotations
@@ -47,7 +45,6 @@ from msxai.errors import InputError
 PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
 UNITLESS = ("1", "UCUM", "no units")
 QUANTITY = ("246205007", "SCT", "Quantity")
-FRAME_MODES = ("extent", "from_first")
 # the quantities msxai writes (no standard code: the private scheme of msxai.dicom)
 SALIENCY_QUANTITY = {
     "smoothgrad": ("SMOOTHGRAD", MSXAI_SCHEME, "Instance SmoothGrad saliency"),
@@ -55,25 +52,21 @@ SALIENCY_QUANTITY = {
 }
 
 
-def frame_range(volume: np.ndarray, grids: Sequence[tuple], margin: int, frames: str) -> range:
+def frame_range(volume: np.ndarray, grids: Sequence[tuple], margin: int) -> range:
     """Indices (into the sorted source slices) of the frames to write: the slices where ``volume`` is non-zero,
-    widened by ``margin`` slices; from the first slice when ``frames == "from_first"``. Empty when the volume is
-    zero on every source slice."""
-    if frames not in FRAME_MODES:
-        raise InputError(f"frames must be one of {FRAME_MODES}, got {frames!r}")
+    widened by ``margin`` slices on each side. Empty when the volume is zero on every source slice."""
     if margin < 0:
         raise InputError(f"margin must be >= 0, got {margin}")
     hit = [z for z, (I, J, K) in enumerate(grids) if np.any(volume[I, J, K])]
     if not hit:
         return range(0)
-    lo = 0 if frames == "from_first" else max(0, hit[0] - margin)
-    return range(lo, min(len(grids), hit[-1] + margin + 1))
+    return range(max(0, hit[0] - margin), min(len(grids), hit[-1] + margin + 1))
 
 
 def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequence, *, slope: float,
                          intercept: float = 0.0, series_description: str, lut_label: str, lut_explanation: str,
                          quantity: tuple, units: tuple = UNITLESS, series_number: int = 400, margin: int = 2,
-                         frames: str = "extent", content_label: str = "MSXAI", series_uid: str | None = None,
+                         content_label: str = "MSXAI", series_uid: str | None = None,
                          sop_uid: str | None = None):
     """A float32 Parametric Map of ``stored`` ``[X, Y, Z]`` (RAS ``affine``, on the grid of the single-frame
     ``source`` series) with the real-world value mapping ``true = slope * stored + intercept`` (first and last
@@ -93,12 +86,12 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
         raise InputError("no source images for the parametric map")
     _, source = dataset_affine(list(source))
     grids = [source_voxel_indices(ds, affine, stored.shape) for ds in source]
-    keep = frame_range(stored, grids, margin, frames)
+    keep = frame_range(stored, grids, margin)
     if not len(keep):
         raise InputError("the parametric map is zero on every source slice: nothing to write")
     ref = source[0]
     series_uid = series_uid or stable_uid("pm-series", ref.SeriesInstanceUID, series_description, slope, intercept,
-                                          frames, margin, content_hash(stored))
+                                          margin, content_hash(stored))
     sop_uid = sop_uid or stable_uid("pm-sop", series_uid)
     now = _dt.datetime.now()
 
@@ -177,7 +170,7 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
 
 
 def saliency_parametric_maps(saliency: np.ndarray, affine: np.ndarray, source: Sequence, *, name: str, map_name: str,
-                             method: str, series_number: int = 400, margin: int = 2, frames: str = "extent") -> list:
+                             method: str, series_number: int = 400, margin: int = 2) -> list:
     """The positive and the negative part of a saliency map ``[X, Y, Z]`` as Parametric Maps (see the module
     docstring): ``[(part, dataset)]`` with ``part`` in ``"positive"``/``"negative"``, leaving out a part that is
     zero everywhere. ``name``: the domain (e.g. ``lesion 3``); ``map_name``: the map (``FLAIR``, ``MPRAGE``, ``CAM``)."""
@@ -199,6 +192,6 @@ def saliency_parametric_maps(saliency: np.ndarray, affine: np.ndarray, source: S
             stored, affine, source, slope=sign * peak, series_description=f"msxai {short} {tag} {name}",
             lut_label=f"{map_name[:6]}_{part[:3].upper()}", quantity=SALIENCY_QUANTITY[method],
             lut_explanation=f"{short} {map_name} {part} part of {name}, peak {peak:.4g}",
-            series_number=series_number + len(out), margin=margin, frames=frames)
+            series_number=series_number + len(out), margin=margin)
         out.append((part, ds))
     return out

@@ -53,17 +53,17 @@ def summary_measurements(summary: Mapping, method: str) -> list[Measurement]:
         out.append(Measurement(_private("ERRSCORE", "Segmentation error score (error flag)"),
                                float(summary["error_score"])))
     label = METHOD_NAMES[method]
-    for _, key, short, c in METHOD_MAPS[method]:
-        s = (summary.get("maps") or {}).get(key)
-        if s is None:
-            continue
+    maps = [(short, c, (summary.get("maps") or {}).get(key)) for _, key, short, c in METHOD_MAPS[method]]
+    maps = [(short, c, s) for short, c, s in maps if s is not None]
+    for short, c, s in maps:  # masses first: OHIF's SR viewport shows the first five numbers beside the point
+        out += [Measurement(_private(f"{c}.POSMASS", f"{short} {label} positive mass in the lesion"),
+                            s["positive_mass_in_domain"]),
+                Measurement(_private(f"{c}.NEGMASS", f"{short} {label} negative mass in the lesion"),
+                            s["negative_mass_in_domain"])]
+    for short, c, s in maps:
         out += [
             Measurement(_private(f"{c}.PMAXIN", f"{short} {label} peak maximum in the lesion"), s["peak_max_in_domain"]),
             Measurement(_private(f"{c}.PMININ", f"{short} {label} peak minimum in the lesion"), s["peak_min_in_domain"]),
-            Measurement(_private(f"{c}.POSMASS", f"{short} {label} positive mass in the lesion"),
-                        s["positive_mass_in_domain"]),
-            Measurement(_private(f"{c}.NEGMASS", f"{short} {label} negative mass in the lesion"),
-                        s["negative_mass_in_domain"]),
         ]
         for r in s.get("rings") or []:
             band = f"{r['from_mm']:g}-{r['to_mm']:g}"
@@ -93,8 +93,8 @@ def _load(path: Path, what: str):
     return np.asarray(v.array), np.asarray(v.affine, dtype=np.float64)
 
 
-def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None, frames: str = "from_first",
-                  margin: int = 2, max_pm_domains: int = MAX_PM_DOMAINS, series_number: int = 400,
+def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None, margin: int = 2,
+                  coordinates: str = "ohif", max_pm_domains: int = MAX_PM_DOMAINS, series_number: int = 400,
                   sink: Callable | None = None) -> dict:
     """The Parametric Maps and the SR of the explanation saved in ``run_dir`` (``result``: its JSON) on the
     single-frame ``source`` series (the FLAIR it was computed on). ``lesion_seg``: the lesion SEG of the
@@ -127,7 +127,7 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
         if d < max_pm_domains:
             for short, m in maps.items():
                 for part, ds in saliency_parametric_maps(m, affine, source, name=display, map_name=short,
-                                                         method=method, margin=margin, frames=frames,
+                                                         method=method, margin=margin,
                                                          series_number=series_number + len(pms)):
                     rwv = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
                     pms.append({"domain": name, "map": short, "part": part,
@@ -154,9 +154,10 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
                                                          result.get("model", "")),
             point_lps=lps[:3], measurements=summary_measurements(summaries.get(name) or {}, method)
             if name in summaries else [], segment=seg_ref, image=source[k], point_concept=PEAK))
+    ids = ",".join(n.replace("lesion_", "") for n in domains)
     report = write_measurement_report(
-        groups, source, series_description=f"msxai {METHOD_NAMES[method]} {result.get('model', '')} table",
-        series_number=series_number + 99)
+        groups, source, series_description=f"msxai {METHOD_NAMES[method]} {result.get('model', '')} table {ids}",
+        series_number=series_number + 99, coordinates=coordinates)
     return {"parametric_maps": pms, "report": report, "skipped": skipped}
 
 

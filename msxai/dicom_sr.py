@@ -1,4 +1,4 @@
-"""The per-lesion saliency table as a DICOM Structured Report (Comprehensive 3D SR, TID 1500 Measurement Report).
+"""The per-lesion saliency table as a DICOM Structured Report (TID 1500 Measurement Report).
 
 Layout (PS3.16 TID 1500)::
 
@@ -10,23 +10,34 @@ Layout (PS3.16 TID 1500)::
                          holding the groups' points)
       CONTAINS CONTAINER Imaging Measurements (126010)
         CONTAINS CONTAINER Measurement Group (125007)             one per lesion (explained domain)
-          CONTAINS TEXT     Tracking Identifier (112039)          e.g. "lesion 3"
+          CONTAINS TEXT     Tracking Identifier (112039)          "lesion 3" (3d) / OHIF's arrow tag (ohif)
           CONTAINS UIDREF   Tracking Unique Identifier (112040)
-          CONTAINS CODE     Finding (121071) = Lesion
+          CONTAINS CODE     Finding (121071)                      Lesion (3d) / "lesion 3", private code (ohif)
           CONTAINS IMAGE    Referenced Segment (121191)           the lesion's segment of the lesion SEG (when known)
           CONTAINS UIDREF   Source series for segmentation (121232)
-          CONTAINS SCOORD3D the group's point (POINT, patient coordinates in mm, the FLAIR's frame of reference)
-          CONTAINS NUM      one per measurement (volume, mean probability, saliency peaks, masses, ring masses, ...)
+          CONTAINS SCOORD3D / SCOORD  the group's point: POINT in patient coordinates (3d) or on the FLAIR slice
+                            holding it (ohif, SELECTED FROM that IMAGE)
+          CONTAINS NUM      one per measurement (volume, mean probability, saliency masses, peaks, ring masses, ...);
+                            with ohif the first is INFERRED FROM the point
 
-OHIF 3.10's SR loader (``@ohif/extension-cornerstone-dicom-sr``) takes, per measurement group, the *first* UIDREF
-item as the tracking UID and needs a SCOORD or SCOORD3D item in the group (a group without one is not drawn): so the
-tracking UID comes before any other UIDREF and every group has a POINT. Quantities without a standard code use
-msxai's private coding scheme (:data:`msxai.dicom.MSXAI_SCHEME`, declared in the object).
+``coordinates="3d"`` writes a Comprehensive 3D SR (the point as SCOORD3D); ``"ohif"`` (what the app stores) a
+Comprehensive SR that OHIF 3.10, as served by monailabel 0.8.5, shows. Read from its bundled JavaScript and checked
+in headless Chromium: its 3D SR path parses SCOORD3D groups but draws them only in volume viewports (an error in the
+basic viewer's stack viewport), its tracked measurement panel leaves them out (no referenced series), and a 3D SR
+opened in a viewport shows no image; its SR viewport draws a 2D SR's points on their images with the first five
+numbers beside them; it takes, per group, the *first* UIDREF as the tracking UID and needs a SCOORD/SCOORD3D item;
+and "tracking" the SR (hydration) turns a group into a row of the measurement panel only if the tracking identifier
+names one of its tools (``Cornerstone3DTools@^0.1.0:ArrowAnnotate``: a point), whose point it reads from the SCOORD
+the first NUM is inferred from; the row's label is the Finding's meaning (its free-text code ``CORNERSTONEFREETEXT``
+is longer than the 16 characters of a code value, so the name is coded in msxai's scheme instead).
+Quantities without a standard code use msxai's private coding scheme
+(:data:`msxai.dicom.MSXAI_SCHEME`, declared in the object).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -34,6 +45,7 @@ import numpy as np
 
 from msxai.dicom import (
     LESION_TYPE,
+    MSXAI_SCHEME,
     _code,
     _ds,
     copy_study_attributes,
@@ -45,6 +57,10 @@ from msxai.dicom import (
 from msxai.errors import InputError
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+COORDINATES = ("3d", "ohif")
+# what OHIF 3.10 (cornerstone adapters) hydrates as a point measurement and how it names it
+OHIF_ARROW_TRACKING_ID = "Cornerstone3DTools@^0.1.0:ArrowAnnotate"
 UNITLESS = ("1", "UCUM", "no units")
 MM3 = ("mm3", "UCUM", "cubic millimeter")
 
@@ -174,22 +190,56 @@ def _image(relationship, concept, sop_class: str, sop_uid: str, segment: int | N
     return d
 
 
-def _point(point_lps, frame_of_reference_uid: str, concept: tuple):
+def _named_finding(name: str) -> tuple:
+    """A finding coded by the lesion's name (private scheme): what OHIF's measurement panel shows as the row's
+    label (OHIF's own free-text code, ``CORNERSTONEFREETEXT``, is longer than a code value may be)."""
+    code = re.sub(r"[^A-Z0-9]", "", name.upper())[:16] or "DOMAIN"
+    return (code, MSXAI_SCHEME, name[:64])
+
+
+def _check_point(point_lps) -> np.ndarray:
     p = np.asarray(point_lps, dtype=np.float64)
     if p.shape != (3,) or not np.all(np.isfinite(p)):
         raise InputError(f"a measurement group's point must be 3 finite coordinates, got {point_lps!r}")
+    return p
+
+
+def _point(point_lps, frame_of_reference_uid: str, concept: tuple):
     d = _item("CONTAINS", "SCOORD3D", concept)
     d.GraphicType = "POINT"
-    d.GraphicData = [float(x) for x in p]
+    d.GraphicData = [float(x) for x in _check_point(point_lps)]
     d.ReferencedFrameOfReferenceUID = frame_of_reference_uid
+    return d
+
+
+def image_point(point_lps, image) -> list[float]:
+    """SCOORD image coordinates ``[column, row]`` (the centre of the top-left pixel is ``(0.5, 0.5)``) of the
+    patient point ``point_lps`` projected on the single-frame instance ``image``."""
+    p = _check_point(point_lps)
+    iop = np.asarray([float(x) for x in image.ImageOrientationPatient])
+    ipp = np.asarray([float(x) for x in image.ImagePositionPatient])
+    dr, dc = (float(x) for x in image.PixelSpacing)
+    return [float(np.dot(p - ipp, iop[:3]) / dc + 0.5), float(np.dot(p - ipp, iop[3:]) / dr + 0.5)]
+
+
+def _image_point(relationship: str, point_lps, image, concept: tuple):
+    d = _item(relationship, "SCOORD", concept)
+    d.GraphicType = "POINT"
+    d.GraphicData = image_point(point_lps, image)
+    from pydicom.sequence import Sequence as Seq
+
+    d.ContentSequence = Seq([_image("SELECTED FROM", None, str(image.SOPClassUID), str(image.SOPInstanceUID))])
     return d
 
 
 # ---------------------------------------------------------------------------------------------------- the report
 def write_measurement_report(groups: Sequence[MeasurementGroup], source: Sequence, *, series_description: str,
-                             series_number: int = 500, series_uid: str | None = None, sop_uid: str | None = None):
-    """A Comprehensive 3D SR (TID 1500) with one measurement group per item of ``groups``, in the study and frame
-    of reference of the single-frame ``source`` series (the FLAIR); see the module docstring."""
+                             series_number: int = 500, coordinates: str = "3d", series_uid: str | None = None,
+                             sop_uid: str | None = None):
+    """A TID 1500 report with one measurement group per item of ``groups``, in the study and frame of reference of
+    the single-frame ``source`` series (the FLAIR); see the module docstring. ``coordinates="3d"``: a
+    Comprehensive 3D SR whose groups hold their point as SCOORD3D; ``"ohif"``: what OHIF 3.10 shows (module
+    docstring), a Comprehensive SR whose points are SCOORD on the group's ``image``."""
     from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as Seq
 
@@ -201,13 +251,17 @@ def write_measurement_report(groups: Sequence[MeasurementGroup], source: Sequenc
     uids = [g.tracking_uid for g in groups]
     if len(set(uids)) != len(uids):
         raise InputError("tracking UIDs of the measurement groups must be unique")
+    if coordinates not in COORDINATES:
+        raise InputError(f"coordinates must be one of {COORDINATES}, got {coordinates!r}")
+    if coordinates == "ohif" and any(g.image is None for g in groups):
+        raise InputError("coordinates='ohif' places every point on an image: give each group its image")
     series_uid = series_uid or stable_uid("sr-series", ref.SeriesInstanceUID, series_description, *uids,
-                                          *[(m.concept[0], m.value) for g in groups for m in g.measurements])
+                                          coordinates, *[(m.concept[0], m.value) for g in groups for m in g.measurements])
     sop_uid = sop_uid or stable_uid("sr-sop", series_uid)
     now = _dt.datetime.now()
     for_uid = str(ref.FrameOfReferenceUID)
 
-    ds = new_instance(COMPREHENSIVE_3D_SR, sop_uid)
+    ds = new_instance(COMPREHENSIVE_3D_SR if coordinates == "3d" else COMPREHENSIVE_SR, sop_uid)
     copy_study_attributes(ds, ref)
     del ds.PositionReferenceIndicator  # no frame of reference module in an SR
     del ds.FrameOfReferenceUID
@@ -233,16 +287,23 @@ def write_measurement_report(groups: Sequence[MeasurementGroup], source: Sequenc
             library.append(_image("CONTAINS", None, str(g.image.SOPClassUID), str(g.image.SOPInstanceUID)))
     measurement_groups = []
     for g in groups:
-        items = [_text("CONTAINS", TRACKING_ID, g.tracking_id[:64]),
+        ohif = coordinates == "ohif"
+        items = [_text("CONTAINS", TRACKING_ID, OHIF_ARROW_TRACKING_ID if ohif else g.tracking_id[:64]),
                  _uidref("CONTAINS", TRACKING_UID, g.tracking_uid),  # first UIDREF: OHIF's tracking UID
-                 _codeval("CONTAINS", FINDING, LESION_TYPE)]
+                 _codeval("CONTAINS", FINDING, _named_finding(g.tracking_id) if ohif else LESION_TYPE)]
         if g.segment is not None:
             s = g.segment
             items.append(_image("CONTAINS", REFERENCED_SEGMENT, s.sop_class_uid, s.sop_instance_uid,
                                 s.segment_number))
             items.append(_uidref("CONTAINS", SOURCE_SERIES, str(ref.SeriesInstanceUID)))
-        items.append(_point(g.point_lps, for_uid, g.point_concept))
-        items.extend(_num(m) for m in g.measurements if m.value is not None and np.isfinite(m.value))
+        nums = [_num(m) for m in g.measurements if m.value is not None and np.isfinite(m.value)]
+        if ohif:
+            items.append(_image_point("CONTAINS", g.point_lps, g.image, g.point_concept))
+            if nums:  # OHIF hydrates an arrow from the SCOORD its first NUM is inferred from
+                nums[0].ContentSequence = Seq([_image_point("INFERRED FROM", g.point_lps, g.image, g.point_concept)])
+        else:
+            items.append(_point(g.point_lps, for_uid, g.point_concept))
+        items.extend(nums)
         measurement_groups.append(_container("CONTAINS", MEASUREMENT_GROUP, items))
     content = [_codeval("HAS CONCEPT MOD", LANGUAGE, ENGLISH_US), *observer,
                _codeval("HAS CONCEPT MOD", PROCEDURE_REPORTED, MR_HEAD)]

@@ -54,30 +54,38 @@ def pm_volume(pm, affine_ras: np.ndarray, shape) -> np.ndarray:
     return out
 
 
-def ohif_pmap_volume(pm, source) -> np.ndarray:
-    """What OHIF 3.10 puts in the PM's volume: the cornerstone adapter's ``generateToolState`` /
-    ``insertPixelDataPlanar`` (a buffer as long as the PM's pixel data; frame ``i`` copied to the slice index of
-    its source image in the referenced volume, whose images cornerstone's ``sortImageIdsAndGetSpacing`` orders by
-    ascending position along ``cross(row, column)``), then ``* 100`` and the volume's ``setCompleteScalarDataArray``
-    (slices beyond the buffer stay 0). Returns ``[slices, rows, cols]`` in that order; raises ``IndexError`` where
-    the JavaScript raises a RangeError (a frame whose slice index is beyond the buffer)."""
+def ohif_pmap_volume(pm, source, fixed: bool = True) -> np.ndarray:
+    """What OHIF 3.10 puts in a PM's volume: the cornerstone adapter's ``insertPixelDataPlanar`` copies frame ``i``
+    to the slice index of its source image in the referenced volume (whose images cornerstone's
+    ``sortImageIdsAndGetSpacing`` orders by ascending position along ``cross(row, column)``), then OHIF multiplies
+    by 100 and ``setCompleteScalarDataArray`` fills the volume (slices beyond the buffer stay 0). ``fixed=False``: the
+    bundled code as it is (frame ``i`` read at the *byte* offset ``i * rows * columns``, a buffer of
+    ``NumberOfFrames`` slices); ``fixed=True``: with apps/msxai/lib/ohif_fixes.py's two fixes. Returns
+    ``[slices, rows, cols]`` in that order; raises ``IndexError`` where the JavaScript raises a RangeError."""
     n, rows, cols = int(pm.NumberOfFrames), int(pm.Rows), int(pm.Columns)
-    data = np.frombuffer(pm.FloatPixelData, dtype="<f4")
+    raw = bytes(pm.FloatPixelData)
+    data = np.frombuffer(raw, dtype="<f4")
     iop = np.array([float(x) for x in source[0].ImageOrientationPatient])
     normal = np.cross(iop[:3], iop[3:])
     order = sorted(source, key=lambda d: float(np.dot(normal, np.array([float(x) for x in d.ImagePositionPatient]))))
     index = {str(d.SOPInstanceUID): i for i, d in enumerate(order)}
-    target = np.zeros(n * rows * cols, dtype=np.float32)
     sl = rows * cols
+    target = np.zeros((len(order) if fixed else n) * sl, dtype=np.float32)
     for i, fg in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        if fixed:
+            frame = data[i * sl:(i + 1) * sl]
+        else:  # new Float32Array(buffer, i * sliceLength, sliceLength): byte offset i * sl
+            if (i * sl) % 4:
+                raise IndexError(f"frame {i}: byte offset {i * sl} is not a multiple of 4 (RangeError in OHIF)")
+            frame = np.frombuffer(raw, dtype="<f4", count=sl, offset=i * sl)
         uid = str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
         k = index[uid]
         if (k + 1) * sl > target.size:
-            raise IndexError(f"frame {i}: source slice {k} is beyond the {n}-frame buffer (RangeError in OHIF)")
-        target[k * sl:(k + 1) * sl] = data[i * sl:(i + 1) * sl]
+            raise IndexError(f"frame {i}: source slice {k} is beyond the {target.size // sl}-slice buffer (RangeError)")
+        target[k * sl:(k + 1) * sl] = frame
     volume = np.zeros((len(order), rows, cols), dtype=np.float32)
-    flat = (target * 100).reshape(-1, rows, cols)
-    volume[: flat.shape[0]] = flat[: len(order)]
+    flat = (target * 100).reshape(-1, rows, cols)[: len(order)]
+    volume[: flat.shape[0]] = flat
     return volume
 
 
@@ -117,6 +125,43 @@ def ohif_sr_measurements(sr) -> list[dict]:
                     "labels": [(str(c.ConceptNameCodeSequence[0].CodeMeaning),
                                 float(c.MeasuredValueSequence[0].NumericValue)) for c in items if c.ValueType == "NUM"]})
     return out
+
+
+def ohif_hydrated_rows(sr, instances: dict) -> list[dict]:
+    """OHIF 3.10's hydration of an SR (cornerstone adapters' ``MeasurementReport.generateToolState`` with
+    ``ArrowAnnotate.getMeasurementData``, then OHIF's ArrowAnnotate measurement mapping) in Python: a group becomes a
+    measurement-panel row when its tracking identifier is ``Cornerstone3DTools@^0.1.0:ArrowAnnotate``; the row's
+    label (``mapMeasurementToDisplay``: text, else the finding's meaning unless its scheme is ``CORNERSTONEJS``) is
+    the Finding's meaning; its point the SCOORD the first NUM item holds,
+    on the image that SCOORD references (``instances``: SOP Instance UID -> dataset). Returns the rows with the
+    point in patient coordinates (cornerstone's ``imageToWorldCoords``)."""
+    if sr.ContentTemplateSequence[0].TemplateIdentifier != "1500":
+        raise ValueError("This package can currently only interpret DICOM SR TID 1500")
+    meas = [c for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning == "Imaging Measurements"][0]
+    rows = []
+    for g in meas.ContentSequence:
+        if g.ConceptNameCodeSequence[0].CodeMeaning != "Measurement Group":
+            continue
+        tid = [c for c in g.ContentSequence if c.ConceptNameCodeSequence[0].CodeMeaning == "Tracking Identifier"][0]
+        if str(tid.TextValue) != "Cornerstone3DTools@^0.1.0:ArrowAnnotate":
+            continue
+        finding = [c for c in g.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "121071"]
+        code = finding[0].ConceptCodeSequence[0] if finding else None
+        num = [c for c in g.ContentSequence if c.ValueType == "NUM"][0]
+        scoord = [c for c in num.ContentSequence if c.ValueType == "SCOORD"][0]
+        sop = str(scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        img = instances[sop]
+        col, row = (float(x) for x in scoord.GraphicData[:2])
+        iop = np.array([float(x) for x in img.ImageOrientationPatient])
+        ipp = np.array([float(x) for x in img.ImagePositionPatient])
+        dr, dc = (float(x) for x in img.PixelSpacing)
+        text = str(code.CodeMeaning) if code is not None and code.CodeValue == "CORNERSTONEFREETEXT" else None
+        if text is None and code is not None and code.CodingSchemeDesignator != "CORNERSTONEJS":
+            text = str(code.CodeMeaning)
+        rows.append({"label": text or "(empty)", "SOPInstanceUID": sop,
+                     # DICOM SCOORD: the centre of the top-left pixel is (0.5, 0.5)
+                     "point": ipp + (col - 0.5) * dc * iop[:3] + (row - 0.5) * dr * iop[3:]})
+    return rows
 
 
 def dciodvfy_errors(ds, tmp_path) -> tuple[list[str], str]:

@@ -18,15 +18,15 @@ from msxai.errors import GeometryError, InputError
 SHAPE = (12, 10, 9)
 
 
-def _study(kind: str):
+def _study(kind: str, shape=SHAPE):
     rng = np.random.default_rng(1)
     aff = affine(kind)
-    flair = rng.normal(100, 20, SHAPE).astype(np.float32)
+    flair = rng.normal(100, 20, shape).astype(np.float32)
     return aff, volume_to_mr_series(flair, aff, StudyInfo(patient_id=f"PM-{kind}"), "FLAIR", 1)
 
 
-def _saliency(rng, z: slice = slice(3, 6)) -> np.ndarray:
-    m = np.zeros(SHAPE, np.float32)
+def _saliency(rng, z: slice = slice(3, 6), shape=SHAPE) -> np.ndarray:
+    m = np.zeros(shape, np.float32)
     m[3:8, 2:7, z] = rng.normal(0, 2e-4, (5, 5, z.stop - z.start)).astype(np.float32)
     return m
 
@@ -44,12 +44,10 @@ def _slices_along_normal(source) -> list:
 
 
 @pytest.mark.parametrize("kind", ["las", "ras", "oblique"])
-@pytest.mark.parametrize("frames", ["extent", "from_first"])
-def test_parts_read_back_independently(kind, frames):
+def test_parts_read_back_independently(kind):
     aff, src = _study(kind)
     m = _saliency(np.random.default_rng(2))
-    pms = saliency_parametric_maps(m, aff, src, name="lesion 3", map_name="FLAIR", method="smoothgrad",
-                                   frames=frames, margin=1)
+    pms = saliency_parametric_maps(m, aff, src, name="lesion 3", map_name="FLAIR", method="smoothgrad", margin=1)
     assert [p for p, _ in pms] == ["positive", "negative"]
     flair_series = str(src[0].SeriesInstanceUID)
     uids = {str(d.SOPInstanceUID): d for d in src}
@@ -76,44 +74,39 @@ def test_parts_read_back_independently(kind, frames):
         covered = ~np.isnan(got)
         assert covered[expected != 0].all(), "a non-zero voxel of the map has no frame"
         np.testing.assert_allclose(got[covered], expected[covered], rtol=0, atol=1e-7 * np.abs(expected).max())
-        # frames: the slices (in order along the normal) where the part is non-zero, +- margin (from the first
-        # slice for OHIF), nothing else
+        # frames: the slices (in order along the normal) where the part is non-zero, +- margin, nothing else
         order = _slices_along_normal(src)
         k_of = {str(d.SOPInstanceUID): k for k, d in enumerate(order)}
         ks = sorted(k_of[str(fg.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)]
                     for fg in pm.PerFrameFunctionalGroupsSequence)
         hit = [k for k in range(len(order)) if np.any(expected[..., int(order[k].InstanceNumber) - 1])]
-        lo = 0 if frames == "from_first" else max(0, hit[0] - 1)
-        assert ks == list(range(lo, min(len(order), hit[-1] + 2)))
+        assert ks == list(range(max(0, hit[0] - 1), min(len(order), hit[-1] + 2)))
         rwv = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
         assert float(rwv.RealWorldValueSlope) == pytest.approx(np.abs(expected).max() * (1 if part == "positive" else -1))
         assert rwv.MeasurementUnitsCodeSequence[0].CodeValue == "1"
         assert "FLAIR" in str(pm.SeriesDescription) and "lesion 3" in str(pm.SeriesDescription)
 
 
-@pytest.mark.parametrize("kind", ["las", "ras", "oblique"])
-def test_ohif_loader_twin(kind):
-    """OHIF 3.10 copies frame i to the index of its source slice in a buffer as long as the PM: frames from the
-    first slice (what the app stores) give the whole map, x 100, in 0..100; frames limited to an extent that does
-    not start at the first slice make OHIF's loader fail (why the app does not store those)."""
-    aff, src = _study(kind)
-    m = _saliency(np.random.default_rng(3), z=slice(5, 7))
+@pytest.mark.parametrize("shape", [(12, 10, 9), (12, 8, 9)])
+def test_ohif_loader_twin(shape):
+    """OHIF 3.10's PM loader with the app's two fixes (apps/msxai/lib/ohif_fixes.py) puts the map, x 100, on its
+    slices (0..100); the bundled loader fails (rows x columns not a multiple of 4: RangeError) or misplaces it."""
+    aff, src = _study("las", shape)
+    m = _saliency(np.random.default_rng(3), z=slice(5, 7), shape=shape)
     order = _slices_along_normal(src)
-    (_, ds), *_ = saliency_parametric_maps(m, aff, src, name="lesion 1", map_name="CAM", method="gradcampp",
-                                           frames="from_first", margin=0)
-    vol = ohif_pmap_volume(_reread(ds), src)
+    (_, ds), *_ = saliency_parametric_maps(m, aff, src, name="lesion 1", map_name="CAM", method="gradcampp", margin=0)
+    pm = _reread(ds)
+    assert int(pm.NumberOfFrames) == 2 < len(order)
+    vol = ohif_pmap_volume(pm, src, fixed=True)
     pos = np.maximum(m, 0)
-    expected = np.stack([pos[..., int(d.InstanceNumber) - 1] for d in order])  # voxel (i, j) of slice k
-    # in-plane: the PM frame is volume[:, :, k] after msxai's in-plane flips; compare the value sets per slice
-    for k in range(len(order)):
-        np.testing.assert_allclose(np.sort(vol[k].ravel()), np.sort(expected[k].ravel()) / pos.max() * 100,
-                                   atol=1e-4)
+    # slice k of OHIF's volume holds the FLAIR slice order[k] (its voxels (i, j, InstanceNumber - 1)); in-plane order
+    # is the frame's (msxai's in-plane flips), so compare the values of each slice as sets
+    for k, d in enumerate(order):
+        np.testing.assert_allclose(np.sort(vol[k].ravel()), np.sort(pos[..., int(d.InstanceNumber) - 1].ravel())
+                                   / pos.max() * 100, atol=1e-4)
     assert vol.max() == pytest.approx(100, abs=1e-4) and vol.min() >= 0
-    (_, ext), *_ = saliency_parametric_maps(m, aff, src, name="lesion 1", map_name="CAM", method="gradcampp",
-                                            frames="extent", margin=0)
-    assert int(ext.NumberOfFrames) < int(ds.NumberOfFrames)
-    with pytest.raises(IndexError):
-        ohif_pmap_volume(_reread(ext), src)
+    with pytest.raises(IndexError, match="multiple of 4" if (shape[0] * shape[1]) % 4 else "beyond"):
+        ohif_pmap_volume(pm, src, fixed=False)
 
 
 @pytest.mark.skipif(not DCIODVFY, reason="dciodvfy (Debian package dicom3tools) not installed "
@@ -143,11 +136,35 @@ def test_refusals():
     with pytest.raises(InputError, match="slope"):
         write_parametric_map(np.abs(m), aff, src, slope=0.0, series_description="x", lut_label="x",
                              lut_explanation="x", quantity=("X", "99MSXAI", "x"))
-    with pytest.raises(InputError, match="frames"):
-        saliency_parametric_maps(m, aff, src, name="x", map_name="CAM", method="gradcampp", frames="all")
+    with pytest.raises(InputError, match="margin"):
+        saliency_parametric_maps(m, aff, src, name="x", map_name="CAM", method="gradcampp", margin=-1)
     shifted = aff.copy()
     shifted[:3, 3] += 0.37  # not the FLAIR's grid
     with pytest.raises(GeometryError):
         saliency_parametric_maps(m, shifted, src, name="x", map_name="CAM", method="gradcampp")
     with pytest.raises(InputError, match="method"):
         saliency_parametric_maps(m, aff, src, name="x", map_name="CAM", method="lime")
+
+
+def test_ohif_build_fix_found_and_applied(tmp_path):
+    """The app's fix of OHIF 3.10's PM loader applies to the OHIF build of the installed monailabel wheel: exactly
+    one bundle holds both buggy texts; the served copy has the fixed ones instead. A build without them is left
+    alone."""
+    import importlib.util
+
+    from msxai.ohif_stack import REPO_ROOT
+
+    if importlib.util.find_spec("monailabel") is None:
+        pytest.skip("monailabel is not installed")
+    spec = importlib.util.spec_from_file_location("msxai_ohif_fixes", REPO_ROOT / "apps" / "msxai" / "lib" / "ohif_fixes.py")
+    fixes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixes)
+    bundles = fixes.patched_bundles()
+    assert len(bundles) == 1, sorted(bundles)
+    text = next(iter(bundles.values()))
+    original = (fixes.ohif_dir() / next(iter(bundles))).read_text(encoding="utf-8", errors="surrogateescape")
+    for old, new in fixes.FIXES:
+        assert old in original and old not in text and text.count(new) == 1
+    assert len(text) - len(original) == sum(len(n) - len(o) for o, n in fixes.FIXES)  # nothing else changed
+    (tmp_path / "x.bundle.js").write_text(original.replace(fixes.FIXES[0][0], "something else"))
+    assert fixes.patched_bundles(tmp_path) == {}

@@ -12,7 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_helpers import DCIODVFY, affine, dciodvfy_errors, ohif_sr_measurements, pm_volume, sr_items
+from dicom_helpers import (DCIODVFY, affine, dciodvfy_errors, ohif_hydrated_rows, ohif_sr_measurements, pm_volume,
+                           sr_items)
 from msxai.dicom import SEGMENTATION_STORAGE, StudyInfo, lesion_segments, volume_to_mr_series, write_seg
 from msxai.dicom_saliency import explain_dicom
 from msxai.dicom_sr import Measurement, MeasurementGroup, write_measurement_report
@@ -63,20 +64,28 @@ def explained(tmp_path_factory):
     return d, aff, src, seg, maps, result, labels
 
 
-def test_report_content_against_the_summary(explained, tmp_path):
+@pytest.mark.parametrize("coordinates", ["3d", "ohif"])
+def test_report_content_against_the_summary(explained, coordinates):
     d, aff, src, seg, maps, result, labels = explained
-    out = explain_dicom(d, result, src, lesion_seg=seg)
+    out = explain_dicom(d, result, src, lesion_seg=seg, coordinates=coordinates)
     sr = _reread(out["report"])
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34" and sr.Modality == "SR"
+    assert sr.SOPClassUID == ("1.2.840.10008.5.1.4.1.1.88.34" if coordinates == "3d" else "1.2.840.10008.5.1.4.1.1.88.33")
+    assert sr.Modality == "SR" and str(sr.SeriesDescription) == "msxai SmoothGrad unet table 1,2"
     assert sr.StudyInstanceUID == src[0].StudyInstanceUID
     assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     groups = sr_items(sr_items(sr, "126010")[0], "125007")
     assert len(groups) == 2
+    uids = {str(x.SOPInstanceUID): x for x in src}
     seg_labels = {int(s.SegmentNumber): str(s.SegmentLabel) for s in seg.SegmentSequence}
     for g, name in zip(groups, ("lesion_1", "lesion_2")):
         i = int(name[-1])
-        assert sr_items(g, "112039")[0].TextValue == f"lesion {i}"
+        finding = sr_items(g, "121071")[0].ConceptCodeSequence[0]
+        if coordinates == "3d":
+            assert sr_items(g, "112039")[0].TextValue == f"lesion {i}" and finding.CodeMeaning == "Lesion"
+        else:  # OHIF's arrow: its tag as tracking identifier, the name as the finding
+            assert sr_items(g, "112039")[0].TextValue == "Cornerstone3DTools@^0.1.0:ArrowAnnotate"
+            assert (finding.CodeValue, finding.CodeMeaning) == (f"LESION{i}", f"lesion {i}")
         uidrefs = sr_items(g, value_type="UIDREF")
         assert uidrefs[0].ConceptNameCodeSequence[0].CodeValue == "112040"  # OHIF takes the first UIDREF
         # the point: the domain voxel with the largest |FLAIR SmoothGrad|, brute force
@@ -86,9 +95,20 @@ def test_report_content_against_the_summary(explained, tmp_path):
             if a > best:
                 best, where = a, v
         lps = np.diag([-1.0, -1.0, 1.0]) @ (aff[:3, :3] @ where + aff[:3, 3])
-        pt = sr_items(g, value_type="SCOORD3D")[0]
-        assert pt.GraphicType == "POINT" and pt.ReferencedFrameOfReferenceUID == src[0].FrameOfReferenceUID
-        np.testing.assert_allclose([float(x) for x in pt.GraphicData], lps, atol=1e-4)
+        if coordinates == "3d":
+            pt = sr_items(g, value_type="SCOORD3D")[0]
+            assert pt.GraphicType == "POINT" and pt.ReferencedFrameOfReferenceUID == src[0].FrameOfReferenceUID
+            np.testing.assert_allclose([float(x) for x in pt.GraphicData], lps, atol=1e-4)
+        else:  # on the FLAIR slice holding it: pixel (column, row), the centre of the first pixel at (0.5, 0.5)
+            pt = sr_items(g, value_type="SCOORD")[0]
+            img = uids[str(pt.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+            assert pt.GraphicType == "POINT" and pt.ContentSequence[0].RelationshipType == "SELECTED FROM"
+            iop = np.array([float(x) for x in img.ImageOrientationPatient])
+            dr, dc = (float(x) for x in img.PixelSpacing)
+            col, row = (float(x) for x in pt.GraphicData)
+            back = np.array([float(x) for x in img.ImagePositionPatient]) + (col - 0.5) * dc * iop[:3] \
+                + (row - 0.5) * dr * iop[3:]
+            np.testing.assert_allclose(back, lps, atol=1e-4)
         # the lesion's segment of the lesion SEG
         ref = sr_items(g, "121191")[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID and ref.ReferencedSOPClassUID == SEGMENTATION_STORAGE
@@ -116,9 +136,26 @@ def test_report_content_against_the_summary(explained, tmp_path):
     assert str(seg.SOPInstanceUID) in refd and len(refd) >= 2
     # OHIF 3.10's parser: one measurement per lesion, a SCOORD3D point each, the tracking UIDs of the groups
     meas = ohif_sr_measurements(sr)
-    assert [m["TrackingIdentifier"] for m in meas] == ["lesion 1", "lesion 2"]
     assert [m["TrackingUniqueIdentifier"] for m in meas] == [str(sr_items(g, "112040")[0].UID) for g in groups]
-    assert all(m["ValueType"] == "SCOORD3D" and m["GraphicType"] == "POINT" for m in meas)
+    assert all(m["ValueType"] == ("SCOORD3D" if coordinates == "3d" else "SCOORD") and m["GraphicType"] == "POINT"
+               for m in meas)
+    # OHIF 3.10's hydration ("track measurements"): one measurement-panel row per lesion, named, at its peak
+    rows = ohif_hydrated_rows(sr, uids)
+    if coordinates == "3d":
+        assert rows == []
+    else:
+        assert [r["label"] for r in rows] == ["lesion 1", "lesion 2"]
+        for r, g in zip(rows, groups):
+            pt = sr_items(g, value_type="SCOORD")[0]
+            np.testing.assert_allclose(r["point"], _lps_of(pt, uids), atol=1e-6)
+
+
+def _lps_of(scoord, uids) -> np.ndarray:
+    img = uids[str(scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+    iop = np.array([float(x) for x in img.ImageOrientationPatient])
+    dr, dc = (float(x) for x in img.PixelSpacing)
+    col, row = (float(x) for x in scoord.GraphicData)
+    return np.array([float(x) for x in img.ImagePositionPatient]) + (col - 0.5) * dc * iop[:3] + (row - 0.5) * dr * iop[3:]
 
 
 def test_parametric_maps_of_the_explanation(explained):
@@ -150,7 +187,8 @@ def test_parametric_maps_of_the_explanation(explained):
 def test_dciodvfy_reports_no_error(explained, tmp_path):
     d, aff, src, seg, maps, result, _ = explained
     out = explain_dicom(d, result, src, lesion_seg=seg, max_pm_domains=1)
-    for ds in [out["report"], seg, *[p["dataset"] for p in out["parametric_maps"]]]:
+    sr3d = explain_dicom(d, result, src, lesion_seg=seg, max_pm_domains=0, coordinates="3d")["report"]
+    for ds in [out["report"], sr3d, seg, *[p["dataset"] for p in out["parametric_maps"]]]:
         errors, text = dciodvfy_errors(ds, tmp_path)
         assert not errors, text
 
@@ -169,5 +207,9 @@ def test_refusals(explained, tmp_path):
                                  src, series_description="x")
     with pytest.raises(InputError, match="method"):
         explain_dicom(d, dict(result, method="lime"), src)
+    with pytest.raises(InputError, match="coordinates"):
+        write_measurement_report([g], src, series_description="x", coordinates="2d")
+    with pytest.raises(InputError, match="image"):
+        write_measurement_report([g], src, series_description="x", coordinates="ohif")
     with pytest.raises(InputError, match="not found"):
         explain_dicom(tmp_path, result, src)

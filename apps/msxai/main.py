@@ -61,6 +61,7 @@ from msxai.studies import (  # noqa: E402
 
 from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebDatastore  # noqa: E402
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
+from lib.ohif_fixes import install_ohif_fixes  # noqa: E402
 from lib.routes import install_routes  # noqa: E402
 from lib.validation import status_for  # noqa: E402
 
@@ -105,6 +106,7 @@ class MsxaiApp(MONAILabelApp):
             labels=["lesion"],
         )
         install_routes(self)
+        install_ohif_fixes()  # OHIF 3.10's Parametric Map loader (explain results in OHIF)
 
     # ------------------------------------------------------------------------------------------- datastore
     def init_datastore(self) -> Datastore:
@@ -181,6 +183,30 @@ class MsxaiApp(MONAILabelApp):
             logger.warning(f"msxai: DICOM SEG of {model} for {image} not stored: {exc}")
             return {"error": f"DICOM SEG not stored: {exc}"}
 
+    def _store_saliency(self, ds, image: str, res: dict) -> dict:
+        """An explanation's float maps as DICOM Parametric Maps and its per-lesion table as a DICOM SR, stored beside
+        its SEG (``msxai.dicom_saliency``; OHIF's basic viewer, linked in the answer, shows both). Lesions of the
+        model's segmentation are linked to their segment of the lesion SEG. Failures are reported, not raised."""
+        import json
+
+        from msxai.dicom import lesion_segments
+        from msxai.labelmaps import instance_label_names, read_labelmap
+        from msxai.studies import artifact_dir
+
+        params = res.get("params") or {}
+        try:
+            run_dir = Path(self.service.studies) / params["artifacts_dir"]
+            m, lesion_seg = params.get("model", ""), None
+            if str(params.get("domain_source", "")).endswith(f"of segmentation_{m}"):
+                seg_dir = artifact_dir(self.service.studies, image) / f"seg_{m}"
+                arr, aff = read_labelmap(seg_dir / "labels.nii.gz")
+                table = json.loads((seg_dir / "meta.json").read_text()).get("table")
+                lesion_seg = (arr, aff, lesion_segments(instance_label_names(arr, table)), f"msxai lesions {m}")
+            return ds.store_saliency(image, run_dir, params, lesion_seg)
+        except Exception as exc:
+            logger.warning(f"msxai: saliency DICOM objects of {image} not stored: {exc}")
+            return {"error": f"Parametric Maps / SR not stored: {exc}"}
+
     def _download_dcmqi_tools(self):
         # MONAILabelApp downloads dcmqi for DICOMweb datastores; this app never downloads anything
         logger.info("msxai: dcmqi tools are not downloaded (offline app): DICOM SEG is written by msxai.dicom")
@@ -251,6 +277,8 @@ class MsxaiApp(MONAILabelApp):
             res = super().infer(request, datastore)
             if isinstance(ds, MsxaiDICOMwebDatastore) and res.get("file") and isinstance(res.get("params"), dict):
                 res["params"]["dicom_seg"] = self._store_seg(ds, image, model, res)
+                if model.startswith("explain_"):
+                    res["params"]["dicom_saliency"] = self._store_saliency(ds, image, res)
             return res
         except InputError as exc:
             logger.info(f"msxai: refused {request.get('model')} request: {exc}")

@@ -543,19 +543,48 @@ class MsxaiDICOMwebDatastore(SafeWritesMixin, DICOMWebDatastore):
     def store_seg(self, image_id: str, labels, affine, segments, description: str) -> dict:
         """Write ``labels`` (on the grid of ``get_image_uri(image_id)``) as a DICOM SEG of the series
         ``image_id`` and store it on the DICOMweb server (STOW-RS)."""
-        import glob
-
-        import pydicom
-
         from msxai.dicom import write_seg
 
-        src = [pydicom.dcmread(p, stop_before_pixels=True)
-               for p in sorted(glob.glob(os.path.join(self.image_series_dir(image_id), "*.dcm")))]
-        seg = write_seg(labels, affine, src, segments, series_description=description)
+        seg = write_seg(labels, affine, self._source_datasets(image_id), segments, series_description=description)
         self._client.store_instances([seg])
         return {"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID),
                 "SeriesDescription": str(seg.SeriesDescription), "frames": int(seg.NumberOfFrames),
                 "segments": [str(s.SegmentLabel) for s in seg.SegmentSequence]}
+
+    def _source_datasets(self, image_id: str) -> list:
+        """The headers of the image series' instances (downloaded once into the cache)."""
+        import glob
+
+        import pydicom
+
+        return [pydicom.dcmread(p, stop_before_pixels=True)
+                for p in sorted(glob.glob(os.path.join(self.image_series_dir(image_id), "*.dcm")))]
+
+    def store_saliency(self, image_id: str, run_dir, result: dict, lesion_seg_content=None) -> dict:
+        """The explanation saved in ``run_dir`` as DICOM Parametric Maps (float maps) and a TID 1500 SR (per-lesion
+        table) of the series ``image_id`` (:func:`msxai.dicom_saliency.explain_dicom`), stored with STOW-RS beside
+        its SEG. ``lesion_seg_content``: ``(labels, affine, segments, description)`` of the lesion SEG (the one the
+        segmentation task stores, same UIDs): its segments are referenced by the SR; stored when absent."""
+        from msxai.dicom import write_seg
+        from msxai.dicom_saliency import explain_dicom
+
+        src = self._source_datasets(image_id)
+        seg = None
+        if lesion_seg_content is not None:
+            labels, affine, segments, description = lesion_seg_content
+            seg = write_seg(labels, affine, src, segments, series_description=description)
+            if not self._series(SeriesInstanceUID=str(seg.SeriesInstanceUID)):
+                self._client.store_instances([seg])
+        out = explain_dicom(run_dir, result, src, lesion_seg=seg, sink=lambda d: self._client.store_instances([d]))
+        self._client.store_instances([out["report"]])
+        sr = out["report"]
+        return {"viewer": f"/ohif/viewer?StudyInstanceUIDs={sr.StudyInstanceUID}",
+                "parametric_maps": [{k: v for k, v in p.items() if k != "dataset"} for p in out["parametric_maps"]],
+                "parametric_maps_skipped": out["skipped"],
+                "sr": {"SeriesInstanceUID": str(sr.SeriesInstanceUID), "SOPInstanceUID": str(sr.SOPInstanceUID),
+                       "SeriesDescription": str(sr.SeriesDescription),
+                       "groups": len(sr.ContentSequence[-1].ContentSequence)},
+                "lesion_seg": str(seg.SeriesInstanceUID) if seg is not None else None}
 
     # ------------------------------------------------------------------------------------ checked writes
     def _existing_image(self, image_id) -> str:
