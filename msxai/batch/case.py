@@ -1,6 +1,6 @@
 """One case of a cohort run: segment, (optionally) explain, write atomically, mark done.
 
-Folder of a finished case, ``<out>/cases/<id>/`` (written as ``<out>/cases/.<id>.tmp.<host>.<pid>/`` and renamed
+Folder of a finished case, ``<out>/cases/<id>/`` (written as ``<out>/cases/.<id>~tmp~<host>~<pid>/`` and renamed
 when complete; a previous result is replaced only then):
 
 - ``probability.nii.gz``, ``mask.nii.gz``, ``lesions.nii.gz``, ``lesions.json``, ``lesions.csv``: ``msxai segment``'s
@@ -177,7 +177,7 @@ def publish_dir(tmp: Path, final: Path) -> None:
     """Put a complete case folder in place: rename, replacing an older result only once the new one is complete."""
     old = None
     if final.exists():
-        old = final.with_name(f".{final.name}.old.{socket.gethostname()}.{os.getpid()}")
+        old = final.with_name(f".{final.name}~old~{socket.gethostname()}~{os.getpid()}")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
@@ -262,12 +262,13 @@ class CaseRunner:
         """Process one case; never raises for a case's own failure (returns ``status`` done / skipped / failed)."""
         t0 = time.perf_counter()
         started = _utc()
-        tmp = self.out / "cases" / f".{case.id}.tmp.{self.host}.{os.getpid()}"
+        tmp = self.out / "cases" / f".{case.id}~tmp~{self.host}~{os.getpid()}"
         try:
             inputs = input_fingerprints(case)
             if self.is_done(case, inputs):
                 return {"case": case.id, "status": "skipped", "seconds": time.perf_counter() - t0}
-            shutil.rmtree(tmp, ignore_errors=True)
+            for stale in (self.out / "cases").glob(f".{case.id}~*"):  # left by a killed worker (this case is ours)
+                shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True)
             marker = self._compute(case, inputs, tmp, t0, started)
             write_json_atomic(tmp / "done.json", marker)

@@ -28,7 +28,7 @@ class BundleBatch:
         self.cases = cases
         self.output_dir = output_dir
         self.settings = settings
-        self.progress = bool(progress)
+        self.progress = progress if isinstance(progress, bool) else str(progress).lower() not in ("false", "0", "no")
 
     def bundle(self):
         from msxai.bundle import Bundle

@@ -41,6 +41,17 @@ def write_rank_state(out: Path, ctx, current: str | None, n_cases: int) -> None:
                        "n_cases": n_cases, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
+def check_cases(cases, settings) -> None:
+    """Refuse a run that cannot do what it is asked before any model is loaded."""
+    if not cases:
+        raise InputError("no cases to run")
+    if settings.explain == "domains":
+        missing = [c.id for c in cases if not c.truth]
+        if missing:
+            raise InputError(f"explain 'domains' (TP/FP/FN/TN) needs the truth of every case; none for "
+                             f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+
+
 def run_batch(bundle, cases, out_dir, settings, ctx=None, progress: bool = True, checkpoint=None,
               merge: bool = True) -> dict | None:
     """Run every case of ``cases`` (:class:`msxai.batch.cases.Case`) with ``bundle`` into ``out_dir``.
@@ -55,13 +66,7 @@ def run_batch(bundle, cases, out_dir, settings, ctx=None, progress: bool = True,
 
     settings = settings.validate()
     cases = list(cases)
-    if not cases:
-        raise InputError("no cases to run")
-    if settings.explain == "domains":
-        missing = [c.id for c in cases if not c.truth]
-        if missing:
-            raise InputError(f"explain 'domains' (TP/FP/FN/TN) needs the truth of every case; none for "
-                             f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    check_cases(cases, settings)
     own_ctx = ctx is None
     if ctx is None:
         ctx = init_distributed(bundle.device)

@@ -83,11 +83,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     from msxai.batch.cases import load_cases
     from msxai.batch.dist import init_distributed
-    from msxai.batch.run import run_batch
+    from msxai.batch.run import check_cases, run_batch
     from msxai.bundle import load_bundle
 
     settings = settings_from_args(args)
     cases = load_cases(args.cohort, split=args.split, key=args.datalist_key, base_dir=args.base_dir)
+    check_cases(cases, settings)
     if args.error_flag not in ("auto", "none"):
         from msxai.experiments.error_flag import load_bundle_flag
 
