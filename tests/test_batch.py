@@ -311,3 +311,32 @@ def test_multi_gpu_override_puts_each_rank_on_its_gpu(monkeypatch):
         assert parser.get_parsed_content("device") == torch.device("cuda:3")
         assert any("nccl" in e for e in parser["initialize"]) and parser["run"] == ["$@batch.run()"]
         assert "$import msxai.batch.config" in parser["imports"] and "$import msxai.inference" in parser["imports"]
+
+
+def test_nan_output_and_out_of_memory_are_recorded_and_the_cohort_goes_on(cohort, tmp_path):
+    from msxai.batch.case import BatchSettings, CaseRunner
+    from msxai.batch.cases import load_cases
+    from msxai.bundle import load_bundle
+
+    cases = {c.id: c for c in load_cases(cohort["all"])}
+    b = load_bundle(cohort["bundle"])
+    runner = CaseRunner(b, BatchSettings(), tmp_path)
+    with torch.no_grad():
+        b.network[2].bias[1] = float("nan")
+    rec = runner.run(cases["c0"])
+    with torch.no_grad():
+        b.network[2].bias[1] = -2.5
+    real_segment = b.segment
+
+    def oom(prepared):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    b.segment = oom
+    rec2 = runner.run(cases["c1"])
+    b.segment = real_segment
+    rec3 = runner.run(cases["c1"])
+    assert rec["status"] == "failed" and rec2["status"] == "failed" and rec3["status"] == "done"
+    fail = json.loads((tmp_path / "failures" / "c0.json").read_text())
+    assert fail["kind"] == "nan" and "not finite" in fail["error"] and not (tmp_path / "cases" / "c0").exists()
+    assert not (tmp_path / "failures" / "c1.json").exists()  # the success removed the earlier failure record
+    assert not list((tmp_path / "cases").glob(".*"))  # no temporary folder left

@@ -296,11 +296,13 @@ class CaseRunner:
         from msxai.io import check_finite
 
         b, s = self.bundle, self.settings
-        prep = b.prepare(case.flair, case.t1)
-        result = b.segment(prep)
-        try:
+        prep = b.prepare(case.flair, case.t1)  # refuses NaN/inf inputs (InputError)
+        try:  # the inputs are finite: a NaN from here on is the network's
+            result = b.segment(prep)
             check_finite(result.prob, "lesion probability")
         except InputError as exc:
+            if "NaN" not in str(exc) and "infinite" not in str(exc):
+                raise
             raise NonFiniteOutputError(f"the network output is not finite: {exc}") from None
         write_result(result, tmp)
         t_seg = time.perf_counter() - t0
