@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -33,6 +34,7 @@ from msxai.saliency.smoothgrad import (
 from msxai.saliency.summary import lesion_summary, summary_rows
 
 METHODS = ("smoothgrad", "gradcampp")
+_SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 @dataclass
@@ -218,13 +220,17 @@ def explain_to_files(
     layer: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    domains: Mapping[str, np.ndarray] | None = None,
     **performance,
 ) -> dict:
     """``msxai explain``: prepare FLAIR/T1 with the bundle, explain the chosen lesions of ``lesions_path`` (or the
     region of ``domain_path``), write per-domain float32 NIfTI maps on the FLAIR grid
     (``lesion_<K>_smoothgrad_flair.nii.gz``, ``..._smoothgrad_mprage.nii.gz`` or ``lesion_<K>_gradcampp.nii.gz``;
     ``domain_...`` for a region) and ``saliency.json`` / ``saliency.csv``. Returns ``{"files", "summaries",
-    "settings"}``."""
+    "settings"}``.
+
+    ``domains``: named bool masks on the FLAIR grid explained in the same call (``{"fn_3": mask, ...}``; the cohort
+    run's FN lesions and TN balls), added to the lesions of ``lesions_path``; a name becomes its files' prefix."""
     import time
 
     from tqdm import tqdm
@@ -233,7 +239,7 @@ def explain_to_files(
 
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if domain_path is None and lesions_path is None:
+    if domain_path is None and lesions_path is None and not domains:
         raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
     t0 = time.perf_counter()
     flair = load_volume(flair_path, "FLAIR")
@@ -244,8 +250,15 @@ def explain_to_files(
             raise EmptyDomainError(f"domain {domain_path}: the mask is empty (no voxel > 0)")
         domains = {"domain": mask}
     else:
-        labels = _load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True)
-        domains = lesion_domains(labels, lesion_ids)
+        extra = {}
+        for name, m in (domains or {}).items():
+            if not _SAFE_NAME.match(str(name)) or str(name).startswith("lesion_"):
+                raise InputError(f"domain name {name!r}: use letters, digits and '_' (not 'lesion_<K>', reserved for "
+                                 "the lesions of the label map)")
+            extra[str(name)] = as_domain(m, flair.array.shape, str(name))
+        domains = lesion_domains(_load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True),
+                                 lesion_ids) if lesions_path is not None else {}
+        domains.update(extra)
     on_input_grid = _same_grid(prep.shape, prep.affine, flair.array.shape, flair.affine)
     if not on_input_grid:  # the bundle resampled the image: move the domains onto the network grid (nearest)
         from msxai.preprocess import resample_onto
