@@ -5,6 +5,7 @@ dciodvfy (dicom3tools) reports no error."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -152,7 +153,7 @@ def test_ohif_build_fix_found_and_applied(tmp_path):
     alone."""
     import importlib.util
 
-    from msxai.ohif_stack import REPO_ROOT
+    REPO_ROOT = Path(__file__).resolve().parents[1]
 
     if importlib.util.find_spec("monailabel") is None:
         pytest.skip("monailabel is not installed")
