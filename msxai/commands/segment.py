@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         "and write OUT/probability.nii.gz, OUT/mask.nii.gz, OUT/lesions.nii.gz (instance ids), OUT/lesions.json "
         "and OUT/lesions.csv on the input grid.",
     )
-    p.add_argument("--bundle", required=True, help="bundle folder or name (e.g. bundles/msxai_unet, unet, dynunet)")
+    p.add_argument("--bundle", required=True, help="bundle folder, or name (unet, dynunet, swinunetr) in $MSXAI_BUNDLES or a checkout's bundles/")
     p.add_argument("--flair", required=True, help="FLAIR NIfTI")
     p.add_argument("--t1", required=True, help="T1/MPRAGE NIfTI (same grid as FLAIR unless --register)")
     p.add_argument("--out", required=True, help="output folder")
