@@ -98,7 +98,8 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
     ds = new_instance(PARAMETRIC_MAP_STORAGE, sop_uid)
     copy_study_attributes(ds, ref)
     declare_private_scheme(ds)
-    ds.Modality = str(getattr(ref, "Modality", "") or "MR")
+    # not the source's MR: image lists and the T1 pairing (msxai.studies) look at MR series
+    ds.Modality = "OT"
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, int(series_number), 1
     ds.SeriesDescription = series_description[:64]
     ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
@@ -154,6 +155,7 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
     shared.PixelValueTransformationSequence = Seq([pvt])
     voi = Dataset()
     voi.WindowCenter, voi.WindowWidth = f"{(lo + hi) / 2:.6g}", f"{max(hi - lo, 1e-6):.6g}"
+    voi.VOILUTFunction = "LINEAR_EXACT"  # the stored range exactly (a width below 1 needs it)
     shared.FrameVOILUTSequence = Seq([voi])
     ds.SharedFunctionalGroupsSequence = Seq([shared])
 

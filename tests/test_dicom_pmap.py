@@ -113,8 +113,12 @@ def test_ohif_loader_twin(shape):
                                          "(scripts/install_ohif_deps.sh installs it)")
 def test_dciodvfy_reports_no_error(tmp_path):
     aff, src = _study("las")
-    for _, ds in saliency_parametric_maps(_saliency(np.random.default_rng(4)), aff, src, name="lesion 2",
-                                          map_name="MPRAGE", method="smoothgrad"):
+    m = _saliency(np.random.default_rng(4))
+    cam = np.abs(m) + 1e-5  # non-zero everywhere (as a Grad-CAM++ map): the stored minimum is above 0
+    pms = saliency_parametric_maps(m, aff, src, name="lesion 2", map_name="MPRAGE", method="smoothgrad")
+    pms += saliency_parametric_maps(cam, aff, src, name="lesion 2", map_name="CAM", method="gradcampp")
+    assert len(pms) == 3
+    for _, ds in pms:
         errors, text = dciodvfy_errors(ds, tmp_path)
         assert not errors, text
         assert "ParametricMap" in text
