@@ -12,7 +12,7 @@ import pytest
 
 from dicom_helpers import DCIODVFY, affine, dciodvfy_errors, ohif_pmap_volume, pm_volume
 from msxai.dicom import StudyInfo, volume_to_mr_series
-from msxai.dicom_pmap import saliency_parametric_maps, write_parametric_map
+from msxai.dicom_pmap import read_parametric_map, saliency_parametric_maps, write_parametric_map
 from msxai.errors import GeometryError, InputError
 
 SHAPE = (12, 10, 9)
@@ -71,6 +71,8 @@ def test_parts_read_back_independently(kind):
         # the true values through the real-world value mapping equal the part of the NIfTI map, voxel for voxel
         expected = np.maximum(m, 0) if part == "positive" else np.minimum(m, 0)
         got = pm_volume(pm, aff, SHAPE)
+        # msxai's own reader (what scripts/slicer_renderings.py draws) agrees with the independent one
+        np.testing.assert_array_equal(read_parametric_map(pm, aff, SHAPE), got)
         covered = ~np.isnan(got)
         assert covered[expected != 0].all(), "a non-zero voxel of the map has no frame"
         np.testing.assert_allclose(got[covered], expected[covered], rtol=0, atol=1e-7 * np.abs(expected).max())
