@@ -296,7 +296,8 @@ def list_artifacts(studies: str | Path, image_id: str) -> list[str]:
     base = artifact_dir(studies, image_id)
     if not base.is_dir():
         return []
-    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts))
 
 
 def file_fingerprint(paths: Sequence[str | Path]) -> str:
@@ -325,7 +326,10 @@ class SegmentationCache:
 
     An entry is valid while the FLAIR, the T1 and the bundle's weights/configs are unchanged (their fingerprints
     are stored in ``meta.json``); it survives server restarts. ``compute`` is called at most once at a time per key
-    (concurrent requests for the same key wait for the first)."""
+    (concurrent requests for the same key wait for the first), across processes too: MONAI Label's batch infer runs
+    the app again in a subprocess beside the server, so each key also holds an exclusive ``flock`` on
+    ``.seg_<model>.lock`` while it reads or computes, and an entry is written into a temporary folder that is renamed
+    into place complete (a reader never sees a half-written entry)."""
 
     def __init__(self, studies: str | Path, max_memory_items: int = 8):
         self.studies = Path(studies)
@@ -349,7 +353,7 @@ class SegmentationCache:
         from msxai.io import save_volume
 
         key = (image_id, model)
-        with self._lock(key):
+        with self._lock(key), _process_lock(self._dir(image_id, model).with_name(f".seg_{model}.lock")):
             mem = self._mem.get(key)
             if mem is not None and mem[0] == fingerprint:
                 return dict(mem[1], from_cache="memory")
@@ -378,13 +382,13 @@ class SegmentationCache:
                 "affine": np.asarray(entry["affine"], dtype=np.float64),
                 "table": entry["table"],
             }
-            d.mkdir(parents=True, exist_ok=True)
-            save_volume(d / "labels.nii.gz", entry["labels"], entry["affine"], dtype=np.int32)
-            save_volume(d / "prob.nii.gz", entry["prob"], entry["affine"], dtype=np.float32)
-            tmp = d / ".meta.json.tmp"
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "model": model, "table": entry["table"]},
-                                      default=json_default, indent=1))
-            os.replace(tmp, meta_path)
+            tmp = d.with_name(f".{d.name}~tmp~{os.getpid()}~{threading.get_ident()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_volume(tmp / "labels.nii.gz", entry["labels"], entry["affine"], dtype=np.int32)
+            save_volume(tmp / "prob.nii.gz", entry["prob"], entry["affine"], dtype=np.float32)
+            (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "model": model,
+                                                       "table": entry["table"]}, default=json_default, indent=1))
+            _replace_dir(tmp, d)
             self._remember(key, fingerprint, entry)
             return dict(entry, from_cache=None)
 
@@ -394,6 +398,29 @@ class SegmentationCache:
             self._mem[key] = (fingerprint, entry)
             while len(self._mem) > self.max_memory_items:
                 self._mem.pop(next(iter(self._mem)))
+
+
+class _process_lock:
+    """An exclusive ``fcntl.flock`` on ``path`` (created with its folder) for the ``with`` block: one process at a
+    time (threads of one process are serialised by the cache's own locks first)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+        return False
 
 
 # ------------------------------------------------------------------------------------------- explain parameters

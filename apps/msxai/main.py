@@ -59,6 +59,7 @@ from msxai.studies import (  # noqa: E402
     validate_image_id,
 )
 
+from lib.batch import batch_request, install_batch_route  # noqa: E402
 from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebDatastore  # noqa: E402
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
 from lib.ohif_fixes import install_ohif_fixes  # noqa: E402
@@ -107,8 +108,41 @@ class MsxaiApp(MONAILabelApp):
         )
         install_routes(self)
         install_ohif_fixes()  # OHIF 3.10's Parametric Map loader (explain results in OHIF)
+        install_batch_route(self)
 
     # ------------------------------------------------------------------------------------------- datastore
+    def datastore(self) -> Datastore:
+        """The datastore, re-read from its JSON file when another process wrote it since (MONAI Label's batch infer
+        saves labels from a subprocess; without auto-reload the server would keep, and later write back, a copy
+        without them). One stat per call."""
+        ds = super().datastore()
+        path, ts = getattr(ds, "_datastore_config_path", None), getattr(ds, "_config_ts", None)
+        if path and os.path.exists(path) and os.stat(path).st_mtime != ts and hasattr(ds, "_init_from_datastore_file"):
+            ds._init_from_datastore_file()
+        return ds
+
+    def batch_infer(self, request, datastore=None):
+        """MONAI Label's batch infer over the datastore, for the segmentation tasks (:func:`lib.batch.batch_request`:
+        label tag never ``final``, CPU-safe device); each image runs through :meth:`infer`. An image that fails
+        (no T1, NaN, ...) gets ``{"error": ...}`` in the result and the others go on: MONAI Label 0.8.5 catches
+        failures only with several workers and otherwise stops the whole batch at the first one."""
+        try:
+            request = batch_request(request, list(self._infers))
+        except InputError as exc:
+            raise HTTPException(status_code=http_status(exc), detail=str(exc)) from None
+
+        def infer_one(req, ds):
+            try:
+                return self.infer(req, ds)
+            except HTTPException as exc:
+                logger.warning(f"msxai: batch infer: {req.get('image')}: {exc.detail}")
+                return {"label": None, "error": f"{exc.status_code}: {exc.detail}"}
+            except Exception as exc:  # noqa: BLE001 - one image must not stop the batch
+                logger.warning(f"msxai: batch infer: {req.get('image')} failed", exc_info=True)
+                return {"label": None, "error": f"{type(exc).__name__}: {exc}"}
+
+        return self._batch_infer(request, datastore if datastore else self.datastore(), infer_one)
+
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
             return self._init_msxai_dicomweb()
