@@ -23,8 +23,10 @@ import pytest
 import torch
 
 from batch_helpers import write_case, write_datalist, write_tiny_bundle
-from msxai.bundle import BUNDLES_DIR, REPO_ROOT
 from msxai.cli import main as cli_main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
 
 torch.set_num_threads(1)
 RUN_COLUMNS = {"seconds", "seconds_segment", "seconds_explain", "device", "rank", "host", "finished_utc"}
