@@ -607,7 +607,7 @@ class StudyService:
     (with a run on whichever request thread, glibc's per-thread arenas would each keep one run's peak)."""
 
     def __init__(self, studies: str | Path, bundle_paths: Mapping[str, str | Path], max_samples: int = MAX_SAMPLES_DEFAULT,
-                 loader=None):
+                 loader=None, runner=None):
         if not bundle_paths:
             raise BundleLoadError("no model selected: pass --conf models all (or a subset such as unet,dynunet)")
         self.studies = Path(studies)
@@ -617,9 +617,11 @@ class StudyService:
         self._loader = loader
         self._bundles: dict[tuple[str, str], Any] = {}
         self._bundle_lock = threading.Lock()
-        from concurrent.futures import ThreadPoolExecutor
+        self.runner = runner  # an object with .run(fn, *args, **kwargs) on the model thread (the app's scheduler)
+        if runner is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msxai-model")
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msxai-model")
         for model in self.bundle_paths:  # fail at start-up, not at the first request
             self.bundle(model, "cpu")
 
@@ -630,6 +632,8 @@ class StudyService:
 
     def run(self, fn, *args, **kwargs):
         """Run ``fn`` on the model worker thread and wait for it (exceptions are re-raised here)."""
+        if self.runner is not None:
+            return self.runner.run(fn, *args, **kwargs)
         if threading.current_thread().name.startswith("msxai-model"):
             return fn(*args, **kwargs)
         return self._worker.submit(fn, *args, **kwargs).result()
@@ -732,7 +736,11 @@ class StudyService:
         return result
 
     # -------------------------------------------------------------------------------------------- explanation
-    def explain_request(self, method: str, request: Mapping[str, Any], out_path: str | Path) -> dict:
+    def explain_request(self, method: str, request: Mapping[str, Any], out_path: str | Path, admit=None,
+                        checkpoint=None) -> dict:
+        """``admit(bundle=, prepared=, domains=, params=, device=)`` is called on the model thread once the domains are
+        known, before any saliency is computed (it may refuse by raising); ``checkpoint(info)`` after every chunk of
+        the computation (see :func:`explain_maps`)."""
         from msxai.io import save_volume
         from msxai.labelmaps import combine_signed_max, domain_from_points, saliency_bins, write_labelmap
         from msxai.lesions import lesion_domain
@@ -795,7 +803,9 @@ class StudyService:
                 source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of {origin}"
             if seg is None:
                 seg = self.segmentation(p.model, pair, device, prepared=prepared)
-            maps, summaries = explain_maps(bundle, prepared, domains, p, device, prob=seg["prob"])
+            if admit is not None:
+                admit(bundle=bundle, prepared=prepared, domains=domains, params=p, device=device)
+            maps, summaries = explain_maps(bundle, prepared, domains, p, device, prob=seg["prob"], checkpoint=checkpoint)
             from msxai.experiments.error_flag import score_for_bundle  # error score per lesion (or null + reason)
 
             for n in domains:
@@ -914,10 +924,14 @@ def _result_dtype(value):
 
 
 def explain_maps(bundle, prepared, domains: Mapping[str, np.ndarray], p: ExplainParams, device: str | None = None,
-                 prob: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+                 prob: np.ndarray | None = None, checkpoint=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Run the saliency engine (:func:`msxai.saliency.engine.explain`, the one ``msxai explain`` uses) for every
     domain; returns ``({name: [2, X, Y, Z] (SmoothGrad: FLAIR, MPRAGE) or [X, Y, Z] (Grad-CAM++)}, {name: summary})``
-    in the order of ``domains``. The bundle's network is already on ``device``."""
+    in the order of ``domains``. The bundle's network is already on ``device``.
+
+    ``checkpoint(info)`` is called after every chunk: with it, SmoothGrad explains one domain per engine call, so a
+    chunk is one domain x one noise batch (each domain's map is the same as in a shared call: same noise copies);
+    Grad-CAM++ after each domain (its first chunk includes the full-image pass)."""
     from msxai.saliency.engine import explain
 
     kwargs: dict[str, Any] = {"method": p.method, "seed": p.seed, "prob": prob, "affine": prepared.affine}
@@ -925,13 +939,19 @@ def explain_maps(bundle, prepared, domains: Mapping[str, np.ndarray], p: Explain
         kwargs.update(aggregation=p.aggregation, n_samples=p.samples, sigma_fraction=p.sigma)
     else:
         kwargs.update(layer=p.layer)
+    calls = [dict(domains)]
+    if checkpoint is not None and p.method == "smoothgrad":
+        kwargs["checkpoint"] = checkpoint
+        calls = [{n: d} for n, d in domains.items()]
     maps: dict[str, np.ndarray] = {}
     summaries: dict[str, dict] = {}
-    for e in explain(bundle, prepared.image, dict(domains), **kwargs):
+    for e in (e for call in calls for e in explain(bundle, prepared.image, call, **kwargs)):
         if p.method == "smoothgrad":
             maps[e.name] = np.stack([e.maps[f"smoothgrad_{k}"] for k in SEQUENCE_KEYS]).astype(np.float32)
         else:
             maps[e.name] = np.asarray(e.maps["gradcampp"], dtype=np.float32)
+            if checkpoint is not None:
+                checkpoint({"domains": [e.name]})
         summaries[e.name] = e.summary
     order = [n for n in domains if n in maps]
     return {n: maps[n] for n in order}, {n: summaries[n] for n in order}

@@ -126,7 +126,7 @@ def explain(
 
     ``image``: the network input [C, X, Y, Z] (z-scored FLAIR, MPRAGE). ``prob``: the lesion softmax used in the
     summaries (computed from the clean image when None). ``performance``: ``noise_batch``, ``max_batch``,
-    ``backend``, ``autocast_dtype``, ``max_group_windows`` (SmoothGrad only).
+    ``backend``, ``autocast_dtype``, ``max_group_windows``, ``checkpoint`` (SmoothGrad only).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
