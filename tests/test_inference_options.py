@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from test_bundles import AFFINE, SHAPE, _subject
+from test_bundles import AFFINE, BUNDLES_DIR, SHAPE, _subject
 
-from msxai.bundle import BUNDLES_DIR, load_bundle
+from msxai.bundle import load_bundle
 from msxai.cli import main
 from msxai.errors import InputError
 from msxai.inference import EnsembleSegmentation, check_tta_flips
