@@ -29,6 +29,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES_DIR = REPO_ROOT / "bundles"
 
 torch.set_num_threads(1)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
 RUN_COLUMNS = {"seconds", "seconds_segment", "seconds_explain", "device", "rank", "host", "finished_utc"}
 HEAVY = dict(shape=(40, 40, 40), n_blobs=10, n_missed=2, radius=15)  # ~10x the work of a light case
 LIGHT = dict(shape=(16, 16, 16), n_blobs=2, n_missed=1, radius=6)  # one sliding window
@@ -61,7 +63,7 @@ def reference(cohort):
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               MSXAI_DEVICE="cpu", MSXAI_CPU="1")
+               MSXAI_DEVICE="cpu")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -162,7 +164,7 @@ def test_single_process_run_and_its_twins(cohort, reference):
     marker = json.loads((reference / "cases" / "c0" / "done.json").read_text())
     for key in ("schema", "identity", "identity_sha256", "inputs", "versions", "seconds", "device", "rank", "counts"):
         assert key in marker
-    from msxai.experiments.error_flag import file_sha256
+    from msxai.io import file_sha256
 
     assert marker["identity"]["weights_sha256"] == file_sha256(cohort["bundle"] / "models" / "model.pt")
     assert marker["inputs"]["flair"]["sha256"] == file_sha256(cohort["data"] / "c0_FLAIR.nii.gz")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_bundles import AFFINE, SHAPE, _subject
+from test_bundles import AFFINE, BUNDLES_DIR, SHAPE, _subject
 
 from msxai.bundle import load_bundle
 from msxai.cli import main

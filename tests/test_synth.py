@@ -219,7 +219,7 @@ def test_lesions_only_in_white_matter_inside_the_brain(subj2, subj1):
         assert np.all(s.brain_mask[les] == 1)
         wm = s.tissues[2]
         # white matter, or the partial-volume white matter of the ventricle wall (periventricular lesions)
-        near_vent = anatomy._site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
+        near_vent = anatomy.lesion_site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
         assert np.all((wm[les] > 0.4) | ((wm[les] > 0.15) & near_vent[les] & (s.tissues[0][les] < 0.75)))
         assert wm[les].mean() > 0.7
         # and lesions are not in the CSF
