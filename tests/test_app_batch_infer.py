@@ -83,7 +83,7 @@ def test_batch_infer_saves_every_label_while_the_server_segments_the_same_studie
     threads = [threading.Thread(target=segment, args=(i,)) for i in ("synth001_FLAIR", "synth000_FLAIR")]
     for t in threads:
         t.start()
-    deadline = time.time() + 480
+    deadline = time.time() + 1500  # generous: the CI machine may be shared
     while time.time() < deadline:
         code, running = _json(f"{u}/batch/infer?check_if_running=true")
         if code == 404:

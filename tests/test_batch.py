@@ -76,7 +76,7 @@ def _torchrun(nproc: int, args: list[str]) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
 
 
-def _run(cmd, timeout=300):
+def _run(cmd, timeout=1500):  # generous: the CI machine may be shared
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))
     return p.returncode, p.stdout + p.stderr
 
@@ -243,7 +243,7 @@ def test_more_ranks_than_cases_then_sigkill_and_a_rerun_of_the_missing_case(coho
     log = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    victim, states, deadline = None, [], time.time() + 240
+    victim, states, deadline = None, [], time.time() + 1200
     while victim is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
         states = [json.loads(p.read_text()) for p in (out / "ranks").glob("rank*.json")] if (out / "ranks").is_dir() else []
@@ -253,7 +253,7 @@ def test_more_ranks_than_cases_then_sigkill_and_a_rerun_of_the_missing_case(coho
             victim = busy[0]["pid"]
     assert victim is not None, (states, "".join(log)[-3000:])
     os.kill(victim, signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
+    assert proc.wait(timeout=600) != 0
     reader.join(timeout=10)
     assert (out / "cases" / "c0" / "done.json").is_file() and not (out / "cases" / "heavy").exists()
     assert list((out / "cases").glob(".heavy~tmp~*"))  # the killed worker was mid-case

@@ -241,6 +241,8 @@ def explain_to_files(
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if domain_path is None and lesions_path is None and not domains:
         raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
+    if domain_path is not None and domains:
+        raise InputError("give a --domain MASK or named domains, not both")
     t0 = time.perf_counter()
     flair = load_volume(flair_path, "FLAIR")
     prep = model.prepare(flair_path, t1_path)
