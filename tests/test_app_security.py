@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import requests
 
-from msxai.loopback import free_port
+from deploy.loopback import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "msxai"
