@@ -27,6 +27,10 @@ import sys
 from typing import Optional
 
 from fastapi import APIRouter, Body, Depends, HTTPException
+# module level: the route's annotations are strings (postponed), resolved from this module's globals when FastAPI
+# builds /openapi.json (a function-local import made it answer 500: "BatchInferImageType is not fully defined")
+from monailabel.endpoints.user.auth import User  # noqa: F401
+from monailabel.interfaces.tasks.batch_infer import BatchInferImageType  # noqa: F401
 
 from msxai.errors import InputError
 
@@ -70,8 +74,7 @@ def batch_request(request: dict, tasks) -> dict:
 
 def build_batch_router(app) -> APIRouter:
     from monailabel.config import RBAC_ADMIN, settings
-    from monailabel.endpoints.user.auth import RBAC, User  # noqa: F401
-    from monailabel.interfaces.tasks.batch_infer import BatchInferImageType  # noqa: F401
+    from monailabel.endpoints.user.auth import RBAC
 
     router = APIRouter(prefix="/batch", tags=["Infer"])
 
