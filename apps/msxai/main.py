@@ -125,7 +125,8 @@ class MsxaiApp(MONAILabelApp):
             labels=["lesion"],
         )
         install_routes(self, extra_routers=[build_jobs_router(self)])
-        install_signal_handlers()
+        if served_host() is not None:  # a server process (not an app built by a script or a test)
+            install_signal_handlers()
         install_ohif_fixes()  # OHIF 3.10's Parametric Map loader (explain results in OHIF)
         install_batch_route(self)
 

@@ -593,8 +593,12 @@ class MsxaiDICOMwebDatastore(SafeWritesMixin, DICOMWebDatastore):
     def _existing_image(self, image_id) -> str:
         validate_image_id(image_id)
         uri = self.get_image_uri(image_id)  # downloads the series once; an unknown series is a 404
-        if not uri or not os.path.isfile(uri) or image_id not in self._datastore.objects:
+        if not uri or not os.path.isfile(uri):
             raise UnknownImageError(f"series {image_id!r} is not available from {self._client.base_url}")
+        if image_id not in self._datastore.objects:  # converted earlier, index entry lost: list it again
+            with self._write_lock:
+                self._datastore.objects[image_id] = ImageLabelModel(
+                    image=DataModel(info={"ts": int(time.time()), "name": os.path.basename(uri)}, ext=".nii.gz"))
         return uri
 
     def _label_input(self, image_uri: str, label_filename: str):
@@ -629,6 +633,7 @@ class MsxaiDICOMwebDatastore(SafeWritesMixin, DICOMWebDatastore):
                     names[str(li["name"])] = int(li.get("idx", li.get("id", i + 1)))
                 except (TypeError, ValueError):
                     continue
+        arr = np.asarray(arr).astype(np.int32)  # checked: finite non-negative integers
         values = [int(v) for v in np.unique(arr) if v != 0]
         if not values:
             logger.info(f"msxai: empty final label of {image_id}: kept locally, no DICOM SEG written")

@@ -158,15 +158,35 @@ def build_proxy_guard_router():
 
 
 def build_admin_router() -> APIRouter:
-    """``POST /reload`` (re-creates the app: MONAI Label's route has no RBAC at all) and the model-file routes
-    (this app serves its bundles' weights; MONAI Label's ``PUT /model/{model}`` needs only the annotator role and
-    answers 500 for an app without trainers)."""
+    """``POST /reload`` (re-creates the app: MONAI Label's route has no RBAC at all), the model-file routes (this app
+    serves its bundles' weights; MONAI Label's ``PUT /model/{model}`` needs only the annotator role and answers 500
+    for an app without trainers), and MONAI Label's background tasks this app does not have (training, scoring,
+    sessions: each would start a process that loads every bundle, or store uploads the app never uses)."""
     from monailabel.config import settings
     from monailabel.endpoints.user.auth import RBAC
     from monailabel.interfaces.utils.app import clear_cache
 
     admin = settings.MONAI_LABEL_AUTH_ROLE_ADMIN
+    annotator = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
+    role_user = settings.MONAI_LABEL_AUTH_ROLE_USER
     router = APIRouter()
+
+    @router.post("/train/", include_in_schema=False)
+    @router.post("/train/{model}", summary="Run Training Task (msxai: the bundles are trained with `msxai train`)",
+                 tags=["Train"])
+    def msxai_train(model: str = "", user: User = Depends(RBAC(admin))):
+        raise HTTPException(status_code=404, detail="this app has no trainers: the bundles are trained with "
+                                                    "`msxai train` / their train.json, not through the server")
+
+    @router.post("/scoring/", include_in_schema=False)
+    @router.post("/scoring/{method}", summary="Run Scoring Task (msxai: none)", tags=["Scoring"])
+    def msxai_scoring(method: str = "", user: User = Depends(RBAC(annotator))):
+        raise HTTPException(status_code=404, detail="this app has no scoring methods")
+
+    @router.put("/session/", summary="Create new session with Image (msxai: refused)", tags=["Session"])
+    def msxai_session(user: User = Depends(RBAC(role_user))):
+        raise HTTPException(status_code=405, detail="this app explains studies of its datastore (FLAIR with its "
+                                                    "T1); images are not uploaded into sessions")
 
     @router.post("/reload", include_in_schema=False)
     def msxai_reload(user: User = Depends(RBAC(admin))):
