@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import requests
 
-from test_app_server import AVAILABLE, ENV, PY, REPO, Server, _cli, _write_like
+from test_app_server import ENV, PY, REPO, Server, _cli, _write_like
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif("unet" not in AVAILABLE, reason="bundles/msxai_unet has no weights")]
+pytestmark = [pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "msxai"
 BUNDLES = REPO / "bundles"
 
-pytestmark = pytest.mark.skipif(
-    not all((BUNDLES / f"msxai_{m}" / "models" / "model.pt").is_file() for m in ("unet", "dynunet")),
-    reason="bundles without weights",
-)
-
-
 def _app_class():
     from monailabel.config import settings
     from monailabel.utils.others.class_utils import get_class_of_subclass_from_file

@@ -1,12 +1,13 @@
 """The saliency-based error flag at explain time: a fitted model shipped in a bundle (models/error_flag.json) gives
-`msxai explain` an error score per predicted lesion, equal to the score recomputed from the engine's maps (slow
-twin); maps made with other settings, drawn domains, other weights, and missing/bad model files give null with a
+`msxai explain` an error score per predicted lesion, equal to a slow twin's (naive reference maps, brute-force
+features, the logistic score from the saved numbers); maps made with other settings, drawn domains, other weights, and missing/bad model files give null with a
 reason (never a silently mismatched score)."""
 
 import csv
 import json
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -53,6 +54,36 @@ def setup(tmp_path_factory):
     return {"root": root, "bundle": bundle, "subj": subj, "lesions": seg / "lesions.nii.gz", "sha": sha}
 
 
+def twin_features(maps, dom, affine, ring_mm=3.0) -> dict:
+    """The error flag's features (msxai.experiments.features.SALIENCY_FEATURES) written out from their definitions:
+    distances to Ω by brute force over voxel pairs (mm, from the voxel size), the ring (0, 3] mm around Ω."""
+    sp = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    vox = float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
+    pts = np.argwhere(dom) * sp
+    allv = np.argwhere(np.ones(dom.shape, bool))
+    dist = np.array([np.sqrt(((pts - v * sp) ** 2).sum(1)).min() for v in allv]).reshape(dom.shape)
+    ring = (dist > 1e-6) & (dist <= ring_mm + 1e-6)
+    f, tot = {"log_volume_mm3": float(np.log(dom.sum() * vox))}, {}
+    for c, key in enumerate(("flair", "mprage")):
+        vin, vr = maps[c][dom].astype(np.float64), maps[c][ring].astype(np.float64)
+        f[f"{key}_peak_max"], f[f"{key}_peak_min"], f[f"{key}_mean_in"] = vin.max(), vin.min(), vin.mean()
+        f[f"{key}_mass_pos"] = sum(v for v in vin if v > 0) * vox
+        f[f"{key}_mass_neg"] = sum(v for v in vin if v < 0) * vox
+        f[f"{key}_ring_mean"], f[f"{key}_ring_min"], f[f"{key}_ring_max"] = vr.mean(), vr.min(), vr.max()
+        f[f"{key}_ring_pos_frac"] = float(np.mean(vr > 0))
+        f[f"{key}_abs_in_ring_ratio"] = np.abs(vin).mean() / np.abs(vr).mean()
+        sd = vin.std()
+        f[f"{key}_in_std"] = sd
+        f[f"{key}_in_skew"] = float(np.mean(((vin - vin.mean()) / sd) ** 3))
+        counts = np.histogram(np.abs(vin), bins=16, range=(0.0, float(np.abs(vin).max())))[0]
+        pk = counts[counts > 0] / counts.sum()
+        f[f"{key}_in_entropy"] = float(-(pk * np.log(pk)).sum())
+        f[f"{key}_in_pos_frac"] = float(np.mean(vin > 0))
+        tot[key] = np.abs(vin).sum() + np.abs(vr).sum()
+    f["flair_share"] = tot["flair"] / (tot["flair"] + tot["mprage"])
+    return f
+
+
 def _explain(s, out, *extra):
     return main(["explain", "--bundle", str(s["bundle"]), "--flair", s["subj"]["flair"], "--t1", s["subj"]["t1"],
                  "--device", "cpu", "--no-progress", "--out", str(out), *extra])
@@ -67,25 +98,25 @@ def test_explain_scores_every_predicted_lesion_like_the_slow_twin(setup, capsys)
     info = doc["settings"]["error_flag"]
     assert info["loaded"] and info["fitted_for"]["samples"] == 2 and info["reason"] is None
     assert info["model_file"].endswith("models/error_flag.json")
-    # slow twin: the maps straight from the engine on the prepared image, features, the saved model
+    # slow twin, sharing no code with the flag: maps by the naive reference (MONAI's sliding-window inference, one
+    # autograd.grad per lesion voxel), features by brute force, the logistic score from the saved JSON's numbers
+    from saliency_helpers import naive_instance_smoothgrad
+
     from msxai.bundle import load_bundle
-    from msxai.experiments.features import saliency_features
-    from msxai.io import load_volume
-    from msxai.saliency.sliding import SlidingWindowSpec
-    from msxai.saliency.smoothgrad import instance_smoothgrad
 
     b = load_bundle(str(s["bundle"]))
     prep = b.prepare(s["subj"]["flair"], s["subj"]["t1"])
-    labels = load_volume(s["lesions"], "lesions").array.astype(int)
-    model = ErrorFlagModel.load(s["bundle"] / "models" / "error_flag.json")
-    spec = SlidingWindowSpec.from_inferer(b.inferer)
+    labels = np.asarray(nib.load(str(s["lesions"])).dataobj).astype(int)
+    saved = json.loads((s["bundle"] / "models" / "error_flag.json").read_text())
     assert doc["domains"], "the tiny bundle found no lesion"
     for name, d in doc["domains"].items():
         dom = labels == d["lesion_id"]
-        maps = instance_smoothgrad(b.network, prep.image, dom, spec, n_samples=2, seed=0)
-        ref = model.error_score(saliency_features(maps, dom, None, prep.affine))
+        maps = naive_instance_smoothgrad(b.network, prep.image, dom, b.inferer, n_samples=2, seed=0)
+        feats = twin_features(maps, dom, prep.affine)
+        z = (np.array([feats[n] for n in saved["feature_names"]]) - saved["mean"]) / np.array(saved["scale"])
+        ref = 1.0 / (1.0 + np.exp(-(z @ np.array(saved["coef"]) + saved["intercept"])))
         assert d["error_score"] == pytest.approx(ref, rel=1e-4, abs=1e-6), name
-        assert d["error_flag"] == (ref > model.threshold) and d["error_flag_reason"] is None
+        assert d["error_flag"] == (ref > saved["threshold"]) and d["error_flag_reason"] is None
         assert f"{name}: error score" in printed
     rows = list(csv.DictReader(open(out / "saliency.csv")))
     assert {"error_score", "error_flag", "error_flag_reason"} <= set(rows[0])

@@ -39,7 +39,6 @@ pytestmark = [
                        + " (.ci/run runs scripts/install_ohif_deps.sh)"),
     pytest.mark.skipif(not _missing and not _netns_ok,
                        reason=f"Orthanc is isolated in a network namespace and {_netns_reason}"),
-    pytest.mark.skipif(not (BUNDLE / "models" / "model.pt").is_file(), reason="bundles/msxai_unet has no weights"),
 ]
 VOXEL_MM = 2.0
 SCREENSHOT = REPO_ROOT / "docs" / "ohif_screenshot.png"

@@ -170,7 +170,6 @@ def test_cli_explain_with_injected_bundle(case, monkeypatch, capsys):
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "msxai_unet"
 
 
-@pytest.mark.skipif(not (BUNDLE / "models" / "model.pt").is_file(), reason="bundles/msxai_unet has no weights yet")
 def test_cli_explain_real_unet_bundle(case, capsys):
     """End to end with the real bundle (96^3 ROI: the small image is padded into one window)."""
     p = case.paths
