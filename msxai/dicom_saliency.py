@@ -153,7 +153,7 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
             seg_ref = SegmentReference(str(lesion_seg.SOPClassUID), str(lesion_seg.SOPInstanceUID),
                                        str(lesion_seg.SeriesInstanceUID), numbers[lid])
         groups.append(MeasurementGroup(
-            tracking_id=display, tracking_uid=stable_uid("tracking", ref.StudyInstanceUID, method, name,
+            tracking_id=display, tracking_uid=stable_uid("tracking", ref.StudyInstanceUID, method, display,
                                                          result.get("model", "")),
             point_lps=lps[:3], measurements=summary_measurements(summaries.get(name) or {}, method)
             if name in summaries else [], segment=seg_ref, image=source[k], point_concept=PEAK))

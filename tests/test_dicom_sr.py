@@ -228,3 +228,6 @@ def test_lesions_of_a_saved_label_are_named_after_it(explained):
     groups = sr_items(sr_items(sr, "126010")[0], "125007")
     assert [sr_items(g, "121071")[0].ConceptCodeSequence[0].CodeMeaning for g in groups] == [
         "final lesion 1", "final lesion 2"]
+    plain = sr_items(sr_items(explain_dicom(d, result, src, max_pm_domains=0)["report"], "126010")[0], "125007")
+    assert not ({str(sr_items(g, "112040")[0].UID) for g in groups}
+                & {str(sr_items(g, "112040")[0].UID) for g in plain})  # other findings, other tracking UIDs
