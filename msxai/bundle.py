@@ -26,18 +26,32 @@ BUNDLES_DIR = REPO_ROOT / "bundles"
 BUNDLE_NAMES = ("msxai_unet", "msxai_dynunet", "msxai_swinunetr")
 
 
-def locate_bundle_root(name: str) -> str:
-    """Default ``bundle_root`` of a bundle config: the current folder when it is that bundle (``monai.bundle run``
-    started inside it), else ``<repo>/bundles/<name>``. Callers that know the folder override ``bundle_root``."""
-    cwd = Path.cwd()
-    meta = cwd / "configs" / "metadata.json"
-    if meta.is_file():
-        try:
-            if json.loads(meta.read_text()).get("name", "").lower().replace(" ", "_") == name or cwd.name == name:
-                return str(cwd)
-        except (OSError, json.JSONDecodeError):
-            pass
-    return str(BUNDLES_DIR / name)
+def config_bundle_root(name: str | None = None) -> str:
+    """``bundle_root`` of a bundle config run by ``python -m monai.bundle run --config_file <bundle>/configs/X.json``:
+    the folder holding the config's ``configs/`` (MONAI's ``ConfigWorkflow.config_root_path``). Loaders that know
+    the folder (:func:`load_bundle`, ``--bundle_root DIR``) set ``bundle_root`` themselves and never reach this.
+    Refuses (no guess, no fallback to a repository's ``bundles/<name>``) when the config is not run that way."""
+    import inspect
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            # MONAI's workflow answers unknown attributes from its config: read the instance's own dict only
+            root = vars(owner).get("config_root_path") if type(owner).__name__ == "ConfigWorkflow" else None
+            if root is not None:
+                root = Path(root).resolve()
+                root = root.parent if root.name == "configs" else root
+                if (root / "configs").is_dir():
+                    return str(root)
+            frame = frame.f_back
+    finally:
+        del frame
+    raise InputError(
+        f"bundle_root of {name or 'this bundle'} is unknown: run it with `python -m monai.bundle run --config_file "
+        "<bundle>/configs/inference.json ...`, pass `--bundle_root /path/to/bundle`, or load it with "
+        "msxai.bundle.load_bundle(<bundle folder>)"
+    )
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:

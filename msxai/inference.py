@@ -1,18 +1,22 @@
-"""The sliding-window lesion segmentation pipeline shared by every bundle's ``inference.json`` and ``msxai segment``.
+"""The lesion segmentation pipeline shared by every bundle's ``inference.json``, ``msxai segment``, the MONAI Label
+tasks and the DICOMweb path.
 
-``LesionSegmentation(network, inferer, threshold, min_volume_mm3, device)``:
+``LesionSegmentation(network, inferer, preprocessing, postprocessing, threshold, min_volume_mm3, device)``:
 
-1. :meth:`prepare` loads FLAIR + T1 (MPRAGE) with :func:`msxai.preprocess.prepare_image` (same grid required unless
-   ``register=True``; per-channel z-score inside the brain);
+1. :meth:`prepare` runs the bundle's pre-processing chain (:mod:`msxai.transforms`: FLAIR/T1 from NIfTI or DICOM,
+   reoriented and resampled onto the network grid, T1 aligned, brain mask, normalisation) -> ``PreparedImage``;
 2. :meth:`predict` runs the bundle's ``monai.inferers.SlidingWindowInferer`` (96^3 windows, overlap 0.25, gaussian
-   blending by default), takes ``softmax(logits)[1]`` as the lesion probability, thresholds it at 0.3 and keeps the
-   18-connected components of at least 5 mm^3 (:func:`msxai.lesions.lesion_instances`);
-3. :meth:`run` writes ``probability.nii.gz`` (float32), ``mask.nii.gz`` (uint8, the kept lesions),
-   ``lesions.nii.gz`` (int32 instance ids), ``lesions.json`` and ``lesions.csv`` on the input grid.
+   blending by default) and the post-processing chain: softmax, lesion probability ``softmax(logits)[1]``, inverted
+   back to the FLAIR's native grid and orientation, thresholded at 0.3, 18-connected components of at least 5 mm^3
+   (native mm^3);
+3. :meth:`run` also writes ``probability.nii.gz`` (float32), ``mask.nii.gz`` (uint8, the kept lesions),
+   ``lesions.nii.gz`` (int32 instance ids), ``lesions.json``, ``lesions.csv`` and ``preprocessing.json`` on the
+   FLAIR's native grid.
 
-:func:`evaluate_cases` scores a segmenter on a list of cases (Dice, nDSC, lesion-wise TPR/FDR/FNR/F1 via
-:mod:`msxai.metrics`) and :func:`resolve_cases` turns a cohort folder / ``dataset.json`` / the word ``patient26`` into
-such a list.
+Built without chains (a bare network, in tests), it keeps the FLAIR's grid (:func:`default_preprocessing` without
+orientation and spacing). :func:`evaluate_cases` scores a segmenter on a list of cases (Dice, nDSC, lesion-wise
+TPR/FDR/FNR/F1 via :mod:`msxai.metrics`, on the truth's grid = the FLAIR's) and :func:`resolve_cases` turns a cohort
+folder / ``dataset.json`` / the word ``patient26`` into such a list.
 """
 
 from __future__ import annotations
@@ -41,10 +45,12 @@ OUTPUT_FILES = {
 
 @dataclass
 class SegmentationResult:
-    """Output of one segmentation on the prepared grid.
+    """Output of one segmentation on the FLAIR's native grid.
 
     ``prob``: float32 ``[X, Y, Z]`` lesion probability ``softmax(logits)[1]``; ``labels``: int32 lesion instance ids
     (0 = background); ``table``: one dict per lesion (:func:`msxai.lesions.lesion_table`); ``affine``: voxel-to-world.
+    ``prob_network`` / ``network_affine``: the probability on the network grid (where saliency is computed);
+    ``info``: what the pre-processing did.
     """
 
     prob: np.ndarray
@@ -55,6 +61,8 @@ class SegmentationResult:
     min_volume_mm3: float = MIN_LESION_MM3
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    prob_network: np.ndarray | None = None
+    network_affine: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -64,12 +72,50 @@ class SegmentationResult:
 
 def _require_path(value: Any, what: str, flag: str) -> Path:
     if value is None or str(value).strip() == "":
-        raise InputError(f"no {what} image given: pass {flag} PATH")
+        raise InputError(f"no {what} given: pass {flag} PATH")
     return Path(str(value))
 
 
+def default_preprocessing(orientation: str | None = None, pixdim=None, register: str | bool = "auto",
+                          n4: bool = False, skull: str = "auto", normalization: str = "zscore"):
+    """The pre-processing chain of :mod:`msxai.transforms` as the bundles' ``inference.json`` lists it (there with
+    ``orientation="LAS"`` and ``pixdim=[1, 1, 1]``; ``None`` keeps the FLAIR's grid)."""
+    from monai.transforms import Compose, ConcatItemsd, Orientationd, Spacingd
+
+    from msxai.transforms import AlignT1d, BiasCorrectd, BrainMaskd, LoadSequenced, NormalizeIntensityd
+
+    steps = [LoadSequenced(["flair", "t1"])]
+    if orientation:
+        steps.append(Orientationd("flair", axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pixdim is not None:
+        steps.append(Spacingd("flair", pixdim=pixdim, mode="bilinear"))
+    steps += [AlignT1d("t1", "flair", register=register), BiasCorrectd(["flair", "t1"], enabled=n4),
+              BrainMaskd(["flair", "t1"], skull=skull), NormalizeIntensityd(["flair", "t1"], method=normalization),
+              ConcatItemsd(["flair", "t1"], "image")]
+    return Compose(steps)
+
+
+def default_postprocessing(preprocessing, threshold: float = THRESHOLD, min_volume_mm3: float = MIN_LESION_MM3,
+                           orientation: str = "LAS"):
+    """The post-processing chain as ``inference.json`` lists it: softmax, lesion probability, ``Invertd`` onto the
+    FLAIR's native grid, lesion instances, writers."""
+    from monai.transforms import Activationsd, Compose, InvertibleTransform, Invertd
+
+    from msxai.transforms import LesionInstancesd, LesionProbabilityd, WriteSegmentationd
+
+    geometric = any(isinstance(t, InvertibleTransform) for t in preprocessing.flatten().transforms)
+    return Compose([
+        Activationsd("pred", softmax=True),
+        LesionProbabilityd("pred", "prob"),
+        *([Invertd("prob", transform=preprocessing, orig_keys="flair", nearest_interp=False)] if geometric else []),
+        LesionInstancesd("prob", threshold=threshold, min_volume_mm3=min_volume_mm3, orientation=orientation),
+        WriteSegmentationd(),
+    ])
+
+
 class LesionSegmentation:
-    """FLAIR + T1 -> lesion probability, instances and table with one network and one sliding-window inferer."""
+    """FLAIR + T1 -> lesion probability, instances and table with one network, one sliding-window inferer and the
+    bundle's pre-/post-processing chains."""
 
     def __init__(
         self,
@@ -78,8 +124,10 @@ class LesionSegmentation:
         threshold: float = THRESHOLD,
         min_volume_mm3: float = MIN_LESION_MM3,
         device: str | torch.device = "cpu",
-        register: bool = False,
+        register: str | bool = "auto",
         n4: bool = False,
+        preprocessing=None,
+        postprocessing=None,
     ):
         if not 0.0 <= float(threshold) < 1.0:
             raise InputError(f"threshold must be in [0, 1), got {threshold}")
@@ -90,17 +138,33 @@ class LesionSegmentation:
         self.inferer = inferer
         self.threshold = float(threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
-        self.register = bool(register)
-        self.n4 = bool(n4)
+        self.preprocessing = preprocessing if preprocessing is not None else default_preprocessing(
+            register=register, n4=n4)
+        self.postprocessing = postprocessing if postprocessing is not None else default_postprocessing(
+            self.preprocessing, self.threshold, self.min_volume_mm3)
 
     # ------------------------------------------------------------------ steps
     def prepare(self, flair_path, t1_path):
-        """Load and normalise a FLAIR/T1 pair (:func:`msxai.preprocess.prepare_image`)."""
-        from msxai.preprocess import prepare_image
+        """Run the pre-processing chain on a FLAIR/T1 pair -> :class:`msxai.preprocess.PreparedImage`."""
+        from msxai.preprocess import PreparedImage
+        from msxai.transforms import INFO_KEY, run_chain
 
-        flair = _require_path(flair_path, "FLAIR", "--flair")
-        t1 = _require_path(t1_path, "T1 (MPRAGE)", "--t1")
-        return prepare_image(flair, t1, register=self.register, n4=self.n4)
+        flair = _require_path(flair_path, "FLAIR image", "--flair")
+        t1 = _require_path(t1_path, "T1 (MPRAGE) image", "--t1")
+        d = run_chain(self.preprocessing, {"flair": str(flair), "t1": str(t1)})
+        ref = d["flair"]
+        native = ref.meta.get("original_affine")
+        info = d.get(INFO_KEY, {})
+        return PreparedImage(
+            image=d["image"].detach().cpu().numpy().astype(np.float32),
+            affine=np.asarray(ref.affine, dtype=np.float64),
+            brain_mask=np.asarray(d["brain_mask"], bool),
+            raw=np.asarray(d.get("raw", d["image"].detach().cpu().numpy()), np.float32),
+            native_affine=np.asarray(native, dtype=np.float64) if native is not None else None,
+            native_shape=tuple(info.get("flair", {}).get("shape", ref.shape[1:])),
+            data=d,
+            info=info,
+        )
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return plain_logits(self.network(x))
@@ -117,40 +181,67 @@ class LesionSegmentation:
         return out.float().cpu()
 
     def probability(self, image) -> np.ndarray:
-        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]``."""
+        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]`` on the image's (network) grid."""
         return torch.softmax(self.logits(image), dim=1)[0, 1].numpy().astype(np.float32)
 
     def postprocess(self, prob: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-        """Threshold + 18-connected components >= ``min_volume_mm3`` -> (int32 labels, lesion table)."""
-        from msxai.lesions import lesion_instances, lesion_table
+        """Threshold + 18-connected components >= ``min_volume_mm3`` on the grid of ``prob`` -> (labels, table)."""
+        from msxai.lesions import lesion_table
+        from msxai.transforms import oriented_instances
 
-        labels = lesion_instances(prob, threshold=self.threshold, min_volume_mm3=self.min_volume_mm3, affine=affine)
-        labels = np.asarray(labels, dtype=np.int32)
+        labels = oriented_instances(prob, affine, self.threshold, self.min_volume_mm3)
         return labels, lesion_table(labels, affine, prob=prob)
 
-    def predict(self, prepared) -> SegmentationResult:
-        """Segment a :class:`msxai.preprocess.PreparedImage` (or anything with ``image`` and ``affine``)."""
+    def predict(self, prepared, output_dir=None) -> SegmentationResult:
+        """Segment a :class:`msxai.preprocess.PreparedImage`: inferer, then the post-processing chain (results on
+        the FLAIR's native grid; written to ``output_dir`` when given). Anything else with ``image`` and ``affine``
+        is segmented on its own grid."""
+        from monai.data import MetaTensor
+
+        from msxai.transforms import run_chain
+
         t0 = time.perf_counter()
-        prob = self.probability(prepared.image)
-        labels, table = self.postprocess(prob, prepared.affine)
-        return SegmentationResult(
-            prob=prob,
-            labels=labels,
-            table=table,
-            affine=np.asarray(prepared.affine, dtype=np.float64),
-            threshold=self.threshold,
-            min_volume_mm3=self.min_volume_mm3,
-            seconds=time.perf_counter() - t0,
-        )
+        logits = self.logits(prepared.image)
+        prob_net = torch.softmax(logits, dim=1)[0, 1].numpy().astype(np.float32)
+        data = getattr(prepared, "data", None)
+        if data is None:
+            labels, table = self.postprocess(prob_net, prepared.affine)
+            result = SegmentationResult(prob_net, labels, table, np.asarray(prepared.affine, np.float64),
+                                        self.threshold, self.min_volume_mm3, prob_network=prob_net,
+                                        network_affine=np.asarray(prepared.affine, np.float64))
+        else:
+            d = dict(data)
+            d["pred"] = MetaTensor(logits[0], meta=dict(data["image"].meta))
+            if output_dir is not None:
+                d["output_dir"] = str(output_dir)
+            d = run_chain(self.postprocessing, d)
+            result = segmentation_result(d)
+            result.prob_network, result.network_affine = prob_net, np.asarray(prepared.affine, np.float64)
+            result.info = dict(getattr(prepared, "info", {}) or {})
+            if "files" in d:
+                result.info["files"] = {k: str(v) for k, v in d["files"].items()}
+        result.seconds = time.perf_counter() - t0
+        return result
 
     def segment(self, flair_path, t1_path) -> SegmentationResult:
         return self.predict(self.prepare(flair_path, t1_path))
 
     def run(self, flair_path, t1_path, output_dir) -> dict[str, Path]:
         """Segment and write the outputs into ``output_dir``; returns ``{kind: path}``."""
-        out_dir = _require_path(output_dir, "output folder", "--output_dir")
-        result = self.segment(flair_path, t1_path)
-        return write_result(result, out_dir)
+        out = _require_path(output_dir, "output folder", "--output_dir")
+        result = self.predict(self.prepare(flair_path, t1_path), output_dir=out)
+        return {k: Path(v) for k, v in result.info.get("files", {}).items()} or write_result(result, out)
+
+
+def segmentation_result(d: dict) -> SegmentationResult:
+    """The :class:`SegmentationResult` of a post-processed data dictionary (``prob``, ``labels``, ``table``,
+    ``affine``, ``lesion_rule``)."""
+    rule = d.get("lesion_rule", {})
+    return SegmentationResult(
+        prob=np.asarray(d["prob"], np.float32), labels=np.asarray(d["labels"], np.int32), table=d["table"],
+        affine=np.asarray(d["affine"], np.float64), threshold=float(rule.get("threshold", THRESHOLD)),
+        min_volume_mm3=float(rule.get("min_volume_mm3", MIN_LESION_MM3)),
+    )
 
 
 def write_result(result: SegmentationResult, output_dir: str | Path) -> dict[str, Path]:

@@ -12,7 +12,7 @@ flip is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +229,89 @@ def register_rigid(moving: Volume, fixed: Volume, seed: int = 0, init: str = "wo
     return resample_onto(moving, fixed.affine, fixed.array.shape, transform)
 
 
+def foreground_box_corners(vol: Volume) -> np.ndarray:
+    """World coordinates ``[8, 3]`` of the corners of the bounding box of the head/brain in ``vol`` (voxels above 10 %
+    of its 99th intensity percentile; the whole grid when none is)."""
+    a = np.asarray(vol.array)
+    hi = float(np.percentile(a[a > 0], 99)) if np.any(a > 0) else 0.0
+    idx = np.argwhere(a > 0.1 * hi) if hi > 0 else np.empty((0, 3))
+    lo, up = (idx.min(0), idx.max(0)) if len(idx) else (np.zeros(3), np.array(a.shape) - 1.0)
+    corners = np.array([[x, y, z] for x in (lo[0], up[0]) for y in (lo[1], up[1]) for z in (lo[2], up[2])], float)
+    return corners @ np.asarray(vol.affine)[:3, :3].T + np.asarray(vol.affine)[:3, 3]
+
+
+def rigid_displacement_mm(transform: sitk.Transform, points: np.ndarray) -> float:
+    """The largest distance (mm) a rigid ``transform`` moves any of ``points`` (world coordinates ``[N, 3]``)."""
+    moved = np.array([transform.TransformPoint(tuple(float(c) for c in p)) for p in np.asarray(points)])
+    return float(np.linalg.norm(moved - np.asarray(points), axis=1).max())
+
+
+def binned(vol: Volume, mm: float = 3.0) -> Volume:
+    """``vol`` averaged over bins of about ``mm`` millimetres (SimpleITK ``BinShrink``; the grid's corners keep their
+    place), for fast coarse work on large volumes."""
+    factors = [max(1, int(round(mm / s))) for s in vol.spacing]
+    factors = [f if n // f >= 24 else max(1, n // 24) for f, n in zip(factors, vol.array.shape)]
+    if factors == [1, 1, 1]:
+        return vol
+    small = sitk.BinShrink(to_sitk(np.asarray(vol.array, np.float32), vol.affine), factors)
+    return Volume(from_sitk(small), sitk_affine(small))
+
+
+def misalignment_mm(moving: Volume, fixed: Volume, seed: int = 0) -> float:
+    """How far ``moving`` is from being aligned with ``fixed`` (both in one world frame, any grids): a coarse rigid
+    registration (mutual information on 3 mm binned copies, two pyramid levels) and the largest displacement (mm) it
+    applies to the corners of ``fixed``'s head/brain box. Measured below 1.2 mm for FLAIR/T1 pairs registered by
+    their provider (patient26: 0.7 mm), about 15 mm for a head turned by 3-4 degrees and shifted by 4 mm."""
+    transform = estimate_rigid(binned(moving), binned(fixed), seed=seed, shrink_factors=(2, 1),
+                               smoothing_sigmas_mm=(3.0, 0.0), iterations=200, max_samples=30_000)
+    return rigid_displacement_mm(transform, foreground_box_corners(fixed))
+
+
+REGISTER_MODES = ("auto", "always", "never")
+
+
+def align_onto(moving: Volume, fixed: Volume, register: str | bool = "auto", tolerance_mm: float = 2.0,
+               seed: int = 0) -> tuple[Volume, dict]:
+    """``moving`` (the T1 on its own grid) on ``fixed``'s grid (the FLAIR's network grid): resampled in world
+    coordinates (linear; 0 outside its field of view; an exact copy when both grids are the same), then rigidly
+    registered (:func:`estimate_rigid`, resampled once from ``moving``) when ``register`` is ``"always"``, or when
+    it is ``"auto"`` and :func:`misalignment_mm` exceeds ``tolerance_mm``. Returns the volume and what was done:
+    ``{"resampled", "misalignment_mm", "registered", "residual_mm"}`` (the residual is :func:`misalignment_mm` of the
+    registered volume)."""
+    mode = {True: "always", False: "never"}.get(register, register) if isinstance(register, bool) else str(register)
+    if mode not in REGISTER_MODES:
+        raise InputError(f"register must be one of {REGISTER_MODES} (or true/false), got {register!r}")
+    same = (tuple(moving.array.shape) == tuple(fixed.array.shape)
+            and np.allclose(moving.affine, fixed.affine, atol=1e-6))
+    if same:
+        on_grid = Volume(np.asarray(moving.array, np.float32).copy(), np.asarray(fixed.affine, np.float64))
+    else:
+        on_grid = resample_onto(moving, fixed.affine, fixed.array.shape)
+    info = {"resampled": not same, "misalignment_mm": None, "registered": False, "residual_mm": None}
+    if mode == "never":
+        info["note"] = "registration turned off"
+        return on_grid, info
+    if mode == "auto":
+        if same:  # a T1 written on the FLAIR's own grid was put there by a registration (e.g. the data's provider)
+            info["note"] = "T1 on the FLAIR's grid: taken as aligned (not measured; register='always' forces it)"
+            return on_grid, info
+        try:
+            info["misalignment_mm"] = round(misalignment_mm(on_grid, fixed, seed), 3)
+        except RuntimeError as exc:  # SimpleITK: e.g. too few voxels to sample
+            info["note"] = f"misalignment not measured ({str(exc).strip().splitlines()[-1][:200]}); not registered"
+            return on_grid, info
+        if info["misalignment_mm"] <= tolerance_mm:
+            info["note"] = f"aligned within {tolerance_mm} mm: not registered"
+            return on_grid, info
+    transform = estimate_rigid(moving, fixed, seed=seed)
+    registered = resample_onto(moving, fixed.affine, fixed.array.shape, transform)
+    info.update(registered=True, residual_mm=round(misalignment_mm(registered, fixed, seed), 3),
+                transform={"rotation_deg": [round(float(np.degrees(a)), 3) for a in
+                                            (transform.GetAngleX(), transform.GetAngleY(), transform.GetAngleZ())],
+                           "translation_mm": [round(float(t), 3) for t in transform.GetTranslation()]})
+    return registered, info
+
+
 # --------------------------------------------------------------------------------------------------- resampling
 def resample_to_spacing(vol: Volume, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), order: int = 1) -> Volume:
     """``vol`` on a grid of voxel size ``spacing`` (mm) with the same orientation and the same first-voxel centre.
@@ -260,19 +343,32 @@ def resample_to_spacing(vol: Volume, spacing: tuple[float, float, float] = (1.0,
 class PreparedImage:
     """The network input of one subject.
 
-    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) z-scored over ``brain_mask``; ``raw``: the same before
-    z-scoring (after the optional registration/resampling/N4); ``affine``: the voxel-to-world matrix of the grid
-    (the FLAIR grid, or its 1 mm resampling); ``brain_mask``: bool ``[X, Y, Z]``.
+    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) on the network grid, normalised over ``brain_mask``; ``raw``:
+    the same before normalisation; ``affine``: the network grid's voxel-to-world matrix; ``brain_mask``: bool
+    ``[X, Y, Z]``. From a bundle's pre-processing chain (:mod:`msxai.transforms`) also: ``native_affine`` and
+    ``native_shape`` (the FLAIR's own grid, where outputs go back to), ``data`` (the chain's output dictionary: it
+    holds the transforms that :func:`msxai.transforms.invert_to_native` undoes) and ``info`` (what the chain did).
     """
 
     image: np.ndarray
     affine: np.ndarray
     brain_mask: np.ndarray
     raw: np.ndarray
+    native_affine: np.ndarray | None = None
+    native_shape: tuple[int, int, int] | None = None
+    data: dict | None = None
+    info: dict = field(default_factory=dict)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.brain_mask.shape)
+
+    @property
+    def on_native_grid(self) -> bool:
+        """Whether the network grid is the FLAIR's own grid (a canonical input: nothing to map back)."""
+        if self.native_affine is None:
+            return True
+        return tuple(self.native_shape) == self.shape and np.allclose(self.native_affine, self.affine, atol=1e-6)
 
 
 def prepare_image(

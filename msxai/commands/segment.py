@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(args.threads))
     overrides = {}
     if args.register:
-        overrides["register"] = True
+        overrides["register"] = "always"
     if args.n4:
         overrides["n4"] = True
     bundle = load_bundle(args.bundle, device=args.device, **overrides)
