@@ -164,6 +164,7 @@ class LesionSegmentation:
             native_shape=tuple(info.get("flair", {}).get("shape", ref.shape[1:])),
             data=d,
             info=info,
+            chain=self.preprocessing,
         )
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

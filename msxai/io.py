@@ -144,9 +144,10 @@ def load_dicom_series(folder: str | Path, name: str | None = None) -> Volume:
     return Volume(array, affine)
 
 
-def load_sequence(path: str | Path, name: str | None = None) -> Volume:
+def load_sequence(path: str | Path, name: str | None = None, allow_empty: bool = False) -> Volume:
     """One MR sequence as the bundles take it: a NIfTI file (with its orientation) or a folder holding one DICOM
-    series; refuses 2-D and 4-D images, a missing or degenerate orientation, NaN/inf voxels and empty volumes."""
+    series; refuses 2-D and 4-D images, a missing or degenerate orientation, NaN/inf voxels and (unless
+    ``allow_empty``, e.g. a label without lesions) all-zero volumes."""
     if path is None or str(path).strip() == "":
         raise InputError(f"no {name or 'image'} given")
     p = Path(str(path))
@@ -155,7 +156,8 @@ def load_sequence(path: str | Path, name: str | None = None) -> Volume:
         raise InputError(f"{label}: file not found: {p}")
     vol = load_dicom_series(p, label) if p.is_dir() else load_volume(p, label, require_orientation=True)
     check_finite(vol.array, label)
-    check_not_empty(vol.array, label)
+    if not allow_empty:
+        check_not_empty(vol.array, label)
     return vol
 
 

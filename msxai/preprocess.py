@@ -358,10 +358,36 @@ class PreparedImage:
     native_shape: tuple[int, int, int] | None = None
     data: dict | None = None
     info: dict = field(default_factory=dict)
+    chain: object = None  # the pre-processing Compose whose recorded transforms map results back
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.brain_mask.shape)
+
+    def to_native(self, array: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """A float map on the network grid (``[X, Y, Z]`` or ``[C, X, Y, Z]``) on the FLAIR's native grid: the
+        probability's own inversion (``Invertd`` of the chain's Spacingd and Orientationd, linear; ``nearest`` for
+        labels); a copy when the grids are one."""
+        a = np.asarray(array, dtype=np.float32)
+        if self.on_native_grid:
+            return a.copy()
+        if self.data is not None and self.chain is not None:
+            from msxai.transforms import invert_to_native
+
+            return invert_to_native(a, self.data, self.chain, nearest=nearest)
+        native = [resample_onto(Volume(c, self.affine), self.native_affine, self.native_shape,
+                                order=0 if nearest else 1).array for c in (a[None] if a.ndim == 3 else a)]
+        return native[0] if a.ndim == 3 else np.stack(native)
+
+    def to_network(self, mask: np.ndarray, name: str = "domain") -> np.ndarray:
+        """A bool mask on the FLAIR's native grid (a lesion, an uploaded label, a domain around clicks) carried to
+        the network grid (:func:`msxai.transforms.carry_to_network`, nearest)."""
+        m = np.asarray(mask, bool)
+        if self.on_native_grid:
+            return m.copy()
+        from msxai.transforms import carry_to_network
+
+        return carry_to_network(m, self.native_affine, self.affine, self.shape, name)
 
     @property
     def on_native_grid(self) -> bool:

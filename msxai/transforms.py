@@ -103,9 +103,11 @@ class LoadSequenced(MapTransform):
     images, a missing or degenerate orientation, NaN and empty volumes are refused) as a channel-first float32
     ``MetaTensor`` with its RAS affine. Values that already are images (``MetaTensor``/:class:`Volume`) are kept."""
 
-    def __init__(self, keys: KeysCollection, names: Mapping[str, str] | None = None, allow_missing_keys: bool = False):
+    def __init__(self, keys: KeysCollection, names: Mapping[str, str] | None = None, allow_empty: bool = False,
+                 allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.names = dict(NAMES if names is None else names)
+        self.allow_empty = bool(allow_empty)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         from msxai.io import load_sequence
@@ -123,7 +125,7 @@ class LoadSequenced(MapTransform):
                 if value is None or str(value).strip() == "":
                     flag = {"flair": "--flair", "t1": "--t1"}.get(key, f"--{key}")
                     raise InputError(f"no {name} image given: pass {flag} PATH (a NIfTI file or a DICOM series folder)")
-                vol = load_sequence(value, name)
+                vol = load_sequence(value, name, allow_empty=self.allow_empty)
                 source = "dicom" if Path(str(value)).is_dir() else "nifti"
             d[key] = as_metatensor(vol.array, vol.affine, {"filename_or_obj": str(value) if source != "array" else "",
                                                            "original_affine": vol.affine, "source": source})
@@ -266,6 +268,31 @@ class BiasCorrectd(MapTransform):
             d[k] = with_values(d[k], n4_bias_correct(v.array, spacing=v.spacing))
         _info(d)["n4"] = True
         return d
+
+
+class CropToBraind(MapTransform):
+    """Training: crop ``keys`` (channel-first) to the bounding box of ``mask_key`` grown by ``margin`` voxels,
+    binarise ``label_key`` (``> 0``) and keep only ``keys`` and ``id`` (what the data loader batches)."""
+
+    def __init__(self, keys: KeysCollection = ("image", "label"), mask_key: str = "brain_mask", margin: int = 8,
+                 label_key: str = "label"):
+        super().__init__(keys)
+        self.mask_key, self.margin, self.label_key = mask_key, int(margin), label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        from msxai.training import brain_bbox
+
+        d = dict(data)
+        sl = (slice(None),) + brain_bbox(np.asarray(d[self.mask_key], bool), self.margin)
+        out = {"id": d.get("id", "")}
+        for k in self.key_iterator(d):
+            x = d[k]
+            a = x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+            a = a[sl]
+            if k == self.label_key:
+                a = a[:1] > 0
+            out[k] = np.ascontiguousarray(a, dtype=np.float32)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------- post-processing
