@@ -305,9 +305,11 @@ def evaluate_cases(
     metrics_path: str | Path | None = None,
     predictions_dir: str | Path | None = None,
     progress: bool = True,
+    info: dict | None = None,
 ) -> dict:
     """Dice, nDSC and lesion-wise TPR/FDR/FNR/F1 of ``segmenter`` on ``cases`` (:func:`msxai.metrics.evaluate_case`
-    on the kept lesion instances), aggregated (:func:`msxai.metrics.aggregate`); written to ``metrics_path``."""
+    on the kept lesion instances, on the truth's grid), aggregated (:func:`msxai.metrics.aggregate`), plus ``info``;
+    written to ``metrics_path``."""
     from msxai.io import load_volume
     from msxai.metrics import aggregate, evaluate_case
 
@@ -333,6 +335,7 @@ def evaluate_cases(
     metrics = aggregate(rows)
     metrics["threshold"] = segmenter.threshold
     metrics["min_volume_mm3"] = segmenter.min_volume_mm3
+    metrics.update(info or {})  # e.g. the weights' sha256 (evaluate.json), checked by msxai.metadata
     if metrics_path is not None:
         metrics_path = Path(metrics_path)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)
