@@ -267,6 +267,32 @@ def misalignment_mm(moving: Volume, fixed: Volume, seed: int = 0) -> float:
     return rigid_displacement_mm(transform, foreground_box_corners(fixed))
 
 
+def reindex_onto(moving: Volume, fixed_affine: np.ndarray, fixed_shape) -> Volume | None:
+    """``moving`` on the grid (``fixed_affine``, ``fixed_shape``) without interpolation when every fixed voxel centre
+    is a voxel centre of ``moving`` (the grids differ by an axis reorder/flip and a whole-voxel shift): the values
+    are copied, 0 outside ``moving``. ``None`` when the grids are not related that way (then resample)."""
+    m = np.linalg.inv(np.asarray(moving.affine, np.float64)) @ np.asarray(fixed_affine, np.float64)
+    r, t = np.rint(m[:3, :3]), np.rint(m[:3, 3])
+    if not (np.allclose(m[:3, :3], r, atol=1e-6) and np.allclose(m[:3, 3], t, atol=1e-4)):
+        return None
+    if not (np.all(np.abs(r).sum(0) == 1) and np.all(np.abs(r).sum(1) == 1)):
+        return None
+    src = np.asarray(moving.array)
+    fixed_shape = tuple(int(n) for n in fixed_shape)
+    perm = [int(np.nonzero(r[:, j])[0][0]) for j in range(3)]  # fixed axis j reads moving axis perm[j]
+    src = np.transpose(src, perm)
+    index, valid = [], []
+    for j in range(3):
+        i = perm[j]
+        idx = (r[i, j] * np.arange(fixed_shape[j]) + t[i]).astype(np.int64)
+        ok = (idx >= 0) & (idx < src.shape[j])
+        index.append(idx[ok])
+        valid.append(np.nonzero(ok)[0])
+    out = np.zeros(fixed_shape, np.float32)
+    out[np.ix_(*valid)] = src[np.ix_(*index)]
+    return Volume(out, np.asarray(fixed_affine, np.float64))
+
+
 REGISTER_MODES = ("auto", "always", "never")
 
 
@@ -286,7 +312,8 @@ def align_onto(moving: Volume, fixed: Volume, register: str | bool = "auto", tol
     if same:
         on_grid = Volume(np.asarray(moving.array, np.float32).copy(), np.asarray(fixed.affine, np.float64))
     else:
-        on_grid = resample_onto(moving, fixed.affine, fixed.array.shape)
+        exact = reindex_onto(moving, fixed.affine, fixed.array.shape)
+        on_grid = exact if exact is not None else resample_onto(moving, fixed.affine, fixed.array.shape)
     info = {"resampled": not same, "misalignment_mm": None, "registered": False, "residual_mm": None}
     if mode == "never":
         info["note"] = "registration turned off"
