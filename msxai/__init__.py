@@ -17,4 +17,7 @@ __version__ = "0.1.0"
 # The paper's constants (Spagnolo et al., Sci Rep 2026).
 THRESHOLD = 0.3
 MIN_LESION_MM3 = 5.0
+# The input sequences in channel order ([C, X, Y, Z]: 0 = FLAIR, 1 = MPRAGE/T1): their display names, and the
+# lower-case keys of file and column names (smoothgrad_flair.nii.gz, flair_peak_max, ...).
 SEQUENCES = ("FLAIR", "MPRAGE")
+SEQUENCE_KEYS = tuple(s.lower() for s in SEQUENCES)

@@ -12,13 +12,13 @@ Grad-CAM++ target, a ``named_modules()`` path), ``name``, ``path``, ``device``, 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from msxai.device import resolve_device
 from msxai.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def _parser(bundle_dir: Path, configs: tuple[str, ...], device, overrides: dict 
     if meta.is_file():
         parser.read_meta(str(meta))
     parser["bundle_root"] = str(bundle_dir)
-    if device is not None:
-        parser["device"] = f"$torch.device('{torch.device(device)}')"
+    if device is not None:  # else the config's own: msxai.device.resolve_device() (MSXAI_DEVICE, else auto)
+        parser["device"] = f"$torch.device('{resolve_device(device)}')"
     for key, value in (overrides or {}).items():
         parser[key] = value
     return parser
@@ -223,7 +223,3 @@ def verify_bundle_metadata(bundle_dir: str | Path, schema: str | Path | None = N
     if not schema.is_file():
         raise InputError(f"schema not found: {schema}")
     verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema))
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("MSXAI_CPU") != "1" else "cpu")

@@ -59,6 +59,45 @@ def _new_file_dataset(meta):
     return ds
 
 
+def new_instance(sop_class_uid: str, sop_uid: str):
+    """An empty file dataset of ``sop_class_uid`` (explicit VR little endian, preamble and file meta set) with its
+    SOP Common attributes; shared by the SEG, Parametric Map (:mod:`msxai.dicom_pmap`) and SR (:mod:`msxai.dicom_sr`)
+    writers."""
+    from pydicom.dataset import FileMetaDataset
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class_uid, sop_uid
+    meta.TransferSyntaxUID, meta.ImplementationClassUID = EXPLICIT_VR_LITTLE_ENDIAN, UID_ROOT + "1"
+    ds = _new_file_dataset(meta)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class_uid, sop_uid
+    return ds
+
+
+STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
+                  "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
+                  "FrameOfReferenceUID")
+
+
+def copy_study_attributes(ds, ref) -> None:
+    """Patient, study and frame of reference of the source instance ``ref`` (a derived object joins its study)."""
+    for kw in STUDY_KEYWORDS:
+        setattr(ds, kw, getattr(ref, kw, "") or "")
+    ds.PositionReferenceIndicator = ""
+
+
+def declare_private_scheme(ds) -> None:
+    """Coding Scheme Identification of msxai's private coding scheme (SOP Common), for objects that use it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as Seq
+
+    item = Dataset()
+    item.CodingSchemeDesignator = MSXAI_SCHEME
+    item.CodingSchemeName = "msxai private codes (saliency quantities and bins)"
+    item.CodingSchemeResponsibleOrganization = "msxai"
+    ds.CodingSchemeIdentificationSequence = Seq([item])
+
+
 def stable_uid(*parts: object) -> str:
     """A UID that depends only on ``parts`` (so re-storing the same object overwrites instead of duplicating)."""
     from pydicom.uid import generate_uid
@@ -336,10 +375,8 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, source: Sequence, segments
               content_description: str = ""):
     """A binary DICOM SEG of ``labels`` ``[X, Y, Z]`` (RAS ``affine``) on the frames of the single-frame ``source``
     series. Segments whose value is absent from ``labels`` are left out; at least one must be present."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence as Seq
-
-    import msxai
 
     labels = np.asarray(labels)
     if labels.ndim == 4 and labels.shape[-1] == 1:
@@ -358,28 +395,18 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, source: Sequence, segments
     sop_uid = sop_uid or stable_uid("seg-sop", series_uid)
     now = _dt.datetime.now()
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SEGMENTATION_STORAGE, sop_uid
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = EXPLICIT_VR_LITTLE_ENDIAN, UID_ROOT + "1"
-    ds = _new_file_dataset(meta)
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID, ds.SOPInstanceUID = SEGMENTATION_STORAGE, sop_uid
-    for kw in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID", "StudyDate",
-               "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDescription",
-               "FrameOfReferenceUID"):
-        setattr(ds, kw, getattr(ref, kw, "") or "")
-    ds.PositionReferenceIndicator = ""
+    ds = new_instance(SEGMENTATION_STORAGE, sop_uid)
+    copy_study_attributes(ds, ref)
     ds.Modality = "SEG"
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, int(series_number), 1
     ds.SeriesDescription = series_description[:64]
     ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
     ds.SeriesTime = ds.ContentTime = now.strftime("%H%M%S")
-    ds.Manufacturer, ds.ManufacturerModelName = "msxai", "msxai"
-    ds.DeviceSerialNumber, ds.SoftwareVersions = "0", str(getattr(msxai, "__version__", "0"))
+    set_equipment(ds)
     ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.ContentLabel = content_label.upper()[:16]
     ds.ContentDescription = (content_description or series_description)[:64]
-    ds.ContentCreatorName = "msxai"
+    ds.ContentCreatorName = "msxai^"
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = int(ref.Rows), int(ref.Columns)
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 1, 0, 0
@@ -414,15 +441,7 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, source: Sequence, segments
     d2.DimensionDescriptionLabel = "ImagePositionPatient"
     ds.DimensionIndexSequence = Seq([d1, d2])
 
-    shared = Dataset()
-    po, pm = Dataset(), Dataset()
-    po.ImageOrientationPatient = list(ref.ImageOrientationPatient)
-    pm.PixelSpacing = list(ref.PixelSpacing)
-    pm.SliceThickness = getattr(ref, "SliceThickness", None) or _ds(1.0)
-    if getattr(ref, "SpacingBetweenSlices", None):
-        pm.SpacingBetweenSlices = ref.SpacingBetweenSlices
-    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Seq([po]), Seq([pm])
-    ds.SharedFunctionalGroupsSequence = Seq([shared])
+    ds.SharedFunctionalGroupsSequence = Seq([shared_plane_groups(ref)])
 
     frames, per_frame = [], []
     for n, s in enumerate(present, start=1):
@@ -431,19 +450,9 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, source: Sequence, segments
             if not mask.any():
                 continue
             frames.append(mask)
-            fg = Dataset()
-            der, srci = Dataset(), Dataset()
-            srci.ReferencedSOPClassUID, srci.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
-            srci.PurposeOfReferenceCodeSequence = Seq(
-                [_code(("121322", "DCM", "Source image for image processing operation"))])
-            der.SourceImageSequence = Seq([srci])
-            der.DerivationCodeSequence = Seq([_code(("113076", "DCM", "Segmentation"))])
-            fg.DerivationImageSequence = Seq([der])
-            fc, pp, si = Dataset(), Dataset(), Dataset()
-            fc.DimensionIndexValues = [n, z]
-            pp.ImagePositionPatient = list(src.ImagePositionPatient)
+            fg = source_frame_group(src, ("113076", "DCM", "Segmentation"), [n, z])
+            si = Dataset()
             si.ReferencedSegmentNumber = n
-            fg.FrameContentSequence, fg.PlanePositionSequence = Seq([fc]), Seq([pp])
             fg.SegmentIdentificationSequence = Seq([si])
             per_frame.append(fg)
     ds.PerFrameFunctionalGroupsSequence = Seq(per_frame)
@@ -451,15 +460,67 @@ def write_seg(labels: np.ndarray, affine: np.ndarray, source: Sequence, segments
     bits = np.packbits(np.stack(frames).astype(np.uint8).ravel(), bitorder="little").tobytes()
     ds.PixelData = bits + (b"\0" if len(bits) % 2 else b"")
 
+    ds.ReferencedSeriesSequence = referenced_series_sequence(source)
+    return ds
+
+
+# --------------------------------------------------------------------- shared by the multi-frame derived objects
+def set_equipment(ds) -> None:
+    """General / Enhanced General Equipment of msxai's derived objects (SEG, Parametric Map, SR)."""
+    import msxai
+
+    ds.Manufacturer, ds.ManufacturerModelName = "msxai", "msxai"
+    ds.DeviceSerialNumber, ds.SoftwareVersions = "0", str(getattr(msxai, "__version__", "0"))
+
+
+def shared_plane_groups(ref):
+    """Shared functional group item of frames on the source instance ``ref``'s plane: orientation and pixel
+    measures copied from it."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as Seq
+
+    shared, po, pm = Dataset(), Dataset(), Dataset()
+    po.ImageOrientationPatient = list(ref.ImageOrientationPatient)
+    pm.PixelSpacing = list(ref.PixelSpacing)
+    pm.SliceThickness = getattr(ref, "SliceThickness", None) or _ds(1.0)
+    if getattr(ref, "SpacingBetweenSlices", None):
+        pm.SpacingBetweenSlices = ref.SpacingBetweenSlices
+    shared.PlaneOrientationSequence, shared.PixelMeasuresSequence = Seq([po]), Seq([pm])
+    return shared
+
+
+def source_frame_group(src, derivation: tuple, index_values: Sequence[int]):
+    """Per-frame functional group item of a frame lying on the source instance ``src``: its derivation (the source
+    by UID, ``derivation`` code), its dimension index values and its position (that of ``src``)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as Seq
+
+    fg, der, srci = Dataset(), Dataset(), Dataset()
+    srci.ReferencedSOPClassUID, srci.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
+    srci.PurposeOfReferenceCodeSequence = Seq([_code(("121322", "DCM", "Source image for image processing operation"))])
+    der.SourceImageSequence = Seq([srci])
+    der.DerivationCodeSequence = Seq([_code(derivation)])
+    fg.DerivationImageSequence = Seq([der])
+    fc, pp = Dataset(), Dataset()
+    fc.DimensionIndexValues = [int(v) for v in index_values]
+    pp.ImagePositionPatient = list(src.ImagePositionPatient)
+    fg.FrameContentSequence, fg.PlanePositionSequence = Seq([fc]), Seq([pp])
+    return fg
+
+
+def referenced_series_sequence(source: Sequence):
+    """Common Instance Reference: the source series and every one of its instances."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as Seq
+
     rs, inst = Dataset(), []
-    rs.SeriesInstanceUID = ref.SeriesInstanceUID
+    rs.SeriesInstanceUID = source[0].SeriesInstanceUID
     for src in source:
         r = Dataset()
         r.ReferencedSOPClassUID, r.ReferencedSOPInstanceUID = src.SOPClassUID, src.SOPInstanceUID
         inst.append(r)
     rs.ReferencedInstanceSequence = Seq(inst)
-    ds.ReferencedSeriesSequence = Seq([rs])
-    return ds
+    return Seq([rs])
 
 
 def read_seg_frames(seg) -> np.ndarray:
@@ -476,24 +537,3 @@ def content_hash(*arrays: np.ndarray) -> str:
         h.update(str((a.shape, a.dtype.str)).encode())
         h.update(a.tobytes())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------ DICOMweb proxy paths
-DICOMWEB_RESOURCES = ("studies", "series", "instances")
-
-
-def split_proxy_path(path: str) -> tuple[str, str]:
-    """``"qido/studies/1.2/series"`` -> ``("qido", "studies/1.2/series")`` for MONAI Label's ``/proxy/dicom/...``
-    routes, refusing (:class:`InputError`) anything but a DICOMweb resource under the server's DICOMweb root: dot
-    segments (``..`` would leave the root and reach the PACS's whole REST API with the stack's credentials), empty
-    segments, backslashes, and first segments other than studies/series/instances."""
-    op, rest = "", path
-    for prefix in ("qido/", "wado/", "stow/"):
-        if path.startswith(prefix):
-            op, rest = prefix[:-1], path[len(prefix):]
-            break
-    parts = rest.split("/")
-    if (not rest or "\\" in rest or "%" in rest or any(p in ("", ".", "..") for p in parts[:-1])
-            or parts[-1] in (".", "..") or parts[0] not in DICOMWEB_RESOURCES):
-        raise InputError(f"not a DICOMweb resource path: {path!r} (studies/..., series/... or instances/... only)")
-    return op, rest

@@ -77,7 +77,7 @@ def _require_path(value: Any, what: str, flag: str) -> Path:
 
 
 def default_preprocessing(orientation: str | None = None, pixdim=None, register: str | bool = "auto",
-                          n4: bool = False, skull: str = "auto", normalization: str = "zscore"):
+                          n4: bool = False, skull: str = "auto", normalization: str = "zscore_brain"):
     """The pre-processing chain of :mod:`msxai.transforms` as the bundles' ``inference.json`` lists it (there with
     ``orientation="LAS"`` and ``pixdim=[1, 1, 1]``; ``None`` keeps the FLAIR's grid)."""
     from monai.transforms import Compose, ConcatItemsd, Orientationd, Spacingd
@@ -126,9 +126,13 @@ class LesionSegmentation:
         device: str | torch.device = "cpu",
         register: str | bool = "auto",
         n4: bool = False,
+        normalization: str = "zscore_brain",
+        tta_flips=(),
         preprocessing=None,
         postprocessing=None,
     ):
+        from msxai.normalization import check_normalization
+
         if not 0.0 <= float(threshold) < 1.0:
             raise InputError(f"threshold must be in [0, 1), got {threshold}")
         if float(min_volume_mm3) < 0:
@@ -138,8 +142,12 @@ class LesionSegmentation:
         self.inferer = inferer
         self.threshold = float(threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
+        self.register = register
+        self.n4 = bool(n4)
+        self.normalization = check_normalization(normalization)
+        self.tta_flips = check_tta_flips(tta_flips)
         self.preprocessing = preprocessing if preprocessing is not None else default_preprocessing(
-            register=register, n4=n4)
+            register=register, n4=n4, normalization=self.normalization)
         self.postprocessing = postprocessing if postprocessing is not None else default_postprocessing(
             self.preprocessing, self.threshold, self.min_volume_mm3)
 
@@ -182,8 +190,25 @@ class LesionSegmentation:
         return out.float().cpu()
 
     def probability(self, image) -> np.ndarray:
-        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]`` on the image's (network) grid."""
-        return torch.softmax(self.logits(image), dim=1)[0, 1].numpy().astype(np.float32)
+        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]`` on the image's (network) grid; with
+        ``tta_flips`` the mean of the softmax over the image and its flipped copies (each flipped back), one
+        sliding-window pass each."""
+        prob = torch.softmax(self.logits(image), dim=1)[0, 1]
+        if self.tta_flips:
+            x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
+            for axes in self.tta_flips:
+                dims = [a + 1 for a in axes]  # spatial axes of the [2, X, Y, Z] image
+                p = torch.softmax(self.logits(torch.flip(x, dims)), dim=1)[0, 1]
+                prob = prob + torch.flip(p, [a for a in axes])
+            prob = prob / (1 + len(self.tta_flips))
+        return prob.numpy().astype(np.float32)
+
+    def network_pred(self, prepared) -> torch.Tensor:
+        """The post-processing chain's ``pred`` ``[2, X, Y, Z]`` on the network grid: the logits; with ``tta_flips``
+        the log of the averaged class probabilities ``(1 - p, p)`` (logits whose softmax is that average)."""
+        if not self.tta_flips:
+            return self.logits(prepared.image)[0]
+        return probability_logits(self.probability(prepared.image))
 
     def postprocess(self, prob: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[dict]]:
         """Threshold + 18-connected components >= ``min_volume_mm3`` on the grid of ``prob`` -> (labels, table)."""
@@ -202,8 +227,8 @@ class LesionSegmentation:
         from msxai.transforms import run_chain
 
         t0 = time.perf_counter()
-        logits = self.logits(prepared.image)
-        prob_net = torch.softmax(logits, dim=1)[0, 1].numpy().astype(np.float32)
+        pred = self.network_pred(prepared)
+        prob_net = torch.softmax(pred, dim=0)[1].numpy().astype(np.float32)
         data = getattr(prepared, "data", None)
         if data is None:
             labels, table = self.postprocess(prob_net, prepared.affine)
@@ -212,7 +237,7 @@ class LesionSegmentation:
                                         network_affine=np.asarray(prepared.affine, np.float64))
         else:
             d = dict(data)
-            d["pred"] = MetaTensor(logits[0], meta=dict(data["image"].meta))
+            d["pred"] = MetaTensor(pred, meta=dict(data["image"].meta))
             if output_dir is not None:
                 d["output_dir"] = str(output_dir)
             d = run_chain(self.postprocessing, d)
@@ -234,6 +259,13 @@ class LesionSegmentation:
         return {k: Path(v) for k, v in result.info.get("files", {}).items()} or write_result(result, out)
 
 
+def probability_logits(prob: np.ndarray) -> torch.Tensor:
+    """``[2, X, Y, Z]`` logits ``(log(1 - p), log p)`` whose softmax gives back the lesion probability ``p``."""
+    p = torch.as_tensor(np.asarray(prob, dtype=np.float32))
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.log(torch.stack([1.0 - p, p]).clamp_min(tiny))
+
+
 def segmentation_result(d: dict) -> SegmentationResult:
     """The :class:`SegmentationResult` of a post-processed data dictionary (``prob``, ``labels``, ``table``,
     ``affine``, ``lesion_rule``)."""
@@ -243,6 +275,56 @@ def segmentation_result(d: dict) -> SegmentationResult:
         affine=np.asarray(d["affine"], np.float64), threshold=float(rule.get("threshold", THRESHOLD)),
         min_volume_mm3=float(rule.get("min_volume_mm3", MIN_LESION_MM3)),
     )
+
+
+def check_tta_flips(tta_flips) -> tuple[tuple[int, ...], ...]:
+    """Flip test-time augmentation of a bundle (``tta_flips`` in ``inference.json``): a list of spatial-axis lists,
+    each one extra pass on the image flipped along those axes (``[[0]]`` = left-right at 1 mm MNI/RAS-like grids);
+    ``[]`` = none."""
+    out = []
+    for axes in tta_flips or ():
+        if isinstance(axes, (int, np.integer)):
+            axes = [axes]
+        try:
+            t = tuple(sorted({int(a) for a in axes}))
+        except (TypeError, ValueError):
+            raise InputError(f"tta_flips: each entry must be a list of spatial axes 0-2, got {axes!r}") from None
+        if not t or any(a not in (0, 1, 2) for a in t):
+            raise InputError(f"tta_flips: each entry must be a non-empty list of spatial axes 0-2, got {axes!r}")
+        out.append(t)
+    return tuple(out)
+
+
+class EnsembleSegmentation(LesionSegmentation):
+    """Mean lesion probability of several :class:`LesionSegmentation` members (e.g. the three bundles), then the
+    same post-processing (back to the FLAIR's native grid, threshold and lesion rule). The input is prepared once,
+    with the first member's pre-processing chain; a member whose normalisation differs gets the prepared raw image
+    normalised its way."""
+
+    def __init__(self, members, threshold: float = THRESHOLD, min_volume_mm3: float = MIN_LESION_MM3):
+        members = list(members)
+        if not members:
+            raise InputError("ensemble: no member segmenters")
+        first = members[0]
+        super().__init__(first.network, first.inferer, threshold, min_volume_mm3, first.device, first.register,
+                         first.n4, first.normalization, (), preprocessing=first.preprocessing,
+                         postprocessing=first.postprocessing)
+        self.members = members
+
+    def network_pred(self, prepared) -> torch.Tensor:
+        from msxai.normalization import normalize
+
+        prob = np.zeros(prepared.shape, dtype=np.float64)
+        for m in self.members:
+            image = prepared.image if m.normalization == self.normalization else normalize(
+                prepared.raw, prepared.brain_mask, m.normalization)
+            prob += m.probability(image)
+        return probability_logits((prob / len(self.members)).astype(np.float32))
+
+    def predict(self, prepared, output_dir=None) -> SegmentationResult:
+        result = super().predict(prepared, output_dir)
+        result.info["ensemble"] = len(self.members)
+        return result
 
 
 def write_result(result: SegmentationResult, output_dir: str | Path) -> dict[str, Path]:

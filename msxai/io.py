@@ -1,4 +1,5 @@
-"""NIfTI input/output and FLAIR/T1 pair loading with the checks every entry point shares.
+"""NIfTI input/output and FLAIR/T1 pair loading with the checks every entry point shares; the one file hasher
+(:func:`file_sha256`) and the one numpy-to-JSON conversion (:func:`json_default`, :func:`to_jsonable`).
 
 Arrays are kept in the NIfTI's own voxel order (i, j, k) = nibabel's ``get_fdata()`` order, so a saved map
 lies on the input grid with the input affine.
@@ -6,6 +7,9 @@ lies on the input grid with the input affine.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +224,41 @@ def load_pair(flair_path: str | Path, t1_path: str | Path) -> tuple[np.ndarray, 
         check_not_empty(vol.array, name)
     check_same_grid(flair, t1)
     return np.stack([flair.array, t1.array]).astype(np.float32), flair.affine
+
+
+# ------------------------------------------------------------------------------------------------ files and JSON
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks; remembered per resolved path, size and modification time
+    (in ns), so weights are read once per process, and read again as soon as they change."""
+    p = Path(path).resolve()
+    st = os.stat(p)
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def json_default(o):
+    """``json.dumps(..., default=json_default)``: numpy scalars -> Python numbers, arrays -> lists, paths -> str."""
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def to_jsonable(obj):
+    """Deep-convert numpy scalars/arrays and paths so ``json.dumps`` accepts ``obj``."""
+    return json.loads(json.dumps(obj, default=json_default))
 
 
 def fov_coverage(affine_a: np.ndarray, shape_a, affine_b: np.ndarray, shape_b, max_points: int = 200_000) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 STRUCTURE_18 = ndimage.generate_binary_structure(3, 2)
 TN_SPHERE_MM3 = 93.0
 VOLUME_RTOL = 1e-9  # a component whose volume is within this relative distance below the minimum is kept
+DISTANCE_TOL_MM = 1e-6  # distances within this of a ring's or ball's edge count as on the edge
 
 
 def connectivity_structure(connectivity: int = 18) -> np.ndarray:
@@ -219,6 +221,67 @@ def lesion_domain(labels: np.ndarray, lesion_id: int) -> np.ndarray:
     if lid == 0 or lid != lesion_id or not domain.any():
         raise UnknownLesionError(f"unknown lesion id {lesion_id!r}; valid ids: {_ids_text(lesion_ids(labels))}")
     return domain
+
+
+def parse_lesion_ids(value) -> list[int] | str:
+    """Which lesions to explain, as the CLI (``--lesion-id``) and the app (``lesion``) take it: ``"all"`` (any case)
+    -> ``"all"``; an id (``3``, ``"3"``) or several (``[1, 3]``, ``"1,3"``, ``"1 3"``) -> the ids, integers >= 1 in
+    the order given, repeats dropped. Anything else raises :class:`InputError` naming the value."""
+    if isinstance(value, str):
+        v = value.strip()
+        if v.lower() == "all":
+            return "all"
+        parts = [p for p in re.split(r"[,\s]+", v) if p]
+        if not parts:
+            raise InputError("lesion must be an id, a list of ids or 'all', got an empty string")
+        value = parts
+    if isinstance(value, (int, float, np.integer)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise InputError(f"lesion must be an id, a list of ids or 'all', got {value!r}")
+    ids: list[int] = []
+    for v in value:
+        try:
+            f = float(v) if not isinstance(v, bool) else math.nan
+        except (TypeError, ValueError):
+            f = math.nan
+        if not math.isfinite(f) or f != int(f) or not 1 <= f <= 2**31 - 1:
+            raise InputError(f"lesion must be an id (integer >= 1), a list of ids or 'all', got {v!r}")
+        if int(f) not in ids:
+            ids.append(int(f))
+    return ids
+
+
+def check_domain(domain, name: str = "domain") -> np.ndarray:
+    """``domain`` as a bool 3-D mask; InputError when it is not 3-D, EmptyDomainError when it holds no voxel."""
+    m = np.asarray(domain).astype(bool)
+    if m.ndim != 3:
+        raise InputError(f"{name}: expected a 3-D mask, got shape {m.shape}")
+    if not m.any():
+        raise EmptyDomainError(f"{name}: the mask is empty")
+    return m
+
+
+def distance_mm(domain: np.ndarray, affine=None) -> np.ndarray:
+    """Per voxel, the distance in mm from its centre to the centre of the nearest voxel of ``domain`` (0 inside):
+    Euclidean through the voxel size of ``affine`` (1 mm isotropic when None), so anisotropic grids are handled."""
+    m = check_domain(domain)
+    spacing = (1.0, 1.0, 1.0) if affine is None else voxel_spacing(affine)
+    return ndimage.distance_transform_edt(~m, sampling=spacing).astype(np.float64)
+
+
+def ring_mask(domain: np.ndarray, affine=None, inner_mm: float = 0.0, outer_mm: float = 3.0,
+              distance: np.ndarray | None = None) -> np.ndarray:
+    """The ring around the lesion domain Ω: voxels outside ``domain`` whose distance to it lies in
+    ``(inner_mm, outer_mm]`` (``inner_mm = 0``: the ring touching Ω).
+
+    Both edges allow :data:`DISTANCE_TOL_MM`: a voxel exactly ``r`` mm away (2 voxels at 1 mm) is at ``r`` even when
+    the voxel size read from a float affine is 1.0000001 mm, so it belongs to ``(.., r]`` and not to ``(r, ..]``.
+    ``distance``: :func:`distance_mm` of ``domain`` when already computed (several rings from one transform)."""
+    if outer_mm <= inner_mm or inner_mm < 0:
+        raise InputError(f"ring: need 0 <= inner < outer, got inner={inner_mm}, outer={outer_mm}")
+    d = distance_mm(domain, affine) if distance is None else np.asarray(distance)
+    return (d > inner_mm + DISTANCE_TOL_MM) & (d <= outer_mm + DISTANCE_TOL_MM)
 
 
 def _world(affine: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ def version_key(version: str) -> tuple[int, int, int]:
 
 
 def weights_sha256(bundle_dir: str | Path) -> str:
-    from msxai.experiments.error_flag import file_sha256
+    from msxai.io import file_sha256
 
     path = Path(bundle_dir) / WEIGHTS
     if not path.is_file():

@@ -109,15 +109,20 @@ def evaluate_case(
     threshold: float = THRESHOLD,
     min_volume_mm3: float = MIN_LESION_MM3,
 ) -> dict:
-    """All metrics of one case.
+    """All metrics of one case, with the conventions of the literature (Shifts, MSSEG, Raina et al. 2023):
 
-    The prediction may be a probability map (thresholded at ``threshold``), a binary mask or an instance map; its
-    lesions are the 18-connected components of at least ``min_volume_mm3`` (:func:`msxai.lesions.prediction_instances`).
-    The truth may be a binary or instance mask (:func:`msxai.lesions.instances_from_mask`).
-    Voxel metrics (``dice``, ``ndsc``) compare the lesion voxels of both sides, i.e. after the same post-processing
-    (components below ``min_volume_mm3`` removed from the prediction *and* the truth), so that a truth compared
-    with itself scores exactly 1 and the voxel and lesion metrics describe the same lesions.
-    """
+    * the prediction may be a probability map (thresholded at ``threshold``), a binary mask or an instance map; its
+      lesions are the 18-connected components of at least ``min_volume_mm3``
+      (:func:`msxai.lesions.prediction_instances`) - what the tool outputs;
+    * voxel metrics (``dice``, ``ndsc``, ``voxels_truth``) compare those kept lesions with the truth **as given**
+      (every non-zero truth voxel, small components included), so a tool is not credited for voxels the
+      annotators marked and it dropped;
+    * lesion-wise metrics (TPR/FDR/FNR/precision/F1) keep the ``min_volume_mm3`` rule on **both** sides: true
+      lesions are the truth's 18-connected components of at least ``min_volume_mm3``
+      (:func:`msxai.lesions.instances_from_mask`).
+
+    A truth compared with itself therefore scores lesion F1 1 and voxel Dice 1 exactly when the truth holds no
+    component below ``min_volume_mm3`` (the prediction side drops them)."""
     pred = np.asarray(pred_labels_or_mask)
     truth = np.asarray(truth)
     if pred.shape != truth.shape:
@@ -126,7 +131,7 @@ def evaluate_case(
         )
     pred_inst = prediction_instances(pred, affine=affine, threshold=threshold, min_volume_mm3=min_volume_mm3)
     truth_inst = instances_from_mask(truth, affine=affine, min_volume_mm3=min_volume_mm3)
-    truth_mask = truth_inst > 0
+    truth_mask = truth_as_given(truth, affine)
     pred_mask = pred_inst > 0
     out = {
         "dice": dice(pred_mask, truth_mask),
@@ -135,6 +140,138 @@ def evaluate_case(
         "voxels_truth": int(truth_mask.sum()),
     }
     out.update(lesion_metrics(pred_inst, truth_inst))
+    return out
+
+
+def truth_as_given(truth: np.ndarray, affine: np.ndarray | None = None) -> np.ndarray:
+    """Bool mask of every truth voxel (no size rule): non-zero voxels of a binary or instance map, ``> 0.5`` of a
+    soft mask (the binarisation of :func:`msxai.lesions.instances_from_mask`)."""
+    return instances_from_mask(truth, affine=affine, min_volume_mm3=0.0) > 0
+
+
+# ---------------------------------------------------------------------------------------------- region scoring
+def _centroids(labels: np.ndarray) -> np.ndarray:
+    """``[n, 3]`` voxel centroids of instances 1..n (n = max label)."""
+    from scipy import ndimage
+
+    n = int(labels.max()) if labels.size else 0
+    if n == 0:
+        return np.zeros((0, 3))
+    return np.asarray(ndimage.center_of_mass(np.ones(labels.shape), labels, np.arange(1, n + 1)), dtype=float)
+
+
+def _in_region(centroids: np.ndarray, region: np.ndarray) -> np.ndarray:
+    idx = np.clip(np.rint(centroids).astype(np.int64), 0, np.array(region.shape) - 1)
+    return region[tuple(idx.T)] if len(idx) else np.zeros(0, bool)
+
+
+def region_units(
+    pred_labels_or_mask: np.ndarray,
+    truth: np.ndarray,
+    region: np.ndarray,
+    affine: np.ndarray | None = None,
+    threshold: float = THRESHOLD,
+    min_volume_mm3: float = MIN_LESION_MM3,
+) -> dict:
+    """The bookkeeping of :func:`evaluate_region`: the case cut into independent *units* for the bootstrap.
+
+    Lesions are found on the whole image (prediction: kept components; truth: components >= ``min_volume_mm3``);
+    a lesion belongs to the region when its centroid (rounded to a voxel) lies in ``region``. Voxel counts are
+    taken inside ``region`` only (prediction: kept lesions; truth: as given). A unit is one 18-connected component
+    of (kept prediction | truth as given); per unit: ``tp``/``fp``/``fn`` voxels in the region, the region's
+    predicted lesions in it (``n_pred``, of which ``tp_lesions`` overlap a true lesion of any size >= the rule)
+    and the region's true lesions in it (``n_truth``, of which ``detected``). Returns ``{"units": [n, 7] int
+    array (columns as :data:`UNIT_COLUMNS`), "n_voxels": voxels in the region}``."""
+    from msxai.lesions import connectivity_structure
+    from scipy import ndimage
+
+    pred = np.asarray(pred_labels_or_mask)
+    truth = np.asarray(truth)
+    region = np.asarray(region).astype(bool)
+    if not (pred.shape == truth.shape == region.shape):
+        raise GeometryError(f"prediction {tuple(pred.shape)}, truth {tuple(truth.shape)} and region "
+                            f"{tuple(region.shape)} must share one grid")
+    if not region.any():
+        raise InputError("region scoring: the region holds no voxel")
+    pred_inst = prediction_instances(pred, affine=affine, threshold=threshold, min_volume_mm3=min_volume_mm3)
+    truth_inst = instances_from_mask(truth, affine=affine, min_volume_mm3=min_volume_mm3)
+    pm, tm = pred_inst > 0, truth_as_given(truth, affine)
+    units, n_units = ndimage.label(pm | tm, connectivity_structure(18))
+    rows = np.zeros((n_units + 1, len(UNIT_COLUMNS)), dtype=np.int64)
+    for col, mask in ((0, pm & tm & region), (1, pm & ~tm & region), (2, ~pm & tm & region)):
+        rows[:, col] = np.bincount(units[mask], minlength=n_units + 1)
+    classes = classify_lesions(pred_inst, truth_inst)
+    tp_set, det_set = set(classes.tp), set(classes.detected)
+    for labels, ids_col, hit_col, hits in ((pred_inst, 3, 4, tp_set), (truth_inst, 5, 6, det_set)):
+        ids, first = np.unique(labels.ravel(), return_index=True)
+        unit_of = dict(zip(ids.tolist(), units.ravel()[first].tolist()))  # a lesion lies in one unit
+        inside = _in_region(_centroids(labels), region)
+        for i in np.arange(1, int(labels.max()) + 1)[inside]:
+            rows[unit_of[int(i)], ids_col] += 1
+            rows[unit_of[int(i)], hit_col] += int(i) in hits
+    rows = rows[1:]
+    keep = rows.sum(1) > 0  # units with nothing in the region are not part of it
+    return {"units": rows[keep], "n_voxels": int(region.sum())}
+
+
+UNIT_COLUMNS = ("tp_voxels", "fp_voxels", "fn_voxels", "n_pred", "tp_lesions", "n_truth", "detected")
+
+
+def metrics_from_units(units: np.ndarray, n_voxels: int, r: float = NDSC_R) -> dict:
+    """Dice, nDSC and lesion-wise metrics from summed unit counts (:func:`region_units`), with the module's
+    empty-case conventions; vectorised over leading axes (``units[..., n, 7]`` -> arrays)."""
+    u = np.asarray(units, dtype=np.float64)
+    tp, fp, fn, n_pred, tp_l, n_truth, det = (u[..., k].sum(-1) for k in range(len(UNIT_COLUMNS)))
+    st, sp = tp + fn, tp + fp
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sp + st == 0, 1.0, 2 * tp / np.maximum(sp + st, 1e-300))
+        k = np.where(n_voxels > st, (1.0 - r) * st / (r * np.maximum(n_voxels - st, 1e-300)), 0.0)
+        nd = np.where(st + sp == 0, 1.0, np.where(st == 0, 0.0, 2 * tp / np.maximum(k * fp + 2 * tp + fn, 1e-300)))
+        tpr = np.where(n_truth > 0, det / np.maximum(n_truth, 1), 1.0)
+        prec = np.where(n_pred > 0, tp_l / np.maximum(n_pred, 1), 1.0)
+        f1 = np.where(prec + tpr > 0, 2 * prec * tpr / np.maximum(prec + tpr, 1e-300), 0.0)
+    return {"dice": d, "ndsc": nd, "TPR": tpr, "precision": prec, "F1": f1, "n_pred": n_pred, "n_truth": n_truth,
+            "tp": tp_l, "detected": det, "voxels_pred": sp, "voxels_truth": st}
+
+
+def evaluate_region(
+    pred_labels_or_mask: np.ndarray,
+    truth: np.ndarray,
+    region: np.ndarray,
+    affine: np.ndarray | None = None,
+    threshold: float = THRESHOLD,
+    min_volume_mm3: float = MIN_LESION_MM3,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict:
+    """Metrics of a prediction restricted to a region of the image (e.g. a held-out hemisphere), with bootstrap
+    confidence intervals.
+
+    The prediction is made on the whole image; lesions are assigned to the region by centroid and voxels are
+    counted inside it (:func:`region_units`); Dice/nDSC treat the region as the image (``N`` = its voxels) and
+    compare kept predicted lesions with the truth as given, lesion-wise metrics use the >= ``min_volume_mm3`` rule
+    on both sides (as :func:`evaluate_case`). CIs: percentile bootstrap over units (connected components of
+    prediction | truth, resampled with replacement, ``n_boot`` times, ``seed``) - a lesion and whatever overlaps it
+    move together. Returns the point metrics, ``ci`` ``{metric: [lo, hi]}``, ``n_units`` and ``n_voxels``."""
+    from msxai.experiments.stats import bootstrap_indices
+
+    bk = region_units(pred_labels_or_mask, truth, region, affine, threshold, min_volume_mm3)
+    units, n_vox = bk["units"], bk["n_voxels"]
+    point = {k: float(v) for k, v in metrics_from_units(units, n_vox).items()}
+    for k in ("n_pred", "n_truth", "tp", "detected", "voxels_pred", "voxels_truth"):
+        point[k] = int(point[k])
+    point["fp"] = point["n_pred"] - point["tp"]
+    point["fn"] = point["n_truth"] - point["detected"]
+    out = {**point, "n_units": int(len(units)), "n_voxels": n_vox, "ci_level": ci, "n_boot": int(n_boot)}
+    if len(units) and n_boot > 0:
+        idx = bootstrap_indices(len(units), n_boot, seed)
+        boot = metrics_from_units(units[idx], n_vox)
+        a = (1.0 - ci) / 2.0
+        out["ci"] = {k: [float(x) for x in np.quantile(boot[k], [a, 1 - a])]
+                     for k in ("dice", "ndsc", "TPR", "precision", "F1")}
+    else:
+        out["ci"] = {}
     return out
 
 

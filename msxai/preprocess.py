@@ -430,8 +430,9 @@ def prepare_image(
     register: bool = False,
     n4: bool = False,
     resample: bool | tuple[float, float, float] = False,
+    normalization: str = "zscore_brain",
 ) -> PreparedImage:
-    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then z-score over the brain.
+    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then normalise over the brain.
 
     * ``register=False``: FLAIR and T1 must share one grid (else :func:`msxai.io.load_pair` raises GeometryError);
       ``register=True``: T1 is rigidly registered (mutual information) and resampled onto the FLAIR grid.
@@ -439,7 +440,12 @@ def prepare_image(
       (FLAIR grid first; T1 is already on it). Without it the output is on the FLAIR grid.
     * ``n4``: N4 bias-field correction of each sequence inside its non-zero voxels.
     * the brain mask is the union of the non-zero voxels of both sequences (skull-stripped input).
+    * ``normalization``: a name of :data:`msxai.normalization.NORMALIZATIONS` (default ``zscore_brain``, the
+      z-score over the brain), checked before anything is loaded.
     """
+    from msxai.normalization import check_normalization, normalize
+
+    normalization = check_normalization(normalization)
     if not register:
         raw, affine = load_pair(flair_path, t1_path)
     else:
@@ -459,4 +465,4 @@ def prepare_image(
         sp = voxel_spacing(affine)
         raw = np.stack([n4_bias_correct(raw[c], spacing=sp) for c in range(raw.shape[0])]).astype(np.float32)
     mask = foreground_mask(raw)
-    return PreparedImage(image=zscore(raw, mask), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)
+    return PreparedImage(image=normalize(raw, mask, normalization), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)

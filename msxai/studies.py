@@ -36,7 +36,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from msxai import SEQUENCE_KEYS, SEQUENCES
+from msxai.device import resolve_device
 from msxai.errors import InputError
+from msxai.io import file_sha256, json_default, to_jsonable
+from msxai.lesions import parse_lesion_ids
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 FLAIR_TOKENS = ("FLAIR",)
@@ -305,13 +309,13 @@ def file_fingerprint(paths: Sequence[str | Path]) -> str:
 
 
 def weights_fingerprint(bundle_path: str | Path) -> str:
-    """Fingerprint of what a bundle's inference depends on: its weights (``models/*``) and
-    ``configs/inference.json`` (training/evaluation configs do not change a segmentation)."""
+    """Fingerprint of what a bundle's inference depends on: the contents (:func:`msxai.io.file_sha256`) of its
+    weights (``models/*``) and ``configs/inference.json`` (training/evaluation configs do not change a segmentation)."""
     root = Path(bundle_path)
     files = sorted(p for p in (root / "models").glob("*") if p.is_file())
     if (root / "configs" / "inference.json").is_file():
         files.append(root / "configs" / "inference.json")
-    return file_fingerprint(files) if files else "none"
+    return hashlib.sha1("".join(file_sha256(f) for f in files).encode()).hexdigest()[:16] if files else "none"
 
 
 # ------------------------------------------------------------------------------------------ segmentation cache
@@ -398,7 +402,7 @@ class SegmentationCache:
                 save_volume(d / "prob_network.nii.gz", entry["prob_network"], entry["network_affine"], dtype=np.float32)
             tmp = d / ".meta.json.tmp"
             tmp.write_text(json.dumps({"fingerprint": fingerprint, "model": model, "table": entry["table"]},
-                                      default=_json_default, indent=1))
+                                      default=json_default, indent=1))
             os.replace(tmp, meta_path)
             self._remember(key, fingerprint, entry)
             return dict(entry, from_cache=None)
@@ -411,21 +415,6 @@ class SegmentationCache:
                 self._mem.pop(next(iter(self._mem)))
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def to_jsonable(obj):
-    """Deep-convert numpy scalars/arrays and paths so ``json.dumps`` accepts ``obj``."""
-    return json.loads(json.dumps(obj, default=_json_default))
-
-
 # ------------------------------------------------------------------------------------------- explain parameters
 MAX_SAMPLES_DEFAULT = 200
 EXPLAIN_DEFAULTS = {
@@ -433,7 +422,6 @@ EXPLAIN_DEFAULTS = {
     "gradcampp": {"lesion": "all", "layer": ""},
 }
 EXPLAIN_METHODS = tuple(EXPLAIN_DEFAULTS)
-SEQUENCE_NAMES = ("FLAIR", "MPRAGE")
 
 
 def _first(v):
@@ -465,31 +453,6 @@ def _as_float(value, name: str, lo: float, hi: float, lo_open: bool = False) -> 
     if not np.isfinite(f) or f > hi or f < lo or (lo_open and f == lo):
         raise InputError(f"{name} must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}")
     return f
-
-
-def parse_lesion_param(value) -> list[int] | str:
-    """``3``, ``"3"``, ``[1, 3]``, ``"1,3"`` -> ids; ``"all"`` -> ``"all"``."""
-    if isinstance(value, str):
-        v = value.strip()
-        if v.lower() == "all":
-            return "all"
-        parts = [p for p in re.split(r"[,\s]+", v) if p]
-        if not parts:
-            raise InputError("lesion must be an id, a list of ids or 'all', got an empty string")
-        value = parts
-    if isinstance(value, (int, float, np.integer)) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value:
-        raise InputError(f"lesion must be an id, a list of ids or 'all', got {value!r}")
-    ids = []
-    for v in value:
-        try:
-            i = _as_int(v, "lesion id", 1, 2**31 - 1)
-        except InputError:
-            raise InputError(f"lesion must be an id (integer >= 1), a list of ids or 'all', got {v!r}") from None
-        if i not in ids:
-            ids.append(i)
-    return ids
 
 
 @dataclass
@@ -558,7 +521,7 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
     sequence = str(_first(d.get("sequence", "FLAIR"))).upper()
     if sequence == "T1":
         sequence = "MPRAGE"
-    if sequence not in SEQUENCE_NAMES:
+    if sequence not in SEQUENCES:
         raise InputError(f"sequence must be FLAIR or MPRAGE (T1), got {d.get('sequence')!r}")
     strong = _as_float(d.get("strong", 0.5), "strong (bin fraction)", 0.0, 1.0, lo_open=True)
     medium = _as_float(d.get("medium", 0.2), "medium (bin fraction)", 0.0, 1.0, lo_open=True)
@@ -578,7 +541,7 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
     lv = d.get("label_value")
     label_value = _as_int(lv, "label_value", 1, 2**31 - 1) if lv not in (None, "") else None
     lesion = d.get("lesion")
-    lesion = parse_lesion_param(lesion) if lesion not in (None, "", []) else None
+    lesion = parse_lesion_ids(lesion) if lesion not in (None, "", []) else None
     lesions_from = str(_first(d.get("lesions_from", "model")) or "model")
     if lesions_from != "model" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", lesions_from):
         raise InputError(f"lesions_from must be 'model' or a datastore label tag (e.g. 'final'), got {lesions_from!r}")
@@ -601,32 +564,6 @@ def _root_message(exc: BaseException) -> str:
             best = e
         e = e.__cause__ or e.__context__
     return str(best) if best is not None else f"{type(exc).__name__}: {exc}"
-
-
-def resolve_device(value) -> str:
-    """``"cpu"``, ``"cuda"``/``"cuda:N"`` or a GPU name as MONAI Label clients list it -> a torch device string;
-    CUDA when available and nothing (or a GPU) is asked for, the CPU otherwise."""
-    import torch
-
-    value = _first(value)
-    cuda = torch.cuda.is_available()
-    if value in (None, ""):
-        return "cuda" if cuda else "cpu"
-    if not isinstance(value, str):
-        raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
-    v = value.strip().lower()
-    if v == "cpu":
-        return "cpu"
-    if re.fullmatch(r"cuda(:\d+)?", v):
-        if not cuda:
-            return "cpu"
-        if ":" in v and int(v.split(":")[1]) >= torch.cuda.device_count():
-            raise InputError(f"device {value!r}: only {torch.cuda.device_count()} CUDA device(s)")
-        return v
-    if cuda:  # a GPU name from monailabel's device_list(), e.g. "NVIDIA H100 80GB HBM3" or "<name>:1"
-        m = re.search(r":(\d+)$", value)
-        return f"cuda:{m.group(1)}" if m else "cuda"
-    raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {value!r}")
 
 
 def _read_label_on_grid(path: str | Path, shape, affine, what: str = "uploaded label") -> np.ndarray:
@@ -746,7 +683,7 @@ class StudyService:
         from msxai.labelmaps import instance_label_names, write_labelmap
 
         pair = self.study(request)
-        device = resolve_device(request.get("device"))
+        device = str(resolve_device(_first(request.get("device"))))
         entry = self.run(self.segmentation, model, pair, device)
         labels, table = entry["labels"], entry["table"]
         mode = str(_first(request.get("label_mode", "auto")) or "auto").lower()
@@ -794,7 +731,7 @@ class StudyService:
         from msxai.lesions import lesion_domain
 
         pair = self.study(request)
-        device = resolve_device(request.get("device"))
+        device = str(resolve_device(_first(request.get("device"))))
         p = parse_explain_params(method, request, self.models, self.max_samples, default_layer="")
         bundle = self.bundle(p.model, device)
         if method == "gradcampp" and not p.layer:
@@ -883,7 +820,7 @@ class StudyService:
         shape, affine, domains, source, maps, summaries, flag_info = self.run(compute)
 
         # one display map: the chosen sequence (SmoothGrad) or the CAM, largest magnitude over the domains
-        ch = SEQUENCE_NAMES.index(p.sequence)
+        ch = SEQUENCES.index(p.sequence)
         display = combine_signed_max([m[ch] if m.ndim == 4 else m for m in maps.values()])
         union = np.zeros(shape, dtype=bool)
         for dm in domains.values():
@@ -901,7 +838,7 @@ class StudyService:
         files = []
         for name, m in maps.items():
             if m.ndim == 4:
-                for c, seq in enumerate(SEQUENCE_NAMES):
+                for c, seq in enumerate(SEQUENCES):
                     save_volume(tmp_dir / f"{name}_{seq}.nii.gz", m[c], affine, dtype=np.float32)
                     files.append(f"{name}_{seq}.nii.gz")
             else:
@@ -1001,7 +938,7 @@ def explain_maps(bundle, prepared, domains: Mapping[str, np.ndarray], p: Explain
     summaries: dict[str, dict] = {}
     for e in explain(bundle, prepared.image, dict(domains), **kwargs):
         if p.method == "smoothgrad":
-            maps[e.name] = np.stack([e.maps["smoothgrad_flair"], e.maps["smoothgrad_mprage"]]).astype(np.float32)
+            maps[e.name] = np.stack([e.maps[f"smoothgrad_{k}"] for k in SEQUENCE_KEYS]).astype(np.float32)
         else:
             maps[e.name] = np.asarray(e.maps["gradcampp"], dtype=np.float32)
         summaries[e.name] = e.summary

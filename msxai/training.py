@@ -1,6 +1,7 @@
 """Pieces the bundles' ``configs/train.json`` assembles into MONAI/ignite engines.
 
 - :func:`cohort_datalist`: a cohort's split as ``[{"id", "flair", "t1", "label"}]`` (``dataset.json`` of ``msxai synth``);
+  :func:`mixed_datalist` appends the subjects of extra cohorts (real tissue, :mod:`msxai.realtissue`);
 - the subjects go through the bundle's own pre-processing chain (the ``preprocessing`` of ``inference.json``, listed
   again at the head of ``train.json``: :mod:`msxai.transforms`), then their label is resampled onto the network grid
   (nearest) and both are cropped to the brain (:class:`msxai.transforms.CropToBraind`, :func:`brain_bbox`);
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import Randomizable
 
 from msxai import THRESHOLD
 from msxai.errors import InputError
@@ -41,6 +43,21 @@ def cohort_datalist(cohort, split: str, limit: int | None = None) -> list[dict]:
     return cases if limit in (None, 0) else cases[: int(limit)]
 
 
+def mixed_datalist(cohort, split: str, extra_cohorts=()) -> list[dict]:
+    """The ``split`` of ``cohort`` followed by the ``train`` split of every cohort in ``extra_cohorts`` (e.g. the
+    real-tissue subjects of :func:`msxai.realtissue.make_realtissue_cohort`); ids are prefixed by their cohort's
+    folder name when the cohorts share one."""
+    cases = cohort_datalist(cohort, split)
+    seen = {c["id"] for c in cases}
+    for extra in extra_cohorts or ():
+        for c in cohort_datalist(extra, "train"):
+            if c["id"] in seen:
+                c = {**c, "id": f"{Path(str(extra)).name}/{c['id']}"}
+            seen.add(c["id"])
+            cases.append(c)
+    return cases
+
+
 def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
     """Bounding box of the non-zero voxels of ``mask`` grown by ``margin`` voxels (clipped to the grid)."""
     idx = np.argwhere(mask)
@@ -49,6 +66,86 @@ def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+class RandSpatialDeformd(Randomizable):
+    """Random rotation, scaling and smooth elastic deformation of a patch in one resampling (a cheap stand-in for
+    MONAI's ``RandAffined`` + ``Rand3DElasticd``, whose dense Gaussian smoothing costs seconds per 64^3 patch on a
+    CPU): output voxel ``v`` (centred coordinates of an ``out_size`` grid) reads the input at
+    ``R S v + u(v)``, where ``R`` rotates by up to ``rotate_deg`` about each axis, ``S = diag(1 + U(-scale, scale))``
+    and ``u`` is a displacement of up to ``elastic_vox`` voxels (standard deviation ``elastic_vox / 2``) drawn on a
+    ``grid`` ^3 control lattice and upsampled trilinearly. Images are interpolated linearly, ``label_keys``
+    by nearest neighbour; outside the input reads 0. With probability ``1 - prob`` (or all ranges 0) the output is
+    the centre crop of ``out_size``. ``out_size`` None keeps the input size. Patches are ``[C, X, Y, Z]``."""
+
+    def __init__(self, keys=("image", "label"), label_keys=("label",), prob: float = 0.5, rotate_deg: float = 15.0,
+                 scale: float = 0.15, elastic_vox: float = 3.0, grid: int = 5, out_size=None):
+        self.keys = tuple(keys)
+        self.label_keys = set(label_keys)
+        self.prob = float(prob)
+        self.rotate_deg, self.scale, self.elastic_vox = float(rotate_deg), float(scale), float(elastic_vox)
+        self.grid = int(grid)
+        self.out_size = None if out_size is None else tuple(int(s) for s in out_size)
+
+    def randomize(self, data=None) -> None:  # draws happen in __call__ (from self.R, seeded by MONAI)
+        pass
+
+    @staticmethod
+    def rotation(angles_rad) -> np.ndarray:
+        ax, ay, az = angles_rad
+        rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+        ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+        rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+        return rz @ ry @ rx
+
+    def source_coordinates(self, in_size, out_size, matrix: np.ndarray, disp: np.ndarray | None) -> torch.Tensor:
+        """``[*out_size, 3]`` input voxel coordinates (x, y, z) read by each output voxel."""
+        axes = [torch.arange(n, dtype=torch.float64) - (n - 1) / 2 for n in out_size]
+        v = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)  # centred output coordinates
+        src = v @ torch.as_tensor(matrix, dtype=torch.float64).T
+        if disp is not None:
+            up = torch.nn.functional.interpolate(torch.as_tensor(disp, dtype=torch.float64)[None], size=out_size,
+                                                 mode="trilinear", align_corners=True)[0]
+            src = src + up.permute(1, 2, 3, 0)
+        return src + torch.tensor([(n - 1) / 2 for n in in_size], dtype=torch.float64)
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        ref = torch.as_tensor(d[self.keys[0]])
+        in_size = tuple(ref.shape[1:])
+        out_size = self.out_size or in_size
+        do = self.R.rand() < self.prob and (self.rotate_deg > 0 or self.scale > 0 or self.elastic_vox > 0)
+        if not do:
+            lo = [(i - o) // 2 for i, o in zip(in_size, out_size)]
+            if any(x < 0 for x in lo):
+                raise InputError(f"RandSpatialDeformd: patch {in_size} is smaller than the output {out_size}")
+            sl = (slice(None),) + tuple(slice(a, a + o) for a, o in zip(lo, out_size))
+            for k in self.keys:
+                d[k] = torch.as_tensor(d[k])[sl]
+            return d
+        angles = np.deg2rad(self.R.uniform(-self.rotate_deg, self.rotate_deg, 3))
+        matrix = self.rotation(angles) @ np.diag(1.0 + self.R.uniform(-self.scale, self.scale, 3))
+        disp = None
+        if self.elastic_vox > 0:
+            disp = self.R.normal(0.0, self.elastic_vox / 2.0, (3,) + (self.grid,) * 3)
+            disp = np.clip(disp, -self.elastic_vox, self.elastic_vox)
+        return self.resample(d, self.source_coordinates(in_size, out_size, matrix, disp))
+
+    def resample(self, data: dict, src: torch.Tensor) -> dict:
+        """Read every key at the input voxel coordinates ``src`` (``[*out, 3]``, x y z): linear for images,
+        nearest for labels, 0 outside."""
+        d = dict(data)
+        in_size = tuple(torch.as_tensor(d[self.keys[0]]).shape[1:])
+        # grid_sample: normalised (align_corners=True) coordinates, last axis ordered (z, y, x) for [N, C, X, Y, Z]
+        norm = src / torch.tensor([(n - 1) / 2 for n in in_size], dtype=torch.float64) - 1
+        grid = norm.flip(-1)[None].float()
+        for k in self.keys:
+            x = torch.as_tensor(d[k])
+            mode = "nearest" if k in self.label_keys else "bilinear"
+            out = torch.nn.functional.grid_sample(x[None].float(), grid, mode=mode, padding_mode="zeros",
+                                                  align_corners=True)[0]
+            d[k] = out.to(x.dtype) if x.is_floating_point() else out.round().to(x.dtype)
+        return d
 
 
 class LesionMaskd:

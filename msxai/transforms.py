@@ -14,7 +14,7 @@ Pre-processing (``docs/inputs.md``)::
     AlignT1d                     the T1 resampled onto the network grid in world coordinates; rigidly registered to
                                  the FLAIR only when a measurement says they are not aligned
     BrainMaskd                   skull present or absent (measured); the brain mask; stripped outside it
-    NormalizeIntensityd          per-sequence normalisation over the brain mask (z-score)
+    NormalizeIntensityd          per-sequence normalisation over the brain mask (msxai.normalization; z-score)
     ConcatItemsd(image)          [2, X, Y, Z] = (FLAIR, T1)
 
 Post-processing (after the bundle's sliding-window inferer wrote ``pred``)::
@@ -214,30 +214,21 @@ class BrainMaskd(MapTransform):
         return d
 
 
-NORMALIZATIONS = ("zscore",)
-
-
-def normalize(image: np.ndarray, mask: np.ndarray, method: str = "zscore") -> np.ndarray:
-    """Per-sequence intensity normalisation of ``image`` ``[C, X, Y, Z]`` over ``mask`` (0 outside)."""
-    from msxai.preprocess import zscore
-
-    if method == "zscore":
-        return zscore(image, mask)
-    raise InputError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
-
-
 class NormalizeIntensityd(MapTransform):
-    """Normalise each key over ``mask_key`` with :func:`normalize` (``method``, default the z-score the networks were
-    trained with); the values before it are kept in ``raw_key`` (``[C, X, Y, Z]`` float32 numpy)."""
+    """Normalise each key over ``mask_key`` with :func:`msxai.normalization.normalize` (``method``: the bundle's
+    ``normalization``, the one its network was trained with); the values before it are kept in ``raw_key``
+    (``[C, X, Y, Z]`` float32 numpy)."""
 
-    def __init__(self, keys: KeysCollection = ("flair", "t1"), mask_key: str = "brain_mask", method: str = "zscore",
-                 raw_key: str | None = "raw"):
+    def __init__(self, keys: KeysCollection = ("flair", "t1"), mask_key: str = "brain_mask",
+                 method: str = "zscore_brain", raw_key: str | None = "raw"):
+        from msxai.normalization import check_normalization
+
         super().__init__(keys)
-        if method not in NORMALIZATIONS:
-            raise InputError(f"normalization must be one of {NORMALIZATIONS}, got {method!r}")
-        self.mask_key, self.method, self.raw_key = mask_key, method, raw_key
+        self.mask_key, self.method, self.raw_key = mask_key, check_normalization(method), raw_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        from msxai.normalization import normalize
+
         d = dict(data)
         keys = list(self.key_iterator(d))
         raw = np.stack([as_volume(d[k]).array for k in keys]).astype(np.float32)

@@ -22,9 +22,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from msxai.loopback import free_port
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "apps" / "msxai"))  # the app's deploy package
+
+from deploy.loopback import free_port  # noqa: E402
 
 
 def start_server(studies: Path, models: str, log: Path):

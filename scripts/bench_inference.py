@@ -10,6 +10,12 @@ Input: the real patient (``<repo>/../shared/data/open_ms_data/patient26``, 182x2
 
     .venv/bin/python scripts/bench_inference.py                       # all three bundles, 1 thread
     .venv/bin/python scripts/bench_inference.py --bundles msxai_unet --threads 2 --json runs/bench.json
+    .venv/bin/python scripts/bench_inference.py --bundles msxai_unet --tta-flips '[[0]]'   # flip TTA cost
+    .venv/bin/python scripts/bench_inference.py --bundles msxai_unet ensemble               # ensemble cost
+
+``ensemble`` is the mean probability of the three bundles (``msxai segment --ensemble``); ``--tta-flips`` overrides
+the ``tta_flips`` key of every bundle's inference.json (one extra sliding-window pass per entry). Compare rows of
+one run (same load) for the cost ratios.
 """
 
 from __future__ import annotations
@@ -35,7 +41,23 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     from msxai.bundle import load_bundle
 
-    bundle = load_bundle(REPO / "bundles" / args.child, device=args.device)
+    overrides = {"tta_flips": json.loads(args.tta_flips)} if args.tta_flips else {}
+    if args.child == "ensemble":
+        from msxai.bundle import BUNDLE_NAMES
+        from msxai.inference import EnsembleSegmentation
+
+        members = [load_bundle(REPO / "bundles" / n, device=args.device, **overrides) for n in BUNDLE_NAMES]
+        ens = EnsembleSegmentation([m.segmenter for m in members])
+
+        class _Ensemble:  # the two Bundle methods used below
+            device = ens.device
+            network = torch.nn.ModuleList([m.network for m in members])
+            prepare = staticmethod(ens.prepare)
+            segment = staticmethod(ens.predict)
+
+        bundle = _Ensemble()
+    else:
+        bundle = load_bundle(REPO / "bundles" / args.child, device=args.device, **overrides)
     if args.flair and args.t1:
         prepared = bundle.prepare(args.flair, args.t1)
         source = Path(args.flair).name
@@ -64,6 +86,7 @@ def child(args) -> dict:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     return {
         "bundle": args.child,
+        "tta_flips": json.loads(args.tta_flips) if args.tta_flips else [],
         "input": source,
         "shape": list(prepared.image.shape[1:]),
         "threads": args.threads,
@@ -86,6 +109,7 @@ def main() -> int:
     p.add_argument("--t1")
     p.add_argument("--shape", type=int, nargs=3, default=(182, 218, 182))
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--tta-flips", default=None, help="JSON list of flip-axis lists for every bundle, e.g. '[[0]]'")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -97,6 +121,8 @@ def main() -> int:
                "--repeat", str(args.repeat), "--shape", *map(str, args.shape)]
         if args.flair and args.t1:
             cmd += ["--flair", args.flair, "--t1", args.t1]
+        if args.tta_flips:
+            cmd += ["--tta-flips", args.tta_flips]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH ")]
@@ -108,9 +134,10 @@ def main() -> int:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg()[0], "cpus": os.cpu_count()}, indent=2))
     load = os.getloadavg()[0]
-    print(f"{'bundle':<18} {'input':<12} {'shape':<15} {'threads':>7} {'s/volume':>9} {'peak MB':>8} {'params':>10}")
+    print(f"{'bundle':<18} {'tta':<10} {'input':<12} {'shape':<15} {'threads':>7} {'s/volume':>9} {'peak MB':>8} "
+          f"{'params':>10}")
     for r in rows:
-        print(f"{r['bundle']:<18} {r['input']:<12} {'x'.join(map(str, r['shape'])):<15} {r['threads']:>7} "
+        print(f"{r['bundle']:<18} {json.dumps(r['tta_flips']):<10} {r['input']:<12} {'x'.join(map(str, r['shape'])):<15} {r['threads']:>7} "
               f"{r['seconds']:>9.1f} {r['peak_rss_mb']:>8.0f} {r['parameters']:>10,}")
     print(f"(load average at the end: {load:.1f} on {os.cpu_count()} CPUs; peak = resident set of the child process)")
     if args.json:

@@ -11,4 +11,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec .venv/bin/python -m msxai.ohif_stack "$@"
+export PYTHONPATH="$PWD/apps/msxai${PYTHONPATH:+:$PYTHONPATH}"   # the app's deploy package
+exec .venv/bin/python -m deploy.ohif_stack "$@"

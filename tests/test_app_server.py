@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from msxai.loopback import free_port
+from deploy.loopback import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "msxai"
@@ -130,7 +130,8 @@ def _error_flag_for_tests(bundle: Path) -> None:
     feats = [{n: float(rng.normal()) for n in SALIENCY_FEATURES} for _ in range(20)]
     ErrorFlagModel.fit(feats, [i % 2 for i in range(20)], SALIENCY_FEATURES, info={
         "weights_sha256": file_sha256(bundle / "models" / "model.pt"), "method": "smoothgrad", "aggregation": "max",
-        "samples": 2, "sigma_fraction": 0.05}).save(bundle / "models" / "error_flag.json")
+        "samples": 2, "sigma_fraction": 0.05, "auc_oof": 0.9, "auc_oof_ci": [0.8, 0.97]}).save(
+        bundle / "models" / "error_flag.json")
 
 
 @pytest.fixture(scope="module")

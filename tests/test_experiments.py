@@ -15,7 +15,7 @@ from test_experiments_helpers import BlobNet, tiny_model, write_cohort
 from msxai.experiments import run_experiments
 from msxai.experiments.cohort import cohort_cases
 from msxai.experiments.error_flag import ErrorFlagModel
-from msxai.experiments.runner import ExperimentConfig
+from msxai.experiments.state import ExperimentConfig
 
 torch.set_num_threads(1)
 K = 2

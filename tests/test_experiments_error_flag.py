@@ -35,7 +35,7 @@ def fitted_flag(sha: str, samples: int = 2, aggregation: str = "max", seed: int 
     y = [i % 2 for i in range(20)]
     return ErrorFlagModel.fit(feats, y, SALIENCY_FEATURES, info={
         "model": "tiny_bundle", "weights_sha256": sha, "method": "smoothgrad", "aggregation": aggregation,
-        "samples": samples, "sigma_fraction": 0.05, "cohort": ["test"], "auc_oof": 0.5})
+        "samples": samples, "sigma_fraction": 0.05, "cohort": ["test"], "auc_oof": 0.9, "auc_oof_ci": [0.8, 0.97]})
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,27 @@ def test_incompatibility_and_loading_rules(tmp_path):
     assert load_bundle_flag(tmp_path).reason.startswith(f"bundle {tmp_path.name} ships no fitted error flag")
     with pytest.raises(InputError, match="not found"):
         load_bundle_flag(tmp_path, tmp_path / "missing.json")
+
+
+def test_a_flag_whose_auc_interval_reaches_half_is_not_validated(tmp_path):
+    """A flag whose cross-validated AUC interval reaches 0.5 (the shipped 0.2.0 flag: 0.25 [0, 0.56]) or that
+    records none is not used for scores: no model, and the reason says "not validated" and why."""
+    (tmp_path / "models").mkdir()
+    f = tmp_path / "models" / "error_flag.json"
+    for ci, expect in (([0.0, 0.5556], "[0.00, 0.56]"), ([0.5, 0.9], "[0.50, 0.90]"), (None, "no cross-validated")):
+        m = fitted_flag("abc")
+        m.info["auc_oof"] = 0.25
+        if ci is None:
+            m.info.pop("auc_oof_ci")
+        else:
+            m.info["auc_oof_ci"] = ci
+        m.save(f)
+        for loaded in (load_bundle_flag(tmp_path), load_bundle_flag(tmp_path, f)):
+            assert loaded.model is None and loaded.reason.startswith("not validated"), loaded.reason
+            assert expect in loaded.reason and loaded.describe()["loaded"] is False
+    m = fitted_flag("abc")
+    m.save(f)
+    assert load_bundle_flag(tmp_path).model is not None  # interval above 0.5: used
 
 
 def test_monai_label_explain_json_carries_the_same_scores(setup, tmp_path):

@@ -17,7 +17,8 @@ from msxai.experiments.error_flag import (
     f1_gain,
 )
 from msxai.experiments.features import region_values, saliency_features
-from msxai.experiments.runner import select_round_robin
+from msxai.experiments.selection import select_round_robin
+from msxai.lesions import distance_mm, ring_mask
 from msxai.metrics import lesion_metrics
 
 ANISO = np.diag([0.8, 1.0, 2.5, 1.0])
@@ -42,15 +43,21 @@ def brute_distance(domain, spacing):
 def test_distance_and_rings_match_brute_force_anisotropic():
     dom = random_domain()
     brute = brute_distance(dom, (0.8, 1.0, 2.5))
-    np.testing.assert_allclose(geo.distance_mm(dom, ANISO), brute, atol=1e-9)
-    ring = geo.ring_mask(dom, ANISO, 1.0, 3.0)
+    np.testing.assert_allclose(distance_mm(dom, ANISO), brute, atol=1e-9)
+    ring = ring_mask(dom, ANISO, 1.0, 3.0)
     np.testing.assert_array_equal(ring, (brute > 1.0 + 1e-6) & (brute <= 3.0 + 1e-6))
     assert not (ring & dom).any()
     np.testing.assert_array_equal(geo.dilate_mm(dom, ANISO, 2.0), brute <= 2.0 + 1e-6)
     with pytest.raises(InputError):
-        geo.ring_mask(dom, ANISO, 3.0, 1.0)
+        ring_mask(dom, ANISO, 3.0, 1.0)
     with pytest.raises(EmptyDomainError):
-        geo.distance_mm(np.zeros((3, 3, 3), bool))
+        distance_mm(np.zeros((3, 3, 3), bool))
+    # experiment 2's ring values are the brute-force ring (0, 3] mm, in raster order
+    maps = np.random.default_rng(1).normal(size=(2, *dom.shape))
+    vals = region_values(maps, dom, ANISO, 3.0)
+    for c, key in enumerate(("flair", "mprage")):
+        np.testing.assert_array_equal(vals[key]["ring"], maps[c][(brute > 1e-6) & (brute <= 3.0 + 1e-6)])
+        np.testing.assert_array_equal(vals[key]["inside"], maps[c][dom])
 
 
 def test_corner_fits_matches_a_loop():
@@ -98,7 +105,7 @@ def test_context_image_and_radii():
     img = rng.normal(size=(2, 8, 8, 8))
     dom = np.zeros((8, 8, 8), bool)
     dom[3:5, 3:5, 3:5] = True
-    d = geo.distance_mm(dom)
+    d = distance_mm(dom)
     bg = np.array([-1.0, -2.0])
     for r in (0.0, 1.0, 2.5):
         out = geo.context_image(img, d, r, bg)
@@ -130,7 +137,7 @@ def test_saliency_features_hand_values():
     maps = np.zeros((2, *shape))
     maps[0][dom] = 0.5
     maps[0, 4, 4, 4] = 2.0
-    maps[0][geo.ring_mask(dom, None, 0, 1.0)] = -0.25
+    maps[0][ring_mask(dom, None, 0, 1.0)] = -0.25
     maps[1][dom] = -0.1
     prob = np.where(dom, 0.8, 0.0)
     f = saliency_features(maps, dom, prob, np.diag([2.0, 1.0, 1.0, 1.0]), ring_mm=1.0)  # 2 mm^3 voxels
@@ -140,7 +147,7 @@ def test_saliency_features_hand_values():
     assert f["mprage_mass_neg"] == pytest.approx(-0.1 * 27 * 2.0)
     assert f["mean_prob"] == pytest.approx(0.8)
     # with 2 mm along x, the 1 mm ring holds the face neighbours along y and z only
-    ring = geo.ring_mask(dom, np.diag([2.0, 1.0, 1.0, 1.0]), 0, 1.0)
+    ring = ring_mask(dom, np.diag([2.0, 1.0, 1.0, 1.0]), 0, 1.0)
     assert f["flair_ring_mean"] == pytest.approx(maps[0][ring].mean())
     vals = region_values(maps, dom, np.diag([2.0, 1.0, 1.0, 1.0]), 1.0)
     assert vals["flair"]["inside"].size == 27 and vals["flair"]["ring"].size == int(ring.sum())
@@ -241,7 +248,8 @@ def test_radiomics_moments_match_scipy_and_exp2_cut():
     from scipy import stats as sps
 
     from msxai.experiments.features import _radiomics
-    from msxai.experiments.runner import ExperimentConfig, exp2_cut
+    from msxai.experiments.bulk import exp2_cut
+    from msxai.experiments.state import ExperimentConfig
 
     v = np.random.default_rng(8).gamma(2.0, size=200) - 1.0
     r = _radiomics(v, "x")
@@ -283,7 +291,7 @@ def test_randomized_model_changes_every_weight_and_keeps_the_original():
 
 
 def test_exp1_pick_large_under_the_cap_and_smallest():
-    from msxai.experiments.runner import exp1_pick
+    from msxai.experiments.selection import exp1_pick
 
     tps = [("a", 1, 50), ("a", 2, 7), ("b", 1, 19), ("b", 2, 300)]
     assert exp1_pick(tps, 20) == [("large", "b", 1), ("small", "a", 2)]
@@ -307,7 +315,7 @@ def test_tn_spheres_as_many_as_fit():
 def test_label_window_counts_match_the_windows_covering_the_box():
     from scipy import ndimage
 
-    from msxai.experiments.runner import label_window_counts
+    from msxai.experiments.selection import label_window_counts
     from msxai.saliency.sliding import SlidingWindowSpec
 
     rng = np.random.default_rng(10)
@@ -327,7 +335,7 @@ def test_label_window_counts_match_the_windows_covering_the_box():
 
 def test_window_count_map_and_domain_costs_match_a_per_voxel_count():
     """Fast path (product of per-axis counts) vs the slow twin (windows covering each single voxel)."""
-    from msxai.experiments.runner import domain_costs, interleave_classes, mask_cost, window_count_map
+    from msxai.experiments.selection import domain_costs, interleave_classes, mask_cost, window_count_map
     from msxai.saliency.sliding import SlidingWindowSpec
 
     for shape, roi in (((20, 17, 9), (8, 8, 8)), ((6, 30, 12), (16, 16, 16))):

@@ -22,7 +22,9 @@ from msxai.lesions import (
     lesion_domain,
     lesion_instances,
     lesion_table,
+    parse_lesion_ids,
     prediction_instances,
+    ring_mask,
     sample_tn_spheres,
     tn_sphere_radius_mm,
     write_lesion_table,
@@ -212,6 +214,31 @@ def brute_force_row(labels, lid, affine, prob=None, truth=None):
         row["class"] = "TP" if ov else "FP"
         row["overlap_voxels"] = ov
     return row
+
+
+def test_ring_edges_allow_float_voxel_sizes():
+    """One voxel at the centre of 7^3: the (0, 2] mm ring holds its 26 neighbours and the 6 voxels 2 voxels away
+    (hand count). With a voxel size of 1 + 1e-9 mm (a float affine) those 6 stay at 2 mm: in (0, 2], not (2, 3]."""
+    dom = np.zeros((7, 7, 7), bool)
+    dom[3, 3, 3] = True
+    for size in (1.0, 1.0 + 1e-9, 1.0 - 1e-9):
+        aff = np.diag([size, size, size, 1.0])
+        assert int(ring_mask(dom, aff, 0.0, 2.0).sum()) == 26 + 6, size
+        outer = ring_mask(dom, aff, 2.0, 3.0)
+        assert not outer[3, 3, 5] and outer[3, 4, 5] and not outer[3, 3, 3], size  # sqrt 5 = 2.24 mm is in (2, 3]
+    with pytest.raises(InputError, match="inner < outer"):
+        ring_mask(dom, None, 2.0, 2.0)
+    with pytest.raises(EmptyDomainError):
+        ring_mask(np.zeros((3, 3, 3), bool))
+
+
+def test_parse_lesion_ids_cli_and_request_forms():
+    assert parse_lesion_ids(" ALL ") == "all"
+    assert parse_lesion_ids("1 3") == parse_lesion_ids("1,3") == parse_lesion_ids([1, "3"]) == [1, 3]
+    assert parse_lesion_ids(np.int64(4)) == parse_lesion_ids(4.0) == [4]
+    for bad in ("0", "two", "1.5", "", [], [True], "1;2", None):
+        with pytest.raises(InputError, match="lesion must be"):
+            parse_lesion_ids(bad)
 
 
 def test_lesion_table_hand_built_and_twin(tmp_path):

@@ -1,5 +1,5 @@
-"""msxai.loopback (a server in its own network namespace, reachable only through a 127.0.0.1 relay) and the parts of
-msxai.ohif_stack that need no Orthanc: its configuration and the listening-socket census."""
+"""deploy.loopback (a server in its own network namespace, reachable only through a 127.0.0.1 relay) and the parts of
+deploy.ohif_stack that need no Orthanc: its configuration and the listening-socket census."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
-from msxai.loopback import free_port, netns_available, netns_command
-from msxai.ohif_stack import StackConfig, listening_sockets, orthanc_config, port_free
+from deploy.loopback import free_port, netns_available, netns_command
+from deploy.ohif_stack import StackConfig, listening_sockets, orthanc_config, port_free
 
+APP_DIR = Path(__file__).resolve().parents[1] / "apps" / "msxai"
 _ok, _reason = netns_available()
 
 
@@ -48,8 +50,9 @@ def test_server_in_netns_reachable_only_through_loopback_relay(tmp_path):
             assert time.time() < deadline
             time.sleep(0.1)
         assert port_free(port), "the namespaced server must not occupy the host's port"
-        relay = subprocess.Popen([sys.executable, "-m", "msxai.loopback", "--listen", str(port), "--netns-pid",
-                                  str(srv.pid), "--target", str(port)], start_new_session=True)
+        relay = subprocess.Popen([sys.executable, "-m", "deploy.loopback", "--listen", str(port), "--netns-pid",
+                                  str(srv.pid), "--target", str(port)], start_new_session=True,
+                                 cwd=str(APP_DIR))  # python -m deploy.loopback: the app's package
         deadline = time.time() + 20
         while True:
             try:
@@ -76,7 +79,7 @@ def test_server_in_netns_reachable_only_through_loopback_relay(tmp_path):
 
 
 def test_relay_refuses_non_loopback():
-    from msxai.loopback import serve_relay
+    from deploy.loopback import serve_relay
 
     with pytest.raises(ValueError, match="loopback only"):
         serve_relay(1, os.getpid(), 1, listen_host="0.0.0.0")

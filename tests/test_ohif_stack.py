@@ -2,7 +2,7 @@
 study, the msxai MONAI Label app on Orthanc's DICOMweb, results written back as DICOM SEG, and OHIF (served by the
 app at /ohif/) driven in headless Chromium.
 
-Started once per module with ``msxai.ohif_stack.up`` (what ``scripts/ohif_stack.sh up`` runs) on free ports, with a
+Started once per module with ``deploy.ohif_stack.up`` (what ``scripts/ohif_stack.sh up`` runs) on free ports, with a
 synthetic subject of 91x109x91 voxels (``msxai synth --n 1 --seed 7 --voxel-size 2``, declared 1 mm) and a snapshot of
 the U-Net bundle.
 
@@ -27,8 +27,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from msxai.loopback import free_port, netns_available
-from msxai.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
+from deploy.loopback import free_port, netns_available
+from deploy.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
     missing_requirements, start_server, up
 
 BUNDLE = REPO_ROOT / "bundles" / "msxai_unet"
@@ -312,16 +312,12 @@ def test_four_paths_one_chain(stack, segmentation, tmp_path):
                            "--output_dir", str(tmp_path / "monai")], capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    sys.path.insert(0, str(REPO_ROOT / "apps" / "msxai"))
-    try:
-        from lib.infers import SegmentationTask
+    from lib.infers import SegmentationTask  # the app's task (apps/msxai on sys.path: tests/conftest.py)
 
-        from msxai.studies import StudyService
+    from msxai.studies import StudyService
 
-        task = SegmentationTask(StudyService(studies, {"unet": bundle}), "unet")
-        label_file, res = task({"image": str(flair), "image_id": "re_FLAIR", "label_mode": "instances"})
-    finally:
-        sys.path.remove(str(REPO_ROOT / "apps" / "msxai"))
+    task = SegmentationTask(StudyService(studies, {"unet": bundle}), "unet")
+    label_file, res = task({"image": str(flair), "image_id": "re_FLAIR", "label_mode": "instances"})
     results = {"msxai segment": tmp_path / "cli" / "lesions.nii.gz", "monai.bundle run": tmp_path / "monai" /
                "lesions.nii.gz", "MONAI Label task": Path(label_file), "DICOMweb": tmp_path / "dicomweb.nii.gz"}
     arrays = {k: (np.asarray(nib.load(str(p)).dataobj).astype(np.int32), nib.load(str(p)).affine)
@@ -412,7 +408,7 @@ def test_final_label_saved_as_seg(stack, dw, segmentation):
 def test_bad_input_over_dicomweb(stack, dw):
     """Unknown series 404, a FLAIR without a T1 series in its study 422 with the reason; the server keeps serving."""
     from msxai.dicom import StudyInfo, volume_to_mr_series
-    from msxai.ohif_stack import store_datasets
+    from deploy.ohif_stack import store_datasets
 
     cfg, state = stack
     code, res = _infer(cfg, "segmentation_unet", "1.2.3.4.5.6", {})

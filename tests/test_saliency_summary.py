@@ -53,6 +53,19 @@ def test_summary_matches_brute_force(spacing):
     assert rows[0]["ring_0_1.5mm_voxels"] == int(bands[0].sum())
 
 
+def test_summary_rings_with_a_float_rounded_voxel_size():
+    """A 1 mm grid whose affine gives 1.0000001 mm voxels: the voxels 2 voxels from a 1-voxel domain stay in the
+    (0, 2] ring (as in the 1 mm test below), as msxai.lesions.ring_mask and the experiments count them."""
+    dom = np.zeros((7, 7, 7), bool)
+    dom[3, 3, 3] = True
+    for size in (1.0, 1.0 + 1e-7):
+        s = lesion_summary({"gradcampp": np.ones((7, 7, 7))}, dom, affine=np.diag([size, size, size, 1.0]),
+                           ring_mm=(0, 2, 3))
+        rings = s["maps"]["gradcampp"]["rings"]
+        # (2, 3] mm: offsets (0,1,2) sqrt 5: 24, (1,1,2) sqrt 6: 24, (0,2,2) sqrt 8: 12, (0,0,3) and (1,2,2) 3 mm: 6 + 24
+        assert [r["voxels"] for r in rings] == [26 + 6, 24 + 24 + 12 + 6 + 24], size
+
+
 def test_summary_inputs():
     dom = np.zeros((5, 5, 5), bool)
     dom[2, 2, 2] = True

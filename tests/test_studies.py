@@ -158,18 +158,19 @@ def test_segmentation_cache_memory_disk_and_invalidation(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ request parameters
-from msxai.studies import parse_explain_params, parse_lesion_param, resolve_device  # noqa: E402
+from msxai.lesions import parse_lesion_ids  # noqa: E402
+from msxai.studies import parse_explain_params  # noqa: E402
 
 
-def test_parse_lesion_param():
-    assert parse_lesion_param("all") == "all"
-    assert parse_lesion_param(3) == [3]
-    assert parse_lesion_param("3") == [3]
-    assert parse_lesion_param("1, 3,3") == [1, 3]
-    assert parse_lesion_param([2, "4"]) == [2, 4]
+def test_parse_lesion_ids():
+    assert parse_lesion_ids("all") == "all"
+    assert parse_lesion_ids(3) == [3]
+    assert parse_lesion_ids("3") == [3]
+    assert parse_lesion_ids("1, 3,3") == [1, 3]
+    assert parse_lesion_ids([2, "4"]) == [2, 4]
     for bad in ("x", 0, -1, [1.5], [], True, "1;2"):
         with pytest.raises(InputError, match="lesion"):
-            parse_lesion_param(bad)
+            parse_lesion_ids(bad)
 
 
 def test_parse_explain_params_defaults_and_ranges():
@@ -202,15 +203,3 @@ def test_parse_explain_params_gradcampp():
         parse_explain_params("gradcampp", {}, ["unet"], default_layer=None)
     with pytest.raises(InputError, match="method"):
         parse_explain_params("lime", {}, ["unet"])
-
-
-def test_resolve_device_cpu_only_machine():
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("checks the CPU fallback")
-    assert resolve_device(None) == "cpu"
-    assert resolve_device("cuda") == "cpu"
-    assert resolve_device(["cpu"]) == "cpu"
-    with pytest.raises(InputError, match="device"):
-        resolve_device("tpu")

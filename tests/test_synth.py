@@ -18,6 +18,7 @@ import msxai  # noqa: E402
 from msxai import synth  # noqa: E402
 from msxai.cli import main  # noqa: E402
 from msxai.errors import InputError  # noqa: E402
+from msxai.synth import anatomy  # noqa: E402
 from msxai.synth import (  # noqa: E402
     MNI_AFFINE_1MM,
     SynthConfig,
@@ -134,7 +135,7 @@ def test_grid_is_the_real_patients_mni_grid():
 def test_deformation_fast_path_matches_exact_mapping():
     cfg = SynthConfig(voxel_size=1.0, ventricle_enlargement=(0.45, 0.45), elastic_mm=(4.0, 4.0))
     shape, affine = cfg.grid()
-    deform, crop, coords, _ = synth._deformation(np.random.default_rng(5), cfg, shape, affine, synth.mni_template())
+    deform, crop, coords, _ = anatomy._deformation(np.random.default_rng(5), cfg, shape, affine, synth.mni_template())
     rng = np.random.default_rng(0)
     ijk = np.stack([rng.integers(c.start, c.stop, 3000) for c in crop])
     exact = deform.template_voxels(ijk)
@@ -218,7 +219,7 @@ def test_lesions_only_in_white_matter_inside_the_brain(subj2, subj1):
         assert np.all(s.brain_mask[les] == 1)
         wm = s.tissues[2]
         # white matter, or the partial-volume white matter of the ventricle wall (periventricular lesions)
-        near_vent = synth._site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
+        near_vent = anatomy._site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
         assert np.all((wm[les] > 0.4) | ((wm[les] > 0.15) & near_vent[les] & (s.tissues[0][les] < 0.75)))
         assert wm[les].mean() > 0.7
         # and lesions are not in the CSF

@@ -49,7 +49,7 @@ from monailabel.tasks.activelearning.random import Random  # noqa: E402
 from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 import msxai as _msxai  # noqa: E402
-from msxai.errors import InputError, UnknownLesionError  # noqa: E402
+from msxai.errors import InputError  # noqa: E402
 from msxai.studies import (  # noqa: E402
     MAX_SAMPLES_DEFAULT,
     BundleLoadError,
@@ -61,7 +61,9 @@ from msxai.studies import (  # noqa: E402
 
 from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebDatastore  # noqa: E402
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
+from lib.ohif_fixes import install_ohif_fixes  # noqa: E402
 from lib.routes import install_routes  # noqa: E402
+from lib.validation import status_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -69,20 +71,9 @@ MODELS = ("unet", "dynunet", "swinunetr")
 
 
 def http_status(exc: InputError) -> int:
-    """404 for things that do not exist, 400 for malformed ids/parameters, 422 for unusable content."""
-    if isinstance(exc, (UnknownImageError, UnknownLesionError)):
-        return 404
-    if isinstance(exc, InvalidImageIdError):
-        return 400
-    from msxai.errors import EmptyDomainError, GeometryError
-    from msxai.studies import AmbiguousSequenceError, MissingSequenceError
-
-    if isinstance(exc, (GeometryError, EmptyDomainError, MissingSequenceError, AmbiguousSequenceError)):
-        return 422
-    msg = str(exc)
-    if "NaN" in msg or "empty" in msg or "cannot read" in msg:
-        return 422
-    return 400
+    """404 for things that do not exist, 400 for malformed ids/parameters, 422 for unusable content (the mapping of
+    :func:`lib.validation.status_for`)."""
+    return status_for(exc)
 
 
 class MsxaiApp(MONAILabelApp):
@@ -115,6 +106,7 @@ class MsxaiApp(MONAILabelApp):
             labels=["lesion"],
         )
         install_routes(self)
+        install_ohif_fixes()  # OHIF 3.10's Parametric Map loader (explain results in OHIF)
 
     # ------------------------------------------------------------------------------------------- datastore
     def init_datastore(self) -> Datastore:
@@ -191,6 +183,30 @@ class MsxaiApp(MONAILabelApp):
             logger.warning(f"msxai: DICOM SEG of {model} for {image} not stored: {exc}")
             return {"error": f"DICOM SEG not stored: {exc}"}
 
+    def _store_saliency(self, ds, image: str, res: dict) -> dict:
+        """An explanation's float maps as DICOM Parametric Maps and its per-lesion table as a DICOM SR, stored beside
+        its SEG (``msxai.dicom_saliency``; OHIF's basic viewer, linked in the answer, shows both). Lesions of the
+        model's segmentation are linked to their segment of the lesion SEG. Failures are reported, not raised."""
+        import json
+
+        from msxai.dicom import lesion_segments
+        from msxai.labelmaps import instance_label_names, read_labelmap
+        from msxai.studies import artifact_dir
+
+        params = res.get("params") or {}
+        try:
+            run_dir = Path(self.service.studies) / params["artifacts_dir"]
+            m, lesion_seg = params.get("model", ""), None
+            if str(params.get("domain_source", "")).endswith(f"of segmentation_{m}"):
+                seg_dir = artifact_dir(self.service.studies, image) / f"seg_{m}"
+                arr, aff = read_labelmap(seg_dir / "labels.nii.gz")
+                table = json.loads((seg_dir / "meta.json").read_text()).get("table")
+                lesion_seg = (arr, aff, lesion_segments(instance_label_names(arr, table)), f"msxai lesions {m}")
+            return ds.store_saliency(image, run_dir, params, lesion_seg)
+        except Exception as exc:
+            logger.warning(f"msxai: saliency DICOM objects of {image} not stored: {exc}")
+            return {"error": f"Parametric Maps / SR not stored: {exc}"}
+
     def _download_dcmqi_tools(self):
         # MONAILabelApp downloads dcmqi for DICOMweb datastores; this app never downloads anything
         logger.info("msxai: dcmqi tools are not downloaded (offline app): DICOM SEG is written by msxai.dicom")
@@ -240,6 +256,10 @@ class MsxaiApp(MONAILabelApp):
             request = dict(request)
             request["image_id"] = image
             request.pop("msxai_t1", None)  # only the app sets it
+            if str(request.get("save_label", False)).strip().lower() in ("1", "true", "yes", "y", "on"):
+                # MONAI Label saves a result as a label when asked: only ever as the model's 'original', never over
+                # a clinician's 'final' (the /infer role is below the annotator role that label saves need)
+                request["label_tag"] = "original"
             if isinstance(ds, MsxaiDICOMwebDatastore):
                 request["msxai_t1"] = ds.get_t1_uri(image)  # T1 series of the same study (msxai.studies rule)
             if model.startswith("explain_"):
@@ -257,6 +277,8 @@ class MsxaiApp(MONAILabelApp):
             res = super().infer(request, datastore)
             if isinstance(ds, MsxaiDICOMwebDatastore) and res.get("file") and isinstance(res.get("params"), dict):
                 res["params"]["dicom_seg"] = self._store_seg(ds, image, model, res)
+                if model.startswith("explain_"):
+                    res["params"]["dicom_saliency"] = self._store_saliency(ds, image, res)
             return res
         except InputError as exc:
             logger.info(f"msxai: refused {request.get('model')} request: {exc}")

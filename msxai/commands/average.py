@@ -21,7 +21,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from msxai.experiments.error_flag import file_sha256
+    from msxai.io import file_sha256
     from msxai.training import average_checkpoints
 
     state = average_checkpoints(args.checkpoints)

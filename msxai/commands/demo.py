@@ -34,7 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--explain", default=None,
                    help="how many lesions to explain, smallest first (the cost of Eq. 3 grows with the lesion's "
                    "voxels), or 'all', or 0 to skip (default: all on CUDA, 1 on the CPU)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: $MSXAI_DEVICE if set, else CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -56,12 +57,13 @@ def _explained_ids(table: list[dict], how: str) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from msxai.bundle import load_bundle
+    from msxai.device import resolve_device
     from msxai.errors import InputError
     from msxai.inference import write_result
-    from msxai.io import load_volume
+    from msxai.io import json_default, load_volume
     from msxai.lesions import format_lesion_table
     from msxai.metrics import evaluate_case, format_metrics_table
-    from msxai.saliency.engine import explain_to_files, resolve_device
+    from msxai.saliency.engine import explain_to_files
 
     out = Path(args.out)
     t_start = time.perf_counter()
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     if truth is not None:
         truth_vol = load_volume(truth, "truth")
         metrics = evaluate_case(result.labels, truth_vol.array, result.affine)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=json_default))
         summary["metrics"] = str(out / "metrics.json")
         print("[3/4] metrics against the truth:")
         print(format_metrics_table(metrics))

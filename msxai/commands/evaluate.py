@@ -13,11 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from msxai import MIN_LESION_MM3, THRESHOLD
 from msxai.errors import InputError
-from msxai.io import check_finite, check_same_grid, load_volume
+from msxai.io import check_finite, check_same_grid, json_default, load_volume
 from msxai.metrics import evaluate_case, format_metrics_table
 
 
@@ -79,13 +77,5 @@ def write_json(report: dict, path: Path | None) -> None:
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=_plain) + "\n")
+    path.write_text(json.dumps(report, indent=2, default=json_default) + "\n")
     print(f"\nwrote {path}")
-
-
-def _plain(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(value)}")

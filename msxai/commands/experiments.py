@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     p.add_argument("--context-only-bundle", action="append", default=[], metavar="B",
                    help="a bundle that runs the context-dilation experiment only (forward passes; cheap); repeatable")
     p.add_argument("--cohort", metavar="DIR|dataset.json", help="synthetic cohort (msxai synth output)")
+    p.add_argument("--from-cohort", action="append", default=[], metavar="RUN_DIR",
+                   help="experiments 2, 3 and the error flag from the files of an msxai batch run with --explain "
+                        "domains (no network; repeat to pool runs); experiments 1, 4-6 still need --bundle")
     p.add_argument("--split", default="test", help="cohort split to use (default test; 'all' = every subject)")
     p.add_argument("--real-patient", action="store_true", help="add the shared real MS patient (patient26)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="output folder (report.html, CSVs, PNGs)")
@@ -80,9 +83,11 @@ def run(args) -> int:
     from msxai.experiments import run_experiments
     from msxai.experiments.cohort import cohort_cases, real_patient_case
     from msxai.experiments.model import ExperimentModel
-    from msxai.experiments.runner import ExperimentConfig
+    from msxai.experiments.state import ExperimentConfig
 
     torch.set_num_threads(int(args.threads or os.environ.get("OMP_NUM_THREADS", 1) or 1))
+    if args.from_cohort:
+        return _run_from_cohort(args)
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     if args.max_lesions_per_class < 1:
@@ -149,6 +154,36 @@ def run(args) -> int:
     return 0
 
 
+def _run_from_cohort(args) -> int:
+    from msxai.batch.experiments import report_from_cohort
+    from msxai.errors import InputError
+    from msxai.experiments.runner import ExperimentConfig
+
+    if args.bundle or args.context_only_bundle or args.cohort or args.real_patient or args.include_results:
+        raise InputError("--from-cohort reads a cohort run's files only: experiments 1, 4, 5, 6 and the "
+                         "randomisation check need the network, run them separately (--bundle B --cohort C)")
+    cfg = ExperimentConfig(min_abs=args.min_abs, min_abs_relative=args.min_abs_relative, n_boot=args.n_boot,
+                           seed=args.seed, progress=not args.no_progress)
+    settings = {"cohort": "cohort run(s) " + ", ".join(args.from_cohort),
+                "command": "msxai experiments " + " ".join(f"--from-cohort {d}" for d in args.from_cohort),
+                "generated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    path, results = report_from_cohort(args.from_cohort, args.out, cfg, settings)
+    for r in results:
+        print(f"{r.model}: {len(r.lesions)} domains from {len(r.segmentation)} cases; experiments 2, 3 and the "
+              f"error flag ({r.error_flag.get('status', '')}); experiments 1, 4, 5, 6 and the randomisation check "
+              "need the network and were not run")
+        if args.ship_error_flag:
+            from msxai.experiments.error_flag import BUNDLE_MODEL_FILE
+
+            bundle_dir = r.error_flag_model.info.get("bundle") if r.error_flag_model is not None else None
+            if not bundle_dir:
+                print(f"{r.model}: no error flag fitted ({r.error_flag.get('status', 'not run')}); nothing shipped")
+            else:
+                print(f"{r.model}: error flag installed as {r.error_flag_model.save(Path(bundle_dir) / BUNDLE_MODEL_FILE)}")
+    print(f"report: {path}")
+    return 0
+
+
 def _resolve(b: str):
     from msxai.bundle import resolve_bundle_dir
 
@@ -157,7 +192,7 @@ def _resolve(b: str):
 
 def _classes(text: str) -> tuple:
     from msxai.errors import InputError
-    from msxai.experiments.runner import CLASSES
+    from msxai.experiments.selection import CLASSES
 
     got = tuple(c.strip().upper() for c in text.split(",") if c.strip())
     bad = [c for c in got if c not in CLASSES]

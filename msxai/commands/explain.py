@@ -28,7 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--sigma-abs", type=float, default=None, help="absolute noise sigma (overrides --sigma)")
     p.add_argument("--layer", default=None, help="Grad-CAM++ layer (named_modules path; default: the bundle's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (default: $MSXAI_DEVICE if set, else CUDA if available), cpu, cuda or cuda:N")
     p.add_argument("--max-batch", type=int, default=None, help="vector-Jacobian products per backward (memory knob)")
     p.add_argument("--noise-batch", type=int, default=None, help="noise copies per forward")
     p.add_argument("--error-flag", default="auto", metavar="auto|none|FILE",
@@ -41,9 +42,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from msxai.bundle import load_bundle
+    from msxai.device import resolve_device
     from msxai.errors import InputError
     from msxai.experiments.error_flag import annotate_explain_output, load_bundle_flag
-    from msxai.saliency.engine import explain_to_files, resolve_device
+    from msxai.saliency.engine import explain_to_files
 
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")

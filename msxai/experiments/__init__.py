@@ -5,6 +5,12 @@
 - :mod:`msxai.experiments.features`   per-lesion numbers read from instance saliency maps
 - :mod:`msxai.experiments.error_flag` ``ErrorFlagModel`` (fit / save / load JSON, ``error_score(features)``)
 - :mod:`msxai.experiments.model`      ``ExperimentModel`` (a bundle's network + exact sliding window)
+- :mod:`msxai.experiments.state`      ``ExperimentConfig``, ``CaseState``, ``RunContext`` (what one run's experiments
+                                      share), ``ModelResults``
+- :mod:`msxai.experiments.selection`  Eq. 3 costs, CPU-budget caps, the round-robin pick of domains (``plan_run``)
+- :mod:`msxai.experiments.bulk`       the bulk maps, experiments 2 and 3, the error flag (experiment 7)
+- :mod:`msxai.experiments.conditions` experiments 1, 4, 5 and the model-randomisation check
+- :mod:`msxai.experiments.context`    experiment 6 (context dilation), alone for context-only models
 - :mod:`msxai.experiments.runner`     ``run_model`` (all experiments for one model on a list of cases)
 - :mod:`msxai.experiments.report`     CSVs, PNGs and the self-contained ``report.html``
 - :func:`run_experiments`             the whole pipeline behind ``msxai experiments``
@@ -25,12 +31,12 @@ def run_experiments(models, cases, out_dir, config=None, settings: dict | None =
     runs (:func:`load_results`) added to the report; when a model of this run has the same name, its experiment 6
     rows replace the included ones. ``results_dir``: where to pickle each model's results (``results_<model>.pkl``)
     for a later ``included``. With context-only models alone, the true lesions are picked from the truth
-    (:func:`msxai.experiments.runner.pick_context_truth`), as a full run picks them."""
+    (:func:`msxai.experiments.context.pick_context_truth`), as a full run picks them."""
     from msxai.errors import InputError
-    from msxai.experiments.report import slug, write_report
-    from msxai.experiments.runner import ExperimentConfig, run_context_only, run_model
-
-    from msxai.experiments.runner import pick_context_truth
+    from msxai.experiments.context import pick_context_truth, run_context_only
+    from msxai.experiments.report import write_report
+    from msxai.experiments.runner import run_model
+    from msxai.experiments.state import ExperimentConfig
 
     config = config or ExperimentConfig()
     light = {id(m) for m in context_only}
@@ -133,7 +139,7 @@ def load_results(path):
     import pickle
 
     from msxai.errors import InputError
-    from msxai.experiments.runner import ModelResults
+    from msxai.experiments.state import ModelResults
 
     p = Path(path)
     if not p.is_file():

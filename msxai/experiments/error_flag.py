@@ -24,6 +24,7 @@ import numpy as np
 from msxai.errors import InputError
 from msxai.experiments.features import saliency_features
 from msxai.experiments.stats import CI, bootstrap_auc, cluster_resamples, roc_auc
+from msxai.io import file_sha256
 
 # Features used by default: saliency only (plus size); BASELINE_FEATURES is the no-saliency comparison.
 SALIENCY_FEATURES = (
@@ -237,29 +238,10 @@ BUNDLE_MODEL_FILE = "models/error_flag.json"
 REQUIRED_INFO = ("weights_sha256", "method", "aggregation", "samples", "sigma_fraction")
 
 
-def file_sha256(path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
 def bundle_weights_sha256(bundle_dir) -> str | None:
-    """sha256 of the bundle's ``models/model.pt`` (cached per path, size and mtime), None when there is none."""
+    """sha256 of the bundle's ``models/model.pt`` (:func:`msxai.io.file_sha256`), None when there is none."""
     f = Path(bundle_dir) / "models" / "model.pt"
-    if not f.is_file():
-        return None
-    st = f.stat()
-    key = (str(f.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(f)
-    return _SHA_CACHE[key]
+    return file_sha256(f) if f.is_file() else None
 
 
 @dataclass
@@ -285,19 +267,43 @@ class LoadedFlag:
         return out
 
 
+def validation_problem(model: ErrorFlagModel) -> str | None:
+    """Why a fitted flag is not shown as a score (None = validated): its cross-validated AUC interval
+    (``info.auc_oof_ci``, out-of-fold scores, cluster bootstrap by patient) must lie above 0.5 - an interval that
+    reaches 0.5 (or none recorded) is no evidence that the flag tells false from true positives better than
+    chance."""
+    i = model.info
+    ci = i.get("auc_oof_ci")
+    try:
+        lo, hi = (float(x) for x in ci)
+    except (TypeError, ValueError):
+        return ("not validated: the error-flag model records no cross-validated AUC interval (refit it with "
+                "msxai experiments); no score is shown")
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= 0.5:
+        auc = i.get("auc_oof")
+        auc_text = f"{float(auc):.2f} " if isinstance(auc, (int, float)) and np.isfinite(auc) else ""
+        n = f" on {i.get('n_train')} lesions ({i.get('n_fp')} false positives)" if i.get("n_train") else ""
+        return (f"not validated: cross-validated AUC {auc_text}[{lo:.2f}, {hi:.2f}]{n} reaches 0.5, i.e. no "
+                "evidence that the flag tells false from true positives better than chance; no score is shown")
+    return None
+
+
 def load_bundle_flag(bundle_dir=None, path=None) -> LoadedFlag:
     """The error-flag model of a bundle.
 
     ``path`` given (``--error-flag FILE``): it must exist and be valid, else ``InputError`` naming the file.
     ``path`` None: ``<bundle>/models/error_flag.json`` if present; absent -> no model (reason says so); present
-    but unreadable -> no model, the reason names the file and the problem (explanations still run)."""
+    but unreadable -> no model, the reason names the file and the problem (explanations still run).
+    A model that is not validated (:func:`validation_problem`) is loaded as no model, with that reason: the CLI and
+    the app then say "not validated" and why instead of showing a score."""
     if path is not None:
         model = ErrorFlagModel.load(path)
         missing = [k for k in REQUIRED_INFO if k not in model.info]
         if missing:
             raise InputError(f"error-flag model {path}: its info does not record {missing} (refit it with "
                              "msxai experiments)")
-        return LoadedFlag(model, Path(path))
+        problem = validation_problem(model)
+        return LoadedFlag(None, Path(path), problem) if problem else LoadedFlag(model, Path(path))
     if bundle_dir is None:
         return LoadedFlag(None, None, "no bundle folder: no fitted error-flag model")
     f = Path(bundle_dir) / BUNDLE_MODEL_FILE
@@ -310,7 +316,8 @@ def load_bundle_flag(bundle_dir=None, path=None) -> LoadedFlag:
     missing = [k for k in REQUIRED_INFO if k not in model.info]
     if missing:
         return LoadedFlag(None, f, f"error-flag model {f} does not record {missing}; refit it")
-    return LoadedFlag(model, f)
+    problem = validation_problem(model)
+    return LoadedFlag(None, f, problem) if problem else LoadedFlag(model, f)
 
 
 def incompatibility(model: ErrorFlagModel, method: str, aggregation: str | None, n_samples: int | None,

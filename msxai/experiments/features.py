@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from msxai import SEQUENCE_KEYS
 from msxai.errors import GeometryError
-from msxai.experiments.geometry import distance_mm
 from msxai.io import voxel_volume_mm3
+from msxai.lesions import ring_mask
 
-SEQ_KEYS = ("flair", "mprage")
 RING_MM = 3.0  # the ring around Ω: voxels within (0, 3] mm of the lesion
 BAND_EDGES_MM = (0.0, 1.0, 2.0, 3.0, 5.0)
 
@@ -42,11 +42,10 @@ def region_values(maps, domain, affine=None, ring_mm: float = RING_MM) -> dict:
     sp = (1.0, 1.0, 1.0) if affine is None else voxel_spacing(affine)
     margin = int(np.ceil(ring_mm / min(sp))) + 2
     sl = _box(domain, margin)
-    d = distance_mm(domain[sl], affine)
     inside = domain[sl]
-    ring = (d > 1e-6) & (d <= ring_mm + 1e-6)
+    ring = ring_mask(inside, affine, 0.0, ring_mm)
     out = {}
-    for c, key in enumerate(SEQ_KEYS[: maps.shape[0]]):
+    for c, key in enumerate(SEQUENCE_KEYS[: maps.shape[0]]):
         m = maps[c][sl].astype(np.float64)
         out[key] = {"inside": m[inside], "ring": m[ring]}
     return out
@@ -114,7 +113,7 @@ def value_range(maps, domain) -> dict:
     """Min/max (and 1st/99th percentiles) of each map inside ``domain``."""
     maps, domain = _check(maps, domain)
     out = {}
-    for c, key in enumerate(SEQ_KEYS[: maps.shape[0]]):
+    for c, key in enumerate(SEQUENCE_KEYS[: maps.shape[0]]):
         v = maps[c][domain]
         out.update({f"{key}_min": float(v.min()), f"{key}_max": float(v.max()),
                     f"{key}_p01": float(np.percentile(v, 1)), f"{key}_p99": float(np.percentile(v, 99))})

@@ -1,8 +1,9 @@
-"""Geometric operations of the experiments: distances and rings around a lesion (in mm), lesion transplants and
-the context-restoration images of the context-dilation experiment.
+"""Geometric operations of the experiments: dilation in mm, lesion transplants and the context-restoration images
+of the context-dilation experiment.
 
-Distances are centre-to-centre Euclidean distances in mm through the voxel size of the affine (anisotropic grids are
-handled); the tests compare them with a brute-force loop over voxel pairs.
+Distances and rings around a lesion are :func:`msxai.lesions.distance_mm` and :func:`msxai.lesions.ring_mask`
+(centre-to-centre Euclidean distances in mm through the voxel size of the affine; anisotropic grids are handled); the
+tests compare them with a brute-force loop over voxel pairs.
 """
 
 from __future__ import annotations
@@ -12,51 +13,20 @@ import math
 import numpy as np
 from scipy import ndimage
 
-from msxai.errors import EmptyDomainError, GeometryError, InputError
-from msxai.io import voxel_spacing
-
-
-def _spacing(affine) -> tuple[float, float, float]:
-    return (1.0, 1.0, 1.0) if affine is None else voxel_spacing(affine)
-
-
-def _mask(domain, name="domain") -> np.ndarray:
-    m = np.asarray(domain).astype(bool)
-    if m.ndim != 3:
-        raise InputError(f"{name}: expected a 3-D mask, got shape {m.shape}")
-    if not m.any():
-        raise EmptyDomainError(f"{name}: the mask is empty")
-    return m
-
-
-def distance_mm(domain: np.ndarray, affine=None) -> np.ndarray:
-    """Per voxel, the distance in mm from its centre to the centre of the nearest voxel of ``domain`` (0 inside)."""
-    m = _mask(domain)
-    return ndimage.distance_transform_edt(~m, sampling=_spacing(affine)).astype(np.float64)
-
-
-def ring_mask(domain: np.ndarray, affine=None, inner_mm: float = 0.0, outer_mm: float = 3.0) -> np.ndarray:
-    """Voxels outside ``domain`` whose distance to it is in ``(inner_mm, outer_mm]`` (a shell around the lesion).
-
-    ``inner_mm = 0`` gives the ring touching the lesion. A small tolerance (1e-6 mm) keeps voxels at exactly
-    ``outer_mm``.
-    """
-    if outer_mm <= inner_mm or inner_mm < 0:
-        raise InputError(f"ring: need 0 <= inner < outer, got inner={inner_mm}, outer={outer_mm}")
-    d = distance_mm(domain, affine)
-    return (d > inner_mm + 1e-6) & (d <= outer_mm + 1e-6)
+from msxai.errors import GeometryError, InputError
+from msxai.lesions import DISTANCE_TOL_MM, check_domain, distance_mm
 
 
 def dilate_mm(domain: np.ndarray, affine=None, radius_mm: float = 3.0) -> np.ndarray:
     """``domain`` plus every voxel within ``radius_mm`` of it."""
     d = distance_mm(domain, affine)
-    return d <= radius_mm + 1e-6
+    return d <= radius_mm + DISTANCE_TOL_MM
 
 
 def centre_of_mass_voxel(domain: np.ndarray) -> tuple[int, int, int]:
     """The voxel of ``domain`` nearest to its centre of mass (the centre of mass itself may lie outside a
     non-convex lesion); ties go to the first voxel in raster order."""
-    m = _mask(domain)
+    m = check_domain(domain)
     idx = np.argwhere(m)
     com = idx.mean(axis=0)
     k = int(np.argmin(((idx - com) ** 2).sum(axis=1)))
@@ -84,7 +54,7 @@ def transplant(image: np.ndarray, patch: np.ndarray, offset) -> tuple[np.ndarray
     img = np.asarray(image)
     if img.ndim != 4:
         raise InputError(f"transplant: expected a [C, X, Y, Z] image, got shape {img.shape}")
-    p = _mask(patch, "patch")
+    p = check_domain(patch, "patch")
     if p.shape != img.shape[1:]:
         raise GeometryError(f"patch shape {p.shape} does not match the image grid {img.shape[1:]}")
     src = np.argwhere(p)
@@ -109,7 +79,7 @@ def find_target(patch: np.ndarray, allowed: np.ndarray, score: np.ndarray | None
     The anchor is the first voxel of the patch's bounding box; ``score`` should be a map of the target
     neighbourhood quality (e.g. a local mean intensity).
     """
-    p = _mask(patch, "patch")
+    p = check_domain(patch, "patch")
     allowed = np.asarray(allowed, dtype=bool)
     sl = ndimage.find_objects(p.astype(np.int8))[0]
     fp = p[sl]
@@ -159,7 +129,7 @@ def context_image(image: np.ndarray, distance: np.ndarray, radius_mm: float, bac
     """The image with every voxel farther than ``radius_mm`` from the lesion set to the background value
     (``distance`` = :func:`distance_mm` of the lesion; ``radius_mm = 0`` keeps the lesion only)."""
     img = np.asarray(image)
-    keep = np.asarray(distance) <= radius_mm + 1e-6
+    keep = np.asarray(distance) <= radius_mm + DISTANCE_TOL_MM
     bg = np.asarray(background, dtype=img.dtype).reshape(-1, 1, 1, 1)
     return np.where(keep[None], img, bg).astype(img.dtype, copy=False)
 

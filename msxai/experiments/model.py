@@ -77,9 +77,10 @@ class ExperimentModel:
             f = path / cand
             if f.exists():
                 import datetime as _dt
-                import hashlib
 
-                full = hashlib.sha256(f.read_bytes()).hexdigest()
+                from msxai.io import file_sha256
+
+                full = file_sha256(f)
                 digest = full[:12]
                 stamp = _dt.datetime.fromtimestamp(f.stat().st_mtime, _dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
                 weights = f"{cand} sha256 {digest}, modified {stamp}"

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from msxai.experiments.features import SEQ_KEYS
-from msxai.experiments.runner import CLASSES, ModelResults
+from msxai import SEQUENCE_KEYS, SEQUENCES
+from msxai.experiments.selection import CLASSES
+from msxai.experiments.state import ModelResults
 
 DPI = 72
-SEQ_NAME = {"flair": "FLAIR", "mprage": "MPRAGE"}
 
 
 def slug(name: str) -> str:
@@ -100,13 +100,13 @@ def fig_exp1(res: ModelResults) -> bytes | None:
         axes[i, 0].set_title(f"{labels.get(n, '')} TP ({n.split('|')[0]})", fontsize=7)
         axes[i, 0].axis("off")
         for j, (agg, c) in enumerate((a, crops.get(a)) for a in ("max", "mean")):
-            for k, key in enumerate(SEQ_KEYS):
+            for k, name in enumerate(SEQUENCES):
                 ax = axes[i, 1 + 2 * k + j]
                 if c is None:
                     ax.axis("off")
                     continue
                 m = c["maps"][k]
-                im = _show_map(ax, m, f"{SEQ_NAME[key]} {agg} (Eq.{3 if agg == 'max' else 2})\n"
+                im = _show_map(ax, m, f"{name} {agg} (Eq.{3 if agg == 'max' else 2})\n"
                                       f"[{m.min():.3g}, {m.max():.3g}]")
                 _outline(ax, c["domain"])
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
@@ -121,11 +121,11 @@ def fig_exp2(res: ModelResults) -> bytes | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
     data, labels = [], []
-    for key in SEQ_KEYS:
+    for key, name in zip(SEQUENCE_KEYS, SEQUENCES):
         for region in ("inside", "ring"):
             v = vals[key][region]
             data.append(v if v.size else np.array([np.nan]))
-            labels.append(f"{SEQ_NAME[key]}\n{region}")
+            labels.append(f"{name}\n{region}")
     ok = [d[np.isfinite(d)] for d in data]
     pos = [i for i, d in enumerate(ok) if d.size > 1]
     if pos:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -16,7 +17,8 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from msxai import SEQUENCES, THRESHOLD
+from msxai import SEQUENCE_KEYS, THRESHOLD
+from msxai.device import resolve_device
 from msxai.errors import EmptyDomainError, GeometryError, InputError
 from msxai.saliency.gradcampp import GradCAMPlusPlus
 from msxai.saliency.sliding import SlidingWindowSpec, check_image
@@ -32,6 +34,7 @@ from msxai.saliency.smoothgrad import (
 from msxai.saliency.summary import lesion_summary, summary_rows
 
 METHODS = ("smoothgrad", "gradcampp")
+_SAFE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 @dataclass
@@ -54,16 +57,6 @@ class ModelParts:
     threshold: float
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> CUDA when available, else CPU; ``cuda`` without a GPU is refused with a clear message."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available")
-    return dev
-
-
 def model_parts(model, spec: SlidingWindowSpec | None = None, layer: str | None = None,
                 threshold: float | None = None) -> ModelParts:
     """Network, sliding-window spec, Grad-CAM++ layer and threshold of a bundle or a bare network."""
@@ -84,35 +77,26 @@ def model_parts(model, spec: SlidingWindowSpec | None = None, layer: str | None 
 
 
 def lesion_domains(labels: np.ndarray, ids: str | int | Sequence[int] = "all") -> dict[str, np.ndarray]:
-    """``{"lesion_<k>": mask}`` for the requested ids of an instance label map (``"all"``: every lesion).
+    """``{"lesion_<k>": mask}`` for the requested ids of an instance label map (``ids`` as
+    :func:`msxai.lesions.parse_lesion_ids` takes them; ``"all"``: every lesion).
 
     Unknown ids raise ``UnknownLesionError`` naming the valid ones; a map without lesions raises
     ``EmptyDomainError``."""
-    from msxai.lesions import as_label_map, lesion_domain, lesion_ids
+    from msxai.lesions import as_label_map, lesion_domain, lesion_ids, parse_lesion_ids
 
     labels = as_label_map(labels)
-    if isinstance(ids, str) and ids.strip().lower() == "all":
+    chosen = parse_lesion_ids(ids)
+    if chosen == "all":
         chosen = lesion_ids(labels)
         if not chosen:
             raise EmptyDomainError("the lesion map holds no lesion: nothing to explain")
-    elif isinstance(ids, str):
-        chosen = []
-        for part in ids.split(","):
-            try:
-                chosen.append(int(part))
-            except ValueError:
-                raise InputError(f"lesion id must be an integer or 'all', got {part.strip()!r}") from None
-    elif isinstance(ids, (int, np.integer)):
-        chosen = [int(ids)]
-    else:
-        chosen = [int(i) for i in ids]
     return {f"lesion_{k}": lesion_domain(labels, k) for k in chosen}
 
 
 def map_names(method: str, n_channels: int) -> list[str]:
     if method == "gradcampp":
         return ["gradcampp"]
-    seq = [s.lower() for s in SEQUENCES] if n_channels == len(SEQUENCES) else [f"channel{c}" for c in range(n_channels)]
+    seq = SEQUENCE_KEYS if n_channels == len(SEQUENCE_KEYS) else [f"channel{c}" for c in range(n_channels)]
     return [f"smoothgrad_{s}" for s in seq]
 
 
@@ -253,13 +237,17 @@ def explain_to_files(
     layer: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    domains: Mapping[str, np.ndarray] | None = None,
     **performance,
 ) -> dict:
     """``msxai explain``: prepare FLAIR/T1 with the bundle, explain the chosen lesions of ``lesions_path`` (or the
     region of ``domain_path``), write per-domain float32 NIfTI maps on the FLAIR grid
     (``lesion_<K>_smoothgrad_flair.nii.gz``, ``..._smoothgrad_mprage.nii.gz`` or ``lesion_<K>_gradcampp.nii.gz``;
     ``domain_...`` for a region) and ``saliency.json`` / ``saliency.csv``. Returns ``{"files", "summaries",
-    "settings"}``."""
+    "settings"}``.
+
+    ``domains``: named bool masks on the FLAIR grid explained in the same call (``{"fn_3": mask, ...}``; the cohort
+    run's FN lesions and TN balls), added to the lesions of ``lesions_path``; a name becomes its files' prefix."""
     import time
 
     from tqdm import tqdm
@@ -268,7 +256,7 @@ def explain_to_files(
 
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if domain_path is None and lesions_path is None:
+    if domain_path is None and lesions_path is None and not domains:
         raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
     t0 = time.perf_counter()
     flair = load_volume(flair_path, "FLAIR")
@@ -279,8 +267,15 @@ def explain_to_files(
             raise EmptyDomainError(f"domain {domain_path}: the mask is empty (no voxel > 0)")
         domains = {"domain": mask}
     else:
-        labels = _load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True)
-        domains = lesion_domains(labels, lesion_ids)
+        extra = {}
+        for name, m in (domains or {}).items():
+            if not _SAFE_NAME.match(str(name)) or str(name).startswith("lesion_"):
+                raise InputError(f"domain name {name!r}: use letters, digits and '_' (not 'lesion_<K>', reserved for "
+                                 "the lesions of the label map)")
+            extra[str(name)] = as_domain(m, flair.array.shape, str(name))
+        domains = lesion_domains(_load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True),
+                                 lesion_ids) if lesions_path is not None else {}
+        domains.update(extra)
     native = getattr(prep, "native_affine", None)
     if native is not None and not _same_grid(prep.native_shape, native, flair.array.shape, flair.affine):
         raise GeometryError("the bundle's pre-processing did not keep the FLAIR's native grid")

@@ -6,8 +6,9 @@ For every map (one per input sequence for SmoothGrad, one for Grad-CAM++):
 * ``peak_max_in_domain`` / ``peak_min_in_domain``: the same inside the domain Ω;
 * ``positive_mass_in_domain``: Σ_{v∈Ω} max(M(v), 0); ``negative_mass_in_domain``: Σ_{v∈Ω} min(M(v), 0);
 * ``rings``: for consecutive radii ``r_i < r_{i+1}`` of ``ring_mm`` the voxels outside Ω whose distance to Ω (centre to
-  centre, Euclidean, in mm from the voxel size) lies in ``(r_i, r_{i+1}]``, with their count, negative mass
-  Σ min(M, 0) and positive mass Σ max(M, 0).
+  centre, Euclidean, in mm from the voxel size) lies in ``(r_i, r_{i+1}]`` (:func:`msxai.lesions.ring_mask`, whose
+  edges allow 1e-6 mm for voxel sizes read from float affines), with their count, negative mass Σ min(M, 0) and
+  positive mass Σ max(M, 0).
 
 Masses are plain sums of voxel values (multiply by ``voxel_volume_mm3`` for an integral over mm³).
 Also: the domain's voxel count and volume, its centroid (voxel and world coordinates) and, with ``prob``, the mean
@@ -19,11 +20,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from msxai import SEQUENCES
 from msxai.errors import EmptyDomainError, GeometryError
-from msxai.io import voxel_spacing, voxel_volume_mm3
+from msxai.io import voxel_volume_mm3
+from msxai.lesions import distance_mm, ring_mask
 
 
 def _named_maps(maps, names: Sequence[str] | None) -> dict[str, np.ndarray]:
@@ -41,13 +42,14 @@ def _named_maps(maps, names: Sequence[str] | None) -> dict[str, np.ndarray]:
     return {n: arr[c] for c, n in enumerate(names)}
 
 
-def ring_bands(domain: np.ndarray, spacing, ring_mm: Sequence[float]) -> list[tuple[float, float, np.ndarray]]:
-    """``[(r_i, r_{i+1}, mask)]``: voxels outside Ω at a distance in ``(r_i, r_{i+1}]`` mm from Ω."""
+def ring_bands(domain: np.ndarray, affine, ring_mm: Sequence[float]) -> list[tuple[float, float, np.ndarray]]:
+    """``[(r_i, r_{i+1}, mask)]``: the rings (:func:`msxai.lesions.ring_mask`) of voxels outside Ω at a distance in
+    ``(r_i, r_{i+1}]`` mm from Ω."""
     radii = [float(r) for r in ring_mm]
     if any(b <= a for a, b in zip(radii, radii[1:])):
         raise ValueError(f"ring_mm must increase, got {ring_mm}")
-    dist = ndimage.distance_transform_edt(~domain, sampling=spacing)
-    return [(a, b, (dist > a) & (dist <= b) & ~domain) for a, b in zip(radii, radii[1:])]
+    dist = distance_mm(domain, affine)
+    return [(a, b, ring_mask(domain, affine, a, b, distance=dist)) for a, b in zip(radii, radii[1:])]
 
 
 def lesion_summary(maps, domain, prob=None, affine=None, ring_mm: Sequence[float] = (0, 2, 4, 6),
@@ -63,8 +65,7 @@ def lesion_summary(maps, domain, prob=None, affine=None, ring_mm: Sequence[float
     if not dom.any():
         raise EmptyDomainError("the domain is empty (no voxel)")
     aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    spacing = voxel_spacing(aff)
-    bands = ring_bands(dom, spacing, ring_mm)
+    bands = ring_bands(dom, aff, ring_mm)
     idx = np.argwhere(dom)
     centroid = idx.mean(axis=0)
     world = aff[:3, :3] @ centroid + aff[:3, 3]

@@ -1,20 +1,313 @@
-"""The studies folder as MONAI Label sees it: only study images (the FLAIRs) are listed, never their T1/MPRAGE or
-the derived files beside them (lesion masks, brain masks); the naming rule is :mod:`msxai.studies`."""
+"""The studies folder as MONAI Label sees it, with validated, crash-safe writes.
+
+* Listing: only study images (the FLAIRs) are listed, never their T1/MPRAGE or the derived files beside them
+  (lesion masks, brain masks); the naming rule is :mod:`msxai.studies`.
+* Writes (:class:`SafeWritesMixin`, shared by the local and the DICOMweb datastore): a label must read as an image
+  on the study image's grid with integer values, its tag must match a strict pattern and its image must exist
+  (:mod:`lib.validation`); it is written to a temp file, fsynced and renamed over the previous one, so a refused or
+  interrupted save leaves the previous label byte for byte; ``datastore_v2.json`` is replaced the same way. The
+  label a save or delete replaces is kept (hard link) in ``<studies>/msxai/<image>/label_history/<tag>/`` (the
+  last :attr:`SafeWritesMixin.history_keep`), outside ``labels/`` so it is never listed as a tag. Every save and
+  delete is logged with its user.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import threading
+import time
+from pathlib import Path
 
-from monailabel.datastore.local import LocalDatastore
+from filelock import FileLock
+from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
-from msxai.studies import is_study_image
+from msxai.studies import ARTIFACTS_DIRNAME, UnknownImageError, find_t1, is_study_image, validate_image_id
+
+from lib.validation import (
+    IMAGE_EXTENSIONS,
+    ConflictError,
+    InvalidTagError,
+    LabelNotFoundError,
+    atomic_write_bytes,
+    check_image_file,
+    check_label_file,
+    copy_file_durably,
+    extension_of,
+    fsync_dir,
+    image_grid,
+    image_id_from_upload,
+    label_bytes,
+    validate_tag,
+)
 
 logger = logging.getLogger(__name__)
+audit = logging.getLogger("msxai.audit")
+
+HISTORY_DIRNAME = "label_history"
+HISTORY_KEEP = 10
+LABEL_EXT = ".nii.gz"
 
 
-class MsxaiDatastore(LocalDatastore):
-    """A :class:`LocalDatastore` whose image listing follows :func:`msxai.studies.is_study_image`."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SafeWritesMixin:
+    """Validated, atomic label/image writes for a :class:`LocalDatastore` (put it first in the bases)."""
+
+    history_keep = HISTORY_KEEP
+
+    def __init__(self, *args, **kwargs):
+        self._write_lock = threading.RLock()
+        super().__init__(*args, **kwargs)
+        self._remove_stale_temp_files()
+
+    # ---------------------------------------------------------------------------------------------- paths
+    def _labels_root(self) -> Path:
+        return Path(os.path.realpath(self._datastore.label_path(None)))
+
+    def _label_files(self, image_id: str, tag: str) -> list[Path]:
+        """The files on disk that are the label ``(image_id, tag)`` (normally one ``.nii.gz``; a ``.nii`` written by an
+        earlier version of the app counts too)."""
+        d = self._labels_root() / tag
+        out = []
+        for ext in (".nii.gz", ".nii"):
+            p = d / f"{image_id}{ext}"
+            if p.is_file():
+                out.append(p)
+        return out
+
+    def history_dir(self, image_id: str, tag: str) -> Path:
+        return Path(self._datastore_path) / ARTIFACTS_DIRNAME / image_id / HISTORY_DIRNAME / tag
+
+    def label_history(self, image_id: str, tag: str) -> list[dict]:
+        """Kept versions of a label, newest first: ``{"version", "file", "reason", "by", "kept_ts", "info"}``."""
+        validate_image_id(image_id)
+        validate_tag(tag)
+        d = self.history_dir(image_id, tag)
+        out = []
+        if d.is_dir():
+            for f in sorted(d.glob("*.nii.gz"), reverse=True):
+                meta = {}
+                side = f.with_name(f.name[: -len(".nii.gz")] + ".json")
+                if side.is_file():
+                    try:
+                        meta = json.loads(side.read_text())
+                    except ValueError:
+                        meta = {}
+                out.append({"version": f.name[: -len(".nii.gz")], "file": f"{HISTORY_DIRNAME}/{tag}/{f.name}", **meta})
+        return out
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files of writes a killed process did not finish (``.<name>.tmp-<pid>-<thread>``)."""
+        dirs = [Path(self._datastore_path), Path(self._datastore.image_path()), self._labels_root()]
+        root = self._labels_root()
+        if root.is_dir():
+            dirs += [p for p in root.iterdir() if p.is_dir()]
+        for d in dirs:
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for n in names:
+                if not n.startswith(".") or ".tmp-" not in n:
+                    continue
+                try:
+                    pid = int(n.rsplit(".tmp-", 1)[1].split("-")[0])
+                except ValueError:
+                    continue
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue
+                try:
+                    os.unlink(d / n)
+                    logger.info(f"msxai: removed the temp file of an interrupted write: {d / n}")
+                except OSError:
+                    pass
+
+    # ---------------------------------------------------------------------------------------------- index
+    def _update_datastore_file(self, lock=True):
+        """``datastore_v2.json`` replaced atomically (temp file, fsync, rename): a crash leaves the old or the new."""
+        data = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str).encode()
+
+        def write():
+            self._ignore_event_config = True
+            atomic_write_bytes(self._datastore_config_path, data)
+            self._config_ts = os.stat(self._datastore_config_path).st_mtime
+
+        with self._write_lock:
+            if lock:
+                with FileLock(self._lock_file):
+                    write()
+            else:
+                write()
+
+    def _reconcile_datastore(self):
+        with self._write_lock:  # a watcher's refresh never interleaves with a write
+            return super()._reconcile_datastore()
+
+    # --------------------------------------------------------------------------------------------- images
+    def _existing_image(self, image_id) -> str:
+        """The image file of ``image_id``; refuses malformed ids (400) and ids the datastore does not hold (404)."""
+        validate_image_id(image_id)
+        obj = self._datastore.objects.get(image_id)
+        uri = self.get_image_uri(image_id) if obj else ""
+        if not uri or not os.path.isfile(uri):
+            known = sorted(self.list_images())
+            raise UnknownImageError(f"image {image_id!r} is not in the datastore ({len(known)} image(s), "
+                                    f"e.g. {known[:3]})")
+        return uri
+
+    # --------------------------------------------------------------------------------------------- labels
+    def _label_input(self, image_uri: str, label_filename: str):
+        """``(path, extension, cleanup)`` of the uploaded label to check (DICOMweb converts OHIF's ``.bin``)."""
+        return label_filename, extension_of(label_filename), None
+
+    def _before_label_commit(self, image_id: str, tag: str, arr, affine, info: dict) -> dict:
+        return info
+
+    def save_label(self, image_id, label_filename, label_tag, label_info, label_id="", user=None):
+        """Check the label (tag, image, readable, on the image's grid, integer values), then replace the stored one
+        atomically, keeping the previous version in the label history. Returns the label id (= image id)."""
+        tag = validate_tag(label_tag)
+        image_uri = self._existing_image(image_id)
+        path, ext, cleanup = self._label_input(image_uri, label_filename)
+        try:
+            arr, _ = check_label_file(path, ext, image_uri)
+            _, image_affine = image_grid(image_uri)
+            data = label_bytes(path, ext, arr, image_affine)
+            info = dict(label_info or {})
+            user = user or info.get("user")
+            info = self._before_label_commit(image_id, tag, arr, image_affine, info)
+        finally:
+            if cleanup:
+                cleanup()
+        return self._commit_label(image_id, tag, data, info, user, int((arr > 0).sum()))
+
+    def _commit_label(self, image_id: str, tag: str, data: bytes, info: dict, user, foreground: int) -> str:
+        label_dir = self._labels_root() / tag
+        name = image_id + LABEL_EXT
+        dest = label_dir / name
+        if os.path.realpath(dest.parent) != os.path.realpath(self._labels_root() / tag):
+            raise InvalidTagError(f"label tag {tag!r} is not allowed")
+        info = dict(info)
+        info.update(ts=int(time.time()), name=name, sha256=hashlib.sha256(data).hexdigest())
+        if user:
+            info["user"] = user
+        with self._write_lock, FileLock(self._lock_file):
+            label_dir.mkdir(parents=True, exist_ok=True)
+            kept = self._keep_history(image_id, tag, "replaced", user)
+            atomic_write_bytes(dest, data)
+            for other in self._label_files(image_id, tag):
+                if other != dest:  # a .nii twin of an older version: kept in the history above
+                    other.unlink()
+            obj = self._datastore.objects.get(image_id)
+            if obj is None:
+                raise UnknownImageError(f"image {image_id!r} was removed while its label was being saved")
+            obj.labels[tag] = DataModel(info=info, ext=LABEL_EXT)
+            self._update_datastore_file(lock=False)
+        audit.info(f"label saved: image={image_id} tag={tag} user={user or '-'} bytes={len(data)} "
+                   f"foreground_voxels={foreground} sha256={info['sha256'][:16]}"
+                   + (f" previous kept as {kept}" if kept else ""))
+        return image_id
+
+    def _keep_history(self, image_id: str, tag: str, reason: str, user) -> str | None:
+        """Hard-link (or copy) the current label files into the history folder with a JSON sidecar; prune to
+        :attr:`history_keep`. Returns the kept version name (None when there was no label)."""
+        files = self._label_files(image_id, tag)
+        if not files:
+            return None
+        d = self.history_dir(image_id, tag)
+        d.mkdir(parents=True, exist_ok=True)
+        obj = self._datastore.objects.get(image_id)
+        lab = obj.labels.get(tag) if obj else None
+        t = time.time()
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(t)) + f".{int(t * 1e6) % 1000000:06d}Z"
+        while (d / f"{stamp}.nii.gz").exists():
+            stamp += "_"
+        src = next((f for f in files if f.name.endswith(".nii.gz")), files[0])
+        target = d / f"{stamp}.nii.gz"
+        if src.name.endswith(".nii.gz"):
+            try:
+                os.link(src, target)
+            except OSError:
+                copy_file_durably(src, target)
+        else:  # a .nii of an older version: kept compressed
+            import gzip
+
+            atomic_write_bytes(target, gzip.compress(src.read_bytes(), compresslevel=6))
+        meta = {"reason": reason, "by": user or None, "kept_ts": int(t), "info": lab.info if lab else {}}
+        atomic_write_bytes(d / f"{stamp}.json", json.dumps(meta, default=str, indent=1).encode())
+        fsync_dir(d)
+        versions = sorted(d.glob("*.nii.gz"))
+        for old in versions[: max(0, len(versions) - int(self.history_keep))]:
+            old.unlink()
+            side = old.with_name(old.name[: -len(".nii.gz")] + ".json")
+            if side.exists():
+                side.unlink()
+        return f"{HISTORY_DIRNAME}/{tag}/{target.name}"
+
+    def remove_label(self, label_id, label_tag, user=None):
+        """Delete a label (its last version stays in the label history)."""
+        tag = validate_tag(label_tag)
+        validate_image_id(label_id)
+        with self._write_lock, FileLock(self._lock_file):
+            obj = self._datastore.objects.get(label_id)
+            files = self._label_files(label_id, tag)
+            if not files and not (obj and obj.labels.get(tag)):
+                raise LabelNotFoundError(f"image {label_id!r} has no label with tag {tag!r}")
+            kept = self._keep_history(label_id, tag, "deleted", user)
+            for f in files:
+                f.unlink()
+            fsync_dir(self._labels_root() / tag)
+            if obj is not None:
+                obj.labels.pop(tag, None)
+            self._update_datastore_file(lock=False)
+        audit.info(f"label deleted: image={label_id} tag={tag} user={user or '-'}"
+                   + (f" kept as {kept}" if kept else ""))
+
+    def restore_label(self, image_id: str, tag: str, version: str, user=None) -> str:
+        """Save a kept version of a label as the current one (the current one is kept in turn)."""
+        validate_tag(tag)
+        validate_image_id(image_id)
+        if not isinstance(version, str) or "/" in version or "\\" in version or version.startswith("."):
+            raise LabelNotFoundError(f"no kept version {version!r}")
+        f = self.history_dir(image_id, tag) / f"{version}.nii.gz"
+        if not f.is_file():
+            have = [h["version"] for h in self.label_history(image_id, tag)]
+            raise LabelNotFoundError(f"image {image_id!r} tag {tag!r} has no kept version {version!r} (kept: {have})")
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="msxai_restore_") as tmp:
+            copy = Path(tmp) / "label.nii.gz"
+            copy.write_bytes(f.read_bytes())
+            return self.save_label(image_id, str(copy), tag, {"restored_from": version}, user=user)
+
+    def update_label_info(self, label_id, label_tag, info):
+        validate_tag(label_tag)
+        validate_image_id(label_id)
+        if not self._datastore.label(label_id, label_tag):
+            raise LabelNotFoundError(f"image {label_id!r} has no label with tag {label_tag!r}")
+        with self._write_lock:
+            return super().update_label_info(label_id, label_tag, info)
+
+    def update_image_info(self, image_id, info):
+        self._existing_image(image_id)
+        with self._write_lock:
+            return super().update_image_info(image_id, info)
+
+
+class MsxaiDatastore(SafeWritesMixin, LocalDatastore):
+    """A :class:`LocalDatastore` whose image listing follows :func:`msxai.studies.is_study_image`, with the checked,
+    atomic writes of :class:`SafeWritesMixin`."""
 
     def _is_images_dir(self, path) -> bool:
         return os.path.realpath(path) == os.path.realpath(self._datastore.image_path())
@@ -38,22 +331,90 @@ class MsxaiDatastore(LocalDatastore):
             self._datastore.objects.pop(k, None)
         return invalidate + len(drop)
 
+    # ------------------------------------------------------------------------------------------- uploads
+    def add_image(self, image_id, image_filename, image_info, user=None, filename=None):
+        """An uploaded image, checked like a study (3-D NIfTI, finite, not constant; a FLAIR on its T1's grid when
+        the T1 is already there); never replaces an existing image. A T1/MPRAGE is stored beside its FLAIR and
+        not listed (the naming rule of :mod:`msxai.studies`)."""
+        from msxai.io import Volume, check_same_grid, load_volume
+
+        image_id, ext = image_id_from_upload(image_id, filename or image_filename)
+        validate_image_id(image_id)
+        name = image_id + ext
+        images = Path(self._datastore.image_path())
+        clash = [images / f"{image_id}{e}" for e in IMAGE_EXTENSIONS if (images / f"{image_id}{e}").exists()]
+        if image_id in self._datastore.objects or clash:
+            raise ConflictError(f"image {image_id!r} already exists; remove it first (DELETE /datastore/image, "
+                                "admin) or upload under another id")
+        shape, affine = check_image_file(image_filename, name)
+        note = ""
+        if is_study_image(name):
+            try:
+                t1 = find_t1(images / name)
+            except Exception as exc:  # no T1 yet (or ambiguous): the study answers with this message when used
+                note = str(exc)
+            else:
+                check_same_grid(Volume(load_volume(image_filename, name).array, affine), load_volume(t1, t1.name),
+                                name, t1.name)
+        dest = images / name
+        tmp = images / f".{name}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with self._write_lock, FileLock(self._lock_file):
+            try:
+                copy_file_durably(image_filename, tmp)
+                try:
+                    os.link(tmp, dest)  # never replaces: fails if the name appeared meanwhile
+                except FileExistsError:
+                    raise ConflictError(f"image {image_id!r} already exists") from None
+                except OSError:
+                    if dest.exists():
+                        raise ConflictError(f"image {image_id!r} already exists") from None
+                    os.replace(tmp, dest)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+            fsync_dir(images)
+            if is_study_image(name):
+                info = dict(image_info or {})
+                info.update(ts=int(time.time()), name=name)
+                if user:
+                    info["user"] = user
+                self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext))
+                self._update_datastore_file(lock=False)
+        audit.info(f"image added: image={image_id} file={name} user={user or '-'} shape={tuple(shape)}"
+                   + ("" if is_study_image(name) else " (companion/derived file: not listed)"))
+        if note:
+            logger.info(f"msxai: {note}")
+        return image_id
+
+    def remove_image(self, image_id, user=None):
+        """Delete an image and its labels (the labels' last versions stay in the label history)."""
+        self._existing_image(image_id)
+        obj = self._datastore.objects.get(image_id)
+        for tag in list(obj.labels.keys()):
+            self.remove_label(image_id, tag, user=user)
+        with self._write_lock, FileLock(self._lock_file):
+            path = Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)
+            if path.exists():
+                path.unlink()
+            fsync_dir(path.parent)
+            self._datastore.objects.pop(image_id, None)
+            self._update_datastore_file(lock=False)
+        audit.info(f"image removed: image={image_id} user={user or '-'}")
+
 
 # --------------------------------------------------------------------------------------------------- DICOMweb (PACS)
-import threading  # noqa: E402
-
 from monailabel.datastore.dicom import DICOMWebDatastore  # noqa: E402
 from monailabel.interfaces.datastore import DefaultLabelTag  # noqa: E402
 from pydicom.dataset import Dataset  # noqa: E402
 
-from msxai.studies import UnknownImageError, dicom_sequence_of, find_t1_series, validate_image_id  # noqa: E402
+from msxai.studies import dicom_sequence_of, find_t1_series  # noqa: E402
 
 
 class DicomWebAccessError(RuntimeError):
     """The DICOMweb server cannot be used (unreachable, credentials refused): stops the start-up."""
 
 
-class MsxaiDICOMwebDatastore(DICOMWebDatastore):
+class MsxaiDICOMwebDatastore(SafeWritesMixin, DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore (series are downloaded and converted to NIfTI in its cache) with the msxai
     study rule: an image is a series of the search filter (MR) that is not itself a T1; its T1 is the series of the
     same study found by :func:`msxai.studies.find_t1_series`. Results are written back as DICOM SEG by
@@ -182,55 +543,110 @@ class MsxaiDICOMwebDatastore(DICOMWebDatastore):
     def store_seg(self, image_id: str, labels, affine, segments, description: str) -> dict:
         """Write ``labels`` (on the grid of ``get_image_uri(image_id)``) as a DICOM SEG of the series
         ``image_id`` and store it on the DICOMweb server (STOW-RS)."""
-        import glob
-
-        import pydicom
-
         from msxai.dicom import write_seg
 
-        src = [pydicom.dcmread(p, stop_before_pixels=True)
-               for p in sorted(glob.glob(os.path.join(self.image_series_dir(image_id), "*.dcm")))]
-        seg = write_seg(labels, affine, src, segments, series_description=description)
+        seg = write_seg(labels, affine, self._source_datasets(image_id), segments, series_description=description)
         self._client.store_instances([seg])
         return {"SeriesInstanceUID": str(seg.SeriesInstanceUID), "SOPInstanceUID": str(seg.SOPInstanceUID),
                 "SeriesDescription": str(seg.SeriesDescription), "frames": int(seg.NumberOfFrames),
                 "segments": [str(s.SegmentLabel) for s in seg.SegmentSequence]}
 
-    def save_label(self, image_id, label_filename, label_tag, label_info, label_id=""):
-        """``final`` labels become a DICOM SEG (written by msxai, not dcmqi) on the server; every label is also kept
-        in the local cache, as MONAI Label's DICOMweb datastore does."""
+    def _source_datasets(self, image_id: str) -> list:
+        """The headers of the image series' instances (downloaded once into the cache)."""
+        import glob
+
+        import pydicom
+
+        return [pydicom.dcmread(p, stop_before_pixels=True)
+                for p in sorted(glob.glob(os.path.join(self.image_series_dir(image_id), "*.dcm")))]
+
+    def store_saliency(self, image_id: str, run_dir, result: dict, lesion_seg_content=None) -> dict:
+        """The explanation saved in ``run_dir`` as DICOM Parametric Maps (float maps) and a TID 1500 SR (per-lesion
+        table) of the series ``image_id`` (:func:`msxai.dicom_saliency.explain_dicom`), stored with STOW-RS beside
+        its SEG. ``lesion_seg_content``: ``(labels, affine, segments, description)`` of the lesion SEG (the one the
+        segmentation task stores, same UIDs): its segments are referenced by the SR; stored when absent."""
+        from msxai.dicom import write_seg
+        from msxai.dicom_saliency import explain_dicom
+
+        src = self._source_datasets(image_id)
+        seg = None
+        if lesion_seg_content is not None:
+            labels, affine, segments, description = lesion_seg_content
+            seg = write_seg(labels, affine, src, segments, series_description=description)
+            if not self._series(SeriesInstanceUID=str(seg.SeriesInstanceUID)):
+                self._client.store_instances([seg])
+        out = explain_dicom(run_dir, result, src, lesion_seg=seg, sink=lambda d: self._client.store_instances([d]))
+        self._client.store_instances([out["report"]])
+        sr = out["report"]
+        return {"viewer": f"/ohif/viewer?StudyInstanceUIDs={sr.StudyInstanceUID}",
+                "parametric_maps": [{k: v for k, v in p.items() if k != "dataset"} for p in out["parametric_maps"]],
+                "parametric_maps_skipped": out["skipped"],
+                "sr": {"SeriesInstanceUID": str(sr.SeriesInstanceUID), "SOPInstanceUID": str(sr.SOPInstanceUID),
+                       "SeriesDescription": str(sr.SeriesDescription),
+                       "groups": len(sr.ContentSequence[-1].ContentSequence)},
+                "lesion_seg": str(seg.SeriesInstanceUID) if seg is not None else None}
+
+    # ------------------------------------------------------------------------------------ checked writes
+    def _existing_image(self, image_id) -> str:
+        validate_image_id(image_id)
+        uri = self.get_image_uri(image_id)  # downloads the series once; an unknown series is a 404
+        if not uri or not os.path.isfile(uri) or image_id not in self._datastore.objects:
+            raise UnknownImageError(f"series {image_id!r} is not available from {self._client.base_url}")
+        return uri
+
+    def _label_input(self, image_uri: str, label_filename: str):
+        """OHIF's ``.bin`` labels are converted on the image's grid first (as MONAI Label does)."""
         import pathlib
 
-        from monailabel.datastore.local import LocalDatastore
         from monailabel.datastore.utils.convert import binary_to_image
 
-        from msxai.dicom import lesion_segments
-        from msxai.labelmaps import read_labelmap
-
-        image_uri = self.get_image_uri(image_id)
-        output_file = ""
         if "".join(pathlib.Path(label_filename).suffixes) == ".bin":
-            output_file = label_filename = binary_to_image(image_uri, label_filename)
-        try:
-            if label_tag == DefaultLabelTag.FINAL:
-                arr, aff = read_labelmap(label_filename)
-                names = {}
-                for i, li in enumerate((label_info or {}).get("label_info") or []):
-                    if isinstance(li, dict) and li.get("name"):
-                        names[str(li["name"])] = int(li.get("idx", li.get("id", i + 1)))
-                import numpy as np
+            try:
+                out = binary_to_image(image_uri, label_filename)
+            except Exception as exc:
+                from msxai.errors import InputError
 
-                values = [int(v) for v in np.unique(arr) if v != 0]
-                for v in values:
-                    if v not in names.values():
-                        names[f"lesion {v}" if len(values) > 1 else "lesion"] = v
-                info = self.store_seg(image_id, arr, aff, lesion_segments(names), self.FINAL_SEG_DESCRIPTION)
-                image_info = self.get_image_info(image_id)
-                label_info = dict(label_info or {})
-                label_info.update({"SeriesInstanceUID": info["SeriesInstanceUID"],
-                                   "Modality": image_info.get("Modality"), "PatientID": image_info.get("PatientID"),
-                                   "StudyInstanceUID": image_info.get("StudyInstanceUID")})
-            return LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
-        finally:
-            if output_file and os.path.exists(output_file):
-                os.unlink(output_file)
+                raise InputError(f"cannot read the .bin label on the image's grid ({exc})"[:300]) from None
+            return out, extension_of(out), lambda: os.path.exists(out) and os.unlink(out)
+        return super()._label_input(image_uri, label_filename)
+
+    def _before_label_commit(self, image_id: str, tag: str, arr, affine, info: dict) -> dict:
+        """``final`` labels become a DICOM SEG (written by msxai, not dcmqi) on the server before the local copy is
+        replaced; a PACS that refuses it stops the save (the local label stays as it was)."""
+        if tag != DefaultLabelTag.FINAL:
+            return info
+        import numpy as np
+
+        from msxai.dicom import lesion_segments
+
+        names = {}
+        for i, li in enumerate((info or {}).get("label_info") or []):
+            if isinstance(li, dict) and li.get("name"):
+                try:
+                    names[str(li["name"])] = int(li.get("idx", li.get("id", i + 1)))
+                except (TypeError, ValueError):
+                    continue
+        values = [int(v) for v in np.unique(arr) if v != 0]
+        if not values:
+            logger.info(f"msxai: empty final label of {image_id}: kept locally, no DICOM SEG written")
+            return dict(info or {}, dicom_seg="not written: empty label")
+        for v in values:
+            if v not in names.values():
+                names[f"lesion {v}" if len(values) > 1 else "lesion"] = v
+        seg = self.store_seg(image_id, arr, affine, lesion_segments(names), self.FINAL_SEG_DESCRIPTION)
+        image_info = self.get_image_info(image_id)
+        info = dict(info or {})
+        info.update({"SeriesInstanceUID": seg["SeriesInstanceUID"], "Modality": image_info.get("Modality"),
+                     "PatientID": image_info.get("PatientID"), "StudyInstanceUID": image_info.get("StudyInstanceUID")})
+        return info
+
+    def add_image(self, image_id, image_filename, image_info, user=None, filename=None):
+        from msxai.errors import InputError
+
+        raise InputError("this server's images are the series of its DICOMweb server: store new studies there "
+                         "(e.g. STOW-RS), not through PUT /datastore/image")
+
+    def remove_image(self, image_id, user=None):
+        from msxai.errors import InputError
+
+        raise InputError("this server's images are the series of its DICOMweb server: remove them there")

@@ -19,6 +19,10 @@ segmentations kept in ``<studies>/msxai/<image_id>/``, and the study pairing.
 * ``GET /msxai/artifacts/{image_id}/{path}`` -> one of them (NIfTI / JSON).
 
 Paths are checked (:func:`msxai.studies.safe_artifact_path`): nothing outside the study's folder is served.
+
+The datastore write routes and the label history are in :mod:`lib.datastore_routes`. All routes the app adds are
+registered in front of MONAI Label's (the first matching route answers) and carry MONAI Label's RBAC dependency
+(:mod:`lib.auth` decides who the user is); ``POST /reload`` (MONAI Label's has no RBAC) needs the admin role.
 """
 
 from __future__ import annotations
@@ -45,10 +49,14 @@ PREFIX = "/msxai"
 
 
 def build_router(app) -> APIRouter:
+    from monailabel.config import settings
+    from monailabel.endpoints.user.auth import RBAC
+
+    role_user = settings.MONAI_LABEL_AUTH_ROLE_USER
     router = APIRouter(prefix=PREFIX, tags=["msxai"])
 
     @router.get("/studies", summary="Study images and their T1 (naming rule of msxai.studies)")
-    def studies():
+    def msxai_studies(user: User = Depends(RBAC(role_user))):
         ds = app.datastore()
         if hasattr(ds, "study_rows"):  # DICOMweb: series and their T1 series, from QIDO
             return ds.study_rows()
@@ -64,7 +72,7 @@ def build_router(app) -> APIRouter:
         return out
 
     @router.get("/artifacts/{image_id}", summary="Files the app keeps for a study (saliency maps, segmentations)")
-    def artifacts(image_id: str):
+    def msxai_artifacts(image_id: str, user: User = Depends(RBAC(role_user))):
         try:
             validate_image_id(image_id)
         except InputError as exc:
@@ -74,7 +82,7 @@ def build_router(app) -> APIRouter:
         return {"image": image_id, "files": list_artifacts(app.service.studies, image_id)}
 
     @router.get("/artifacts/{image_id}/{relpath:path}", summary="Download one file kept for a study")
-    def artifact(image_id: str, relpath: str):
+    def msxai_artifact(image_id: str, relpath: str, user: User = Depends(RBAC(role_user))):
         try:
             path = safe_artifact_path(app.service.studies, image_id, relpath)
         except InputError as exc:
@@ -122,13 +130,13 @@ def build_infer_router():
 
 def build_proxy_guard_router():
     """``/proxy/dicom/...`` (what OHIF reads the PACS through) in front of MONAI Label's own: only DICOMweb resource
-    paths are forwarded (:func:`msxai.dicom.split_proxy_path`). MONAI Label 0.8.5 forwards any path with the
+    paths are forwarded (:func:`lib.proxy_guard.split_proxy_path`). MONAI Label 0.8.5 forwards any path with the
     DICOMweb credentials, so ``/proxy/dicom/../system`` reached Orthanc's whole REST API (GET and POST)."""
     from monailabel.config import settings
     from monailabel.endpoints.proxy import proxy_dicom
     from monailabel.endpoints.user.auth import RBAC
 
-    from msxai.dicom import split_proxy_path
+    from lib.proxy_guard import split_proxy_path
 
     router = APIRouter(prefix="/proxy", tags=["Others"])
 
@@ -144,28 +152,81 @@ def build_proxy_guard_router():
     return router
 
 
-def install_routes(app) -> bool:
-    """Add the routes to the served FastAPI app (``monailabel.app:app``) once; a no-op outside the server."""
+def build_admin_router() -> APIRouter:
+    """``POST /reload`` (re-creates the app: MONAI Label's route has no RBAC at all) and the model-file routes
+    (this app serves its bundles' weights; MONAI Label's ``PUT /model/{model}`` needs only the annotator role and
+    answers 500 for an app without trainers)."""
+    from monailabel.config import settings
+    from monailabel.endpoints.user.auth import RBAC
+    from monailabel.interfaces.utils.app import clear_cache
+
+    admin = settings.MONAI_LABEL_AUTH_ROLE_ADMIN
+    router = APIRouter()
+
+    @router.post("/reload", include_in_schema=False)
+    def msxai_reload(user: User = Depends(RBAC(admin))):
+        logger.info(f"msxai: app reload asked by {user.username}")
+        clear_cache()
+        return {}
+
+    @router.put("/model/{model}", summary="Upload/Update Model File (msxai: refused, the bundles are not "
+                                          "updated through the server)", tags=["Model"])
+    def msxai_update_model(model: str, user: User = Depends(RBAC(admin))):
+        raise HTTPException(status_code=405, detail="this app serves the weights of its bundles (bundles/msxai_*); "
+                                                    "they are not replaced through the server")
+
+    @router.delete("/model/{model}", summary="Delete Model File (msxai: refused)", tags=["Model"])
+    def msxai_delete_model(model: str, user: User = Depends(RBAC(admin))):
+        raise HTTPException(status_code=405, detail="this app serves the weights of its bundles (bundles/msxai_*); "
+                                                    "they are not deleted through the server")
+
+    return router
+
+
+def _ours(route) -> bool:
+    return getattr(route, "name", "").startswith("msxai_") or getattr(route, "path", "").startswith(PREFIX + "/")
+
+
+def install_routes(app, extra_routers=()) -> bool:
+    """Add the routes to the served FastAPI app (``monailabel.app:app``) once, in front of MONAI Label's; a re-created
+    app instance (POST /reload) replaces the routes bound to the old one. A no-op outside the server."""
     mod = sys.modules.get("monailabel.app")
     fastapi_app = getattr(mod, "app", None) if mod else None
     if fastapi_app is None:
         return False
-    # a re-created app instance (POST /reload) replaces the routes bound to the old one
-    fastapi_app.router.routes = [
-        r for r in fastapi_app.router.routes if not getattr(r, "path", "").startswith(PREFIX + "/")
-    ]
     from monailabel.config import settings
+    from monailabel.interfaces.exception import MONAILabelException
 
-    fastapi_app.router.routes = [r for r in fastapi_app.router.routes
-                                 if getattr(r, "name", "") not in ("msxai_run_inference", "msxai_proxy_dicom")]
-    fastapi_app.include_router(build_router(app))
+    from lib.datastore_routes import build_datastore_router, build_label_history_router
+
+    fastapi_app.router.routes = [r for r in fastapi_app.router.routes if not _ours(r)]
     n = len(fastapi_app.router.routes)
-    fastapi_app.include_router(build_infer_router(), prefix=settings.MONAI_LABEL_API_STR)
-    fastapi_app.include_router(build_proxy_guard_router(), prefix=settings.MONAI_LABEL_API_STR)
+    fastapi_app.include_router(build_router(app))
+    fastapi_app.include_router(build_label_history_router(app))
+    for router in (build_infer_router(), build_proxy_guard_router(), build_datastore_router(app),
+                   build_admin_router(), *extra_routers):
+        fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
     added = fastapi_app.router.routes[n:]
-    # in front of MONAI Label's POST /infer/{model} and /proxy/dicom/...: the first matching route answers
+    # in front of MONAI Label's routes: the first matching route answers
     fastapi_app.router.routes = added + fastapi_app.router.routes[:n]
+
+    from starlette.responses import JSONResponse
+
+    from lib.validation import status_for
+
+    async def input_error(request, exc):  # anything a client sent that a library check refused
+        return JSONResponse(status_code=status_for(exc), content={"detail": str(exc)})
+
+    async def monailabel_error(request, exc):
+        code = 404 if "NotFound" in type(exc).__name__ else 400
+        return JSONResponse(status_code=code, content={"detail": exc.msg})
+
+    fastapi_app.exception_handlers[InputError] = input_error
+    fastapi_app.exception_handlers[MONAILabelException] = monailabel_error
+    # Starlette built its middleware stack (with a copy of the handlers) for the lifespan call that creates this
+    # app: build it again at the next request
+    fastapi_app.middleware_stack = None
     fastapi_app.openapi_schema = None
-    logger.info("msxai: routes POST /infer/{model} (wrapper), /proxy/dicom (guard), /msxai/studies, /msxai/artifacts "
-                "installed")
+    logger.info(f"msxai: {len(added)} routes installed in front of MONAI Label's (infer wrapper, proxy guard, "
+                "datastore writes, label history, /msxai/*, /reload)")
     return True

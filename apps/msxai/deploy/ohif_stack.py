@@ -2,13 +2,13 @@
 study, the msxai MONAI Label app serving it through MONAI Label's DICOMweb datastore, and the OHIF viewer the
 monailabel wheel ships (``/ohif/`` of the app server, DICOMweb through the server's ``/proxy/dicom/``).
 
-    python -m msxai.ohif_stack up      # scripts/ohif_stack.sh up
-    python -m msxai.ohif_stack status
-    python -m msxai.ohif_stack load --flair F.nii.gz --t1 T.nii.gz   # another study into the running Orthanc
-    python -m msxai.ohif_stack down
+    scripts/ohif_stack.sh up      # = PYTHONPATH=apps/msxai python -m deploy.ohif_stack up
+    scripts/ohif_stack.sh status
+    scripts/ohif_stack.sh load --flair F.nii.gz --t1 T.nii.gz   # another study into the running Orthanc
+    scripts/ohif_stack.sh down
 
 Network: Orthanc 1.10 cannot bind to one address, so it runs in its own network namespace (only ``lo``) and
-:mod:`msxai.loopback` relays the host's ``127.0.0.1:<orthanc port>`` into it; its DICOM (DIMSE) port is switched
+:mod:`deploy.loopback` relays the host's ``127.0.0.1:<orthanc port>`` into it; its DICOM (DIMSE) port is switched
 off; the app server is started with ``--host 127.0.0.1``. Credentials: a user ``msxai`` with a random password
 kept in ``<run dir>/credentials.json`` (mode 600), passed to MONAI Label as ``MONAI_LABEL_DICOMWEB_USERNAME`` /
 ``MONAI_LABEL_DICOMWEB_PASSWORD`` (its settings; the ``/proxy/dicom`` route uses them too).
@@ -31,7 +31,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[1]  # apps/msxai: the MONAI Label app (packages lib, deploy)
+REPO_ROOT = APP_DIR.parents[1]
 ORTHANC_BIN = "Orthanc"
 DICOMWEB_PLUGIN_PATHS = ("/usr/share/orthanc/plugins/libOrthancDicomWeb.so",
                          "/usr/lib/orthanc/plugins/libOrthancDicomWeb.so")
@@ -177,7 +178,7 @@ def _wait(check, what: str, timeout: float, procs=()) -> None:
 
 def start_orthanc(cfg: StackConfig) -> dict:
     """Start Orthanc (own network namespace + relay, or refuse) and wait for its REST API; returns pids."""
-    from msxai.loopback import netns_available, netns_command
+    from deploy.loopback import netns_available, netns_command
 
     missing = missing_requirements()
     if missing:
@@ -210,7 +211,7 @@ def start_orthanc(cfg: StackConfig) -> dict:
         rlog = cfg.run_dir / "relay.log"
         _wait(lambda: os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net"),
               "Orthanc's network namespace", 20, procs)
-        relay = _spawn([cfg.python, "-m", "msxai.loopback", "--listen", str(cfg.orthanc_port),
+        relay = _spawn([cfg.python, "-m", "deploy.loopback", "--listen", str(cfg.orthanc_port),
                         "--netns-pid", str(proc.pid), "--target", str(cfg.orthanc_port)], rlog,
                        env=_env(cfg), cwd=str(REPO_ROOT))
         state["relay_pid"] = relay.pid
@@ -226,7 +227,8 @@ def start_orthanc(cfg: StackConfig) -> dict:
 def _env(cfg: StackConfig) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = [str(REPO_ROOT), str(APP_DIR)]  # the msxai library (when not installed) and the app's deploy package
+    env["PYTHONPATH"] = os.pathsep.join(paths + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.update(cfg.extra_env)
     return env
 
@@ -247,7 +249,7 @@ def start_server(cfg: StackConfig, timeout: float = 300) -> dict:
     """The msxai MONAI Label app on 127.0.0.1 with Orthanc's DICOMweb as its studies."""
     if not port_free(cfg.server_port):
         raise StackError(f"127.0.0.1:{cfg.server_port} is taken: pick another --port or run 'down' first")
-    argv = [cfg.python, "-m", "monailabel.main", "start_server", "--app", str(REPO_ROOT / "apps" / "msxai"),
+    argv = [cfg.python, "-m", "monailabel.main", "start_server", "--app", str(APP_DIR),
             "--studies", cfg.dicomweb_url, "--host", "127.0.0.1", "--port", str(cfg.server_port),
             "--conf", "models", cfg.models]
     if cfg.bundles_dir:
@@ -298,14 +300,11 @@ def load_study(cfg: StackConfig, flair: Path | None = None, t1: Path | None = No
                           study_description=f"msxai study {stem}"[:64])
     # one study per input content: a changed FLAIR/T1 becomes another study, never extra series in this one (which
     # would make its T1 ambiguous)
-    import hashlib
-
-    h = hashlib.sha1()
-    for f in (flair, t1):
-        h.update(Path(f).read_bytes())
     from msxai.dicom import stable_uid
+    from msxai.io import file_sha256
 
-    study.study_uid = stable_uid("study", study.patient_id, study.study_description, h.hexdigest())
+    study.study_uid = stable_uid("study", study.patient_id, study.study_description, file_sha256(flair),
+                                 file_sha256(t1))
     study.frame_of_reference_uid = stable_uid("for", study.study_uid)
     series = study_from_nifti(flair, t1, study)
     for s in series.values():
@@ -320,7 +319,7 @@ def _is_ours(pid: int) -> bool:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return False
-    return any(k in cmd for k in ("Orthanc", "msxai.loopback", "monailabel.main"))
+    return any(k in cmd for k in ("Orthanc", "deploy.loopback", "monailabel.main"))
 
 
 def stop_pids(state: dict, timeout: float = 20) -> list[int]:

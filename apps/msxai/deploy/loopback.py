@@ -3,7 +3,8 @@ interface is a loopback) and relay ``127.0.0.1:PORT`` of the host into it.
 
 Orthanc 1.10 (Debian bookworm) has no bind-address option: its HTTP server listens on every interface. Started with
 :func:`netns_command` it listens on every interface *of a namespace that has only ``lo``*, so nothing outside the
-machine (nor the host's own interfaces) can reach it; :func:`serve_relay` (``python -m msxai.loopback``) listens on
+machine (nor the host's own interfaces) can reach it; :func:`serve_relay` (``python -m deploy.loopback``
+with ``apps/msxai`` on ``PYTHONPATH``) listens on
 the host's ``127.0.0.1:PORT`` only and opens, for each connection, a socket inside the namespace (a thread that
 ``setns``-ed into it) to the server's port there.
 
@@ -127,7 +128,7 @@ def serve_relay(listen_port: int, netns_pid: int, target_port: int, listen_host:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m msxai.loopback",
+    ap = argparse.ArgumentParser(prog="python -m deploy.loopback",
                                  description="relay 127.0.0.1:PORT into the network namespace of a process")
     ap.add_argument("--listen", type=int, required=True, help="port on the host's 127.0.0.1")
     ap.add_argument("--netns-pid", type=int, required=True, help="a process inside the target namespace")
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve_relay(a.listen, a.netns_pid, a.target)
     except OSError as exc:
-        print(f"msxai.loopback: {exc}", file=sys.stderr)
+        print(f"deploy.loopback: {exc}", file=sys.stderr)
         return 2
     return 0
 
