@@ -240,7 +240,7 @@ class LesionSegmentation:
             d["pred"] = MetaTensor(pred, meta=dict(data["image"].meta))
             if output_dir is not None:
                 d["output_dir"] = str(output_dir)
-            d = run_chain(self.postprocessing, d)
+            d = run_chain(self._postprocessing_for(getattr(prepared, "chain", None)), d)
             result = segmentation_result(d)
             result.prob_network, result.network_affine = prob_net, np.asarray(prepared.affine, np.float64)
             result.info = dict(getattr(prepared, "info", {}) or {})
@@ -248,6 +248,24 @@ class LesionSegmentation:
                 result.info["files"] = {k: str(v) for k, v in d["files"].items()}
         result.seconds = time.perf_counter() - t0
         return result
+
+    def _postprocessing_for(self, chain):
+        """The post-processing whose ``Invertd`` undoes ``chain`` (MONAI checks that the transforms it inverts are
+        the very objects that ran): this segmenter's own, or a copy pointing at the chain of another segmenter that
+        prepared the image (e.g. another instance of the same bundle)."""
+        if chain is None or chain is self.preprocessing:
+            return self.postprocessing
+        import copy
+
+        from monai.transforms import Compose, Invertd
+
+        steps = []
+        for t in self.postprocessing.transforms:
+            if isinstance(t, Invertd) and t.transform is self.preprocessing:
+                t = copy.copy(t)
+                t.transform = chain
+            steps.append(t)
+        return Compose(steps)
 
     def segment(self, flair_path, t1_path) -> SegmentationResult:
         return self.predict(self.prepare(flair_path, t1_path))
