@@ -1,22 +1,15 @@
-"""The lesion segmentation pipeline shared by every bundle's ``inference.json``, ``msxai segment``, the MONAI Label
-tasks and the DICOMweb path.
+"""The pieces of a bundle's segmentation that are not the wrapper itself (:class:`msxai.bundle.Bundle`):
 
-``LesionSegmentation(network, inferer, preprocessing, postprocessing, threshold, min_volume_mm3, device)``:
-
-1. :meth:`prepare` runs the bundle's pre-processing chain (:mod:`msxai.transforms`: FLAIR/T1 from NIfTI or DICOM,
-   reoriented and resampled onto the network grid, T1 aligned, brain mask, normalisation) -> ``PreparedImage``;
-2. :meth:`predict` runs the bundle's ``monai.inferers.SlidingWindowInferer`` (96^3 windows, overlap 0.25, gaussian
-   blending by default) and the post-processing chain: softmax, lesion probability ``softmax(logits)[1]``, inverted
-   back to the FLAIR's native grid and orientation, thresholded at 0.3, 18-connected components of at least 5 mm^3
-   (native mm^3);
-3. :meth:`run` also writes ``probability.nii.gz`` (float32), ``mask.nii.gz`` (uint8, the kept lesions),
-   ``lesions.nii.gz`` (int32 instance ids), ``lesions.json``, ``lesions.csv`` and ``preprocessing.json`` on the
-   FLAIR's native grid.
-
-Built without chains (a bare network, in tests), it keeps the FLAIR's grid (:func:`default_preprocessing` without
-orientation and spacing). :func:`evaluate_cases` scores a segmenter on a list of cases (Dice, nDSC, lesion-wise
-TPR/FDR/FNR/F1 via :mod:`msxai.metrics`, on the truth's grid = the FLAIR's) and :func:`resolve_cases` turns a cohort
-folder / ``dataset.json`` / the word ``patient26`` into such a list.
+- :func:`default_preprocessing` / :func:`default_postprocessing`: the chains of :mod:`msxai.transforms` as the
+  bundles' ``inference.json`` lists them (used when a bundle is built in Python, e.g. around a test network: then
+  without orientation and spacing, the FLAIR's grid is the network grid);
+- :class:`SegmentationResult` (on the FLAIR's native grid, with the network-grid probability) and
+  :func:`write_result` (``probability.nii.gz``, ``mask.nii.gz``, ``lesions.nii.gz``, ``lesions.json``,
+  ``lesions.csv``);
+- :class:`EnsembleSegmentation`: the mean probability of several bundles through one bundle's chains;
+- :func:`evaluate_cases` scores a bundle on a list of cases (Dice, nDSC, lesion-wise TPR/FDR/FNR/F1 via
+  :mod:`msxai.metrics`, on the truth's grid = the FLAIR's) and :func:`resolve_cases` turns a cohort folder /
+  ``dataset.json`` / the word ``patient26`` into such a list.
 """
 
 from __future__ import annotations
@@ -31,8 +24,8 @@ import numpy as np
 import torch
 
 from msxai import MIN_LESION_MM3, THRESHOLD
+from msxai.bundle import Bundle
 from msxai.errors import InputError
-from msxai.networks import plain_logits
 
 OUTPUT_FILES = {
     "probability": "probability.nii.gz",
@@ -70,7 +63,7 @@ class SegmentationResult:
         return (self.labels > 0).astype(np.uint8)
 
 
-def _require_path(value: Any, what: str, flag: str) -> Path:
+def require_path(value: Any, what: str, flag: str) -> Path:
     if value is None or str(value).strip() == "":
         raise InputError(f"no {what} given: pass {flag} PATH")
     return Path(str(value))
@@ -113,170 +106,6 @@ def default_postprocessing(preprocessing, threshold: float = THRESHOLD, min_volu
     ])
 
 
-class LesionSegmentation:
-    """FLAIR + T1 -> lesion probability, instances and table with one network, one sliding-window inferer and the
-    bundle's pre-/post-processing chains."""
-
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        inferer,
-        threshold: float = THRESHOLD,
-        min_volume_mm3: float = MIN_LESION_MM3,
-        device: str | torch.device = "cpu",
-        register: str | bool = "auto",
-        n4: bool = False,
-        normalization: str = "zscore_brain",
-        tta_flips=(),
-        preprocessing=None,
-        postprocessing=None,
-    ):
-        from msxai.normalization import check_normalization
-
-        if not 0.0 <= float(threshold) < 1.0:
-            raise InputError(f"threshold must be in [0, 1), got {threshold}")
-        if float(min_volume_mm3) < 0:
-            raise InputError(f"min_volume_mm3 must be >= 0, got {min_volume_mm3}")
-        self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
-        self.inferer = inferer
-        self.threshold = float(threshold)
-        self.min_volume_mm3 = float(min_volume_mm3)
-        self.register = register
-        self.n4 = bool(n4)
-        self.normalization = check_normalization(normalization)
-        self.tta_flips = check_tta_flips(tta_flips)
-        self.preprocessing = preprocessing if preprocessing is not None else default_preprocessing(
-            register=register, n4=n4, normalization=self.normalization)
-        self.postprocessing = postprocessing if postprocessing is not None else default_postprocessing(
-            self.preprocessing, self.threshold, self.min_volume_mm3)
-
-    # ------------------------------------------------------------------ steps
-    def prepare(self, flair_path, t1_path):
-        """Run the pre-processing chain on a FLAIR/T1 pair -> :class:`msxai.preprocess.PreparedImage`."""
-        from msxai.preprocess import PreparedImage
-        from msxai.transforms import INFO_KEY, run_chain
-
-        flair = _require_path(flair_path, "FLAIR image", "--flair")
-        t1 = _require_path(t1_path, "T1 (MPRAGE) image", "--t1")
-        d = run_chain(self.preprocessing, {"flair": str(flair), "t1": str(t1)})
-        ref = d["flair"]
-        native = ref.meta.get("original_affine")
-        info = d.get(INFO_KEY, {})
-        return PreparedImage(
-            image=d["image"].detach().cpu().numpy().astype(np.float32),
-            affine=np.asarray(ref.affine, dtype=np.float64),
-            brain_mask=np.asarray(d["brain_mask"], bool),
-            raw=np.asarray(d.get("raw", d["image"].detach().cpu().numpy()), np.float32),
-            native_affine=np.asarray(native, dtype=np.float64) if native is not None else None,
-            native_shape=tuple(info.get("flair", {}).get("shape", ref.shape[1:])),
-            data=d,
-            info=info,
-            chain=self.preprocessing,
-        )
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plain_logits(self.network(x))
-
-    @torch.no_grad()
-    def logits(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits ``[1, 2, X, Y, Z]`` (float32, on CPU) of a ``[2, X, Y, Z]`` image."""
-        x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
-        if x.ndim != 4 or x.shape[0] != 2:
-            raise InputError(f"expected a [2, X, Y, Z] image (FLAIR, T1), got shape {tuple(x.shape)}")
-        self.network.eval()
-        out = self.inferer(x[None].to(self.device, torch.float32), self._forward)
-        out = out.as_tensor() if hasattr(out, "as_tensor") else out
-        return out.float().cpu()
-
-    def probability(self, image) -> np.ndarray:
-        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]`` on the image's (network) grid; with
-        ``tta_flips`` the mean of the softmax over the image and its flipped copies (each flipped back), one
-        sliding-window pass each."""
-        prob = torch.softmax(self.logits(image), dim=1)[0, 1]
-        if self.tta_flips:
-            x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
-            for axes in self.tta_flips:
-                dims = [a + 1 for a in axes]  # spatial axes of the [2, X, Y, Z] image
-                p = torch.softmax(self.logits(torch.flip(x, dims)), dim=1)[0, 1]
-                prob = prob + torch.flip(p, [a for a in axes])
-            prob = prob / (1 + len(self.tta_flips))
-        return prob.numpy().astype(np.float32)
-
-    def network_pred(self, prepared) -> torch.Tensor:
-        """The post-processing chain's ``pred`` ``[2, X, Y, Z]`` on the network grid: the logits; with ``tta_flips``
-        the log of the averaged class probabilities ``(1 - p, p)`` (logits whose softmax is that average)."""
-        if not self.tta_flips:
-            return self.logits(prepared.image)[0]
-        return probability_logits(self.probability(prepared.image))
-
-    def postprocess(self, prob: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-        """Threshold + 18-connected components >= ``min_volume_mm3`` on the grid of ``prob`` -> (labels, table)."""
-        from msxai.lesions import lesion_table
-        from msxai.transforms import oriented_instances
-
-        labels = oriented_instances(prob, affine, self.threshold, self.min_volume_mm3)
-        return labels, lesion_table(labels, affine, prob=prob)
-
-    def predict(self, prepared, output_dir=None) -> SegmentationResult:
-        """Segment a :class:`msxai.preprocess.PreparedImage`: inferer, then the post-processing chain (results on
-        the FLAIR's native grid; written to ``output_dir`` when given). Anything else with ``image`` and ``affine``
-        is segmented on its own grid."""
-        from monai.data import MetaTensor
-
-        from msxai.transforms import run_chain
-
-        t0 = time.perf_counter()
-        pred = self.network_pred(prepared)
-        prob_net = torch.softmax(pred, dim=0)[1].numpy().astype(np.float32)
-        data = getattr(prepared, "data", None)
-        if data is None:
-            labels, table = self.postprocess(prob_net, prepared.affine)
-            result = SegmentationResult(prob_net, labels, table, np.asarray(prepared.affine, np.float64),
-                                        self.threshold, self.min_volume_mm3, prob_network=prob_net,
-                                        network_affine=np.asarray(prepared.affine, np.float64))
-        else:
-            d = dict(data)
-            d["pred"] = MetaTensor(pred, meta=dict(data["image"].meta))
-            if output_dir is not None:
-                d["output_dir"] = str(output_dir)
-            d = run_chain(self._postprocessing_for(getattr(prepared, "chain", None)), d)
-            result = segmentation_result(d)
-            result.prob_network, result.network_affine = prob_net, np.asarray(prepared.affine, np.float64)
-            result.info = dict(getattr(prepared, "info", {}) or {})
-            if "files" in d:
-                result.info["files"] = {k: str(v) for k, v in d["files"].items()}
-        result.seconds = time.perf_counter() - t0
-        return result
-
-    def _postprocessing_for(self, chain):
-        """The post-processing whose ``Invertd`` undoes ``chain`` (MONAI checks that the transforms it inverts are
-        the very objects that ran): this segmenter's own, or a copy pointing at the chain of another segmenter that
-        prepared the image (e.g. another instance of the same bundle)."""
-        if chain is None or chain is self.preprocessing:
-            return self.postprocessing
-        import copy
-
-        from monai.transforms import Compose, Invertd
-
-        steps = []
-        for t in self.postprocessing.transforms:
-            if isinstance(t, Invertd) and t.transform is self.preprocessing:
-                t = copy.copy(t)
-                t.transform = chain
-            steps.append(t)
-        return Compose(steps)
-
-    def segment(self, flair_path, t1_path) -> SegmentationResult:
-        return self.predict(self.prepare(flair_path, t1_path))
-
-    def run(self, flair_path, t1_path, output_dir) -> dict[str, Path]:
-        """Segment and write the outputs into ``output_dir``; returns ``{kind: path}``."""
-        out = _require_path(output_dir, "output folder", "--output_dir")
-        result = self.predict(self.prepare(flair_path, t1_path), output_dir=out)
-        return {k: Path(v) for k, v in result.info.get("files", {}).items()} or write_result(result, out)
-
-
 def probability_logits(prob: np.ndarray) -> torch.Tensor:
     """``[2, X, Y, Z]`` logits ``(log(1 - p), log p)`` whose softmax gives back the lesion probability ``p``."""
     p = torch.as_tensor(np.asarray(prob, dtype=np.float32))
@@ -313,8 +142,8 @@ def check_tta_flips(tta_flips) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-class EnsembleSegmentation(LesionSegmentation):
-    """Mean lesion probability of several :class:`LesionSegmentation` members (e.g. the three bundles), then the
+class EnsembleSegmentation(Bundle):
+    """Mean lesion probability of several :class:`msxai.bundle.Bundle` members (e.g. the three bundles), then the
     same post-processing (back to the FLAIR's native grid, threshold and lesion rule). The input is prepared once,
     with the first member's pre-processing chain; a member whose normalisation differs gets the prepared raw image
     normalised its way."""
@@ -339,8 +168,8 @@ class EnsembleSegmentation(LesionSegmentation):
             prob += m.probability(image)
         return probability_logits((prob / len(self.members)).astype(np.float32))
 
-    def predict(self, prepared, output_dir=None) -> SegmentationResult:
-        result = super().predict(prepared, output_dir)
+    def segment(self, prepared, output_dir=None) -> SegmentationResult:
+        result = super().segment(prepared, output_dir)
         result.info["ensemble"] = len(self.members)
         return result
 
@@ -400,7 +229,7 @@ def resolve_cases(cohort_or_cases, split: str = "test") -> list[dict]:
 
 
 def evaluate_cases(
-    segmenter: LesionSegmentation,
+    segmenter: Bundle,
     cases: Iterable[dict],
     metrics_path: str | Path | None = None,
     predictions_dir: str | Path | None = None,
@@ -416,8 +245,7 @@ def evaluate_cases(
     rows = []
     cases = list(cases)
     for i, case in enumerate(cases):
-        prepared = segmenter.prepare(case["flair"], case["t1"])
-        result = segmenter.predict(prepared)
+        result = segmenter.segment(segmenter.prepare(case["flair"], case["t1"]))
         truth = load_volume(case["label"], "label")
         if truth.array.shape != result.labels.shape:
             raise InputError(

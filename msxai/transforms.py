@@ -3,7 +3,7 @@
 Every bundle's ``configs/inference.json`` lists its chain (``preprocessing`` and ``postprocessing``) and its
 ``configs/train.json`` starts its training transforms with the same ``preprocessing`` list; ``msxai segment``,
 ``python -m monai.bundle run``, the MONAI Label tasks and the DICOMweb path all run it through
-:class:`msxai.inference.LesionSegmentation`. Keys: ``flair``, ``t1`` (a NIfTI file or a DICOM series folder each),
+:class:`msxai.bundle.Bundle`. Keys: ``flair``, ``t1`` (a NIfTI file or a DICOM series folder each),
 ``image`` (the network input), ``pred`` (logits), ``prob`` (lesion probability), ``labels`` (lesion instances).
 
 Pre-processing (``docs/inputs.md``)::
@@ -376,6 +376,30 @@ class WriteSegmentationd(MapTransform):
         files["preprocessing"] = p
         d["files"] = files
         return d
+
+
+def describe_preprocessing(info: Mapping) -> list[str]:
+    """Lines saying what the pre-processing did (``msxai segment`` prints them; ``preprocessing.json`` has it all)."""
+    out = []
+    for key in ("flair", "t1"):
+        g = info.get(key)
+        if g:
+            sp = " x ".join(f"{s:g}" for s in g["spacing_mm"])
+            out.append(f"{NAMES[key]}: {g['source']}, {g['orientation']}, {tuple(g['shape'])} voxels of {sp} mm")
+    reg = info.get("registration")
+    if reg:
+        how = "resampled onto the network grid in world coordinates" if reg.get("resampled") else "on the FLAIR's grid"
+        if reg.get("registered"):
+            out.append(f"T1: {how}; misaligned by {reg['misalignment_mm'] if reg['misalignment_mm'] is not None else '?'} "
+                       f"mm, rigidly registered (residual {reg['residual_mm']} mm)")
+        else:
+            m = reg.get("misalignment_mm")
+            out.append(f"T1: {how}; " + (f"aligned ({m} mm), not registered" if m is not None else reg.get("note", "")))
+    sk = info.get("skull")
+    if sk:
+        out.append("skull: " + (f"present ({sk['foreground_cm3']:.0f} cm3 non-zero), brain mask {sk['brain_cm3']:.0f} "
+                                f"cm3 found" if sk["present"] else f"absent (skull-stripped: {sk['brain_cm3']:.0f} cm3)"))
+    return out
 
 
 def jsonable(obj):

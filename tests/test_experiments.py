@@ -240,7 +240,7 @@ def _write_tiny_bundle(root):
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16], "sw_batch_size": 1,
                     "overlap": 0.25, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant",
                     "cval": 0.0},
-        "segmenter": {"_target_": "msxai.inference.LesionSegmentation", "network": "@network",
+        "segmenter": {"_target_": "msxai.bundle.Bundle", "network": "@network",
                       "inferer": "@inferer", "threshold": "@threshold", "min_volume_mm3": "@min_volume_mm3",
                       "device": "@device"},
     }

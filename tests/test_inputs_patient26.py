@@ -6,6 +6,8 @@ with scipy from the 1 mm FLAIR: slab-averaged over 3 mm, cubic interpolation) wi
 (ii) with the anatomy moved by 3-4 degrees and 2-4 mm: the measurement sees it, the T1 is rigidly registered, and the
      residual is reported;
 
+and (c)'s oblique case: the same FLAIR turned by 10 degrees, T1 as in (i);
+
 each segments the patient at least 0.8 x as well as the canonical run (Dice and lesion F1 against the consensus
 resliced to the FLAIR's grid; the agreement with the canonical run is printed as information). To keep the test time
 small, the canonical scan is patient26 cropped to its head's bounding box (+ 4 voxels), the one canonical run of the
@@ -22,7 +24,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from geometry_helpers import reslice, save_nifti
+from geometry_helpers import oblique_grid, reslice, save_nifti
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +74,11 @@ def scans(tmp_path_factory):
     motion[:3, 3] = MOTION_MM
     tm = np.clip(reslice(t1, ac, np.linalg.inv(motion) @ at, tshape, 3), 0, None)
     out["ii"] = (fa_path, save_nifti(d / "T1_moved.nii.gz", tm, at))
+    # (c)'s oblique case: the 0.9 x 0.9 x 3 mm FLAIR turned by 10 degrees about the left-right axis, T1 as in (i)
+    ao, oshape = oblique_grid(ac, flair.shape, 10.0, (0.9, 0.9, 3.0))
+    fo = np.clip(reslice(flair, ac, ao, oshape, 3, slab_mm=3), 0, None)
+    out["oblique"] = (save_nifti(d / "FLAIR_oblique.nii.gz", fo, ao), out["i"][1])
+    out["oblique_truth"] = reslice(truth.astype(np.float32), ac, ao, oshape, 0) > 0.5
     return out
 
 
@@ -86,7 +93,7 @@ def bundle():
 def canonical(scans, bundle):
     from msxai.metrics import evaluate_case
 
-    r = bundle.segmenter.segment(*scans["canonical"])
+    r = bundle.segment_files(*scans["canonical"])
     assert r.info["registration"]["resampled"] is False
     return r, evaluate_case(r.labels, scans["truth"], r.affine)
 
@@ -99,21 +106,22 @@ def _agreement(r, canonical_result):
     return 2 * float((back & ref).sum()) / max(1.0, float(back.sum() + ref.sum()))
 
 
-@pytest.mark.parametrize("case", ["i", "ii"])
+@pytest.mark.parametrize("case", ["i", "ii", "oblique"])
 def test_clinical_flair_with_t1_on_its_own_grid(scans, bundle, canonical, case):
     from msxai.metrics import evaluate_case
 
     ref_result, ref = canonical
-    r = bundle.segmenter.segment(*scans[case])
-    assert r.labels.shape == scans["aniso_truth"].shape  # results on the FLAIR's native grid
+    r = bundle.segment_files(*scans[case])
+    truth = scans["oblique_truth" if case == "oblique" else "aniso_truth"]
+    assert r.labels.shape == truth.shape  # results on the FLAIR's native grid
     reg = r.info["registration"]
     assert reg["resampled"] is True and reg["misalignment_mm"] is not None
-    if case == "i":
+    if case in ("i", "oblique"):
         assert reg["registered"] is False and reg["misalignment_mm"] <= 2.0, reg
     else:
         assert reg["registered"] is True and reg["misalignment_mm"] > 5.0 and reg["residual_mm"] < 1.5, reg
         np.testing.assert_allclose(reg["transform"]["rotation_deg"], MOTION_DEG, atol=0.5)
-    got = evaluate_case(r.labels, scans["aniso_truth"], r.affine)
+    got = evaluate_case(r.labels, truth, r.affine)
     print(f"({case}) Dice {got['dice']:.3f} (canonical {ref['dice']:.3f}), lesion F1 {got['F1']:.3f} (canonical "
           f"{ref['F1']:.3f}); agreement with the canonical run (Dice of the masks) {_agreement(r, ref_result):.3f}; "
           f"registration {reg}")
