@@ -203,8 +203,15 @@ def test_dicom_series_give_what_their_nifti_gives(subject, bundle, canonical, ob
     r = bundle.segment_files(fd, td)
     assert r.info["flair"]["source"] == "dicom" and r.info["t1"]["source"] == "dicom"
     ref_affine = nifti_result.affine
-    np.testing.assert_array_equal(to_reference_order(r.labels, r.affine, ref_affine), nifti_result.labels)
-    np.testing.assert_allclose(to_reference_order(r.prob, r.affine, ref_affine), nifti_result.prob, atol=1e-5)
+    labels = to_reference_order(r.labels, r.affine, ref_affine)
+    prob = to_reference_order(r.prob, r.affine, ref_affine)
+    if geometry != "oblique":  # the same voxels: the same network input, bit for bit
+        np.testing.assert_array_equal(labels, nifti_result.labels)
+        np.testing.assert_allclose(prob, nifti_result.prob, atol=1e-5)
+    else:  # DICOM keeps 10 significant digits of the oblique direction cosines: a 1e-10 mm different grid
+        np.testing.assert_allclose(prob, nifti_result.prob, atol=1e-4)
+        differ = (labels > 0) != (nifti_result.labels > 0)
+        assert np.all(np.abs(nifti_result.prob[differ] - 0.3) < 1e-4), "lesion voxels differ away from the threshold"
 
 
 def test_maps_go_back_to_the_native_grid_like_a_scipy_twin(bundle, oblique):
