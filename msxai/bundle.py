@@ -27,9 +27,8 @@ from msxai import MIN_LESION_MM3, THRESHOLD
 from msxai.device import resolve_device
 from msxai.errors import InputError
 from msxai.networks import plain_logits
+from msxai.paths import BUNDLES_ENV, bundles_dir, checkout_path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-BUNDLES_DIR = REPO_ROOT / "bundles"
 BUNDLE_NAMES = ("msxai_unet", "msxai_dynunet", "msxai_swinunetr")
 
 
@@ -62,15 +61,21 @@ def config_bundle_root(name: str | None = None) -> str:
 
 
 def resolve_bundle_dir(path: str | Path) -> Path:
-    """A bundle folder from a path or a short name (``unet``, ``msxai_unet``)."""
+    """A bundle folder from a path, or from a short name (``unet``, ``msxai_unet``) in
+    :func:`msxai.paths.bundles_dir` (``$MSXAI_BUNDLES``, or a development checkout's ``bundles/``)."""
     p = Path(path)
-    if not p.exists():
-        for cand in (BUNDLES_DIR / str(path), BUNDLES_DIR / f"msxai_{path}"):
+    root = bundles_dir()
+    if not p.exists() and root is not None:
+        for cand in (root / str(path), root / f"msxai_{path}"):
             if cand.is_dir():
                 p = cand
                 break
     if not (p / "configs" / "inference.json").is_file():
-        raise InputError(f"not an msxai bundle (no configs/inference.json): {path}")
+        if not p.exists() and root is None:
+            raise InputError(f"bundle {str(path)!r} not found: pass the bundle folder (--bundle DIR), or set "
+                             f"{BUNDLES_ENV} to the folder holding msxai_<name>/ to use short names")
+        raise InputError(f"not an msxai bundle (no configs/inference.json): {path}"
+                         + (f" (short names are looked up in {root})" if not p.exists() else ""))
     return p.resolve()
 
 
@@ -472,11 +477,14 @@ def train_bundle(
 
 
 def verify_bundle_metadata(bundle_dir: str | Path, schema: str | Path | None = None) -> None:
-    """``monai.bundle verify_metadata`` offline, against the project's schema (``configs/bundle_schema.json``)."""
+    """``monai.bundle verify_metadata`` offline, against the project's schema (``configs/bundle_schema.json`` of a
+    development checkout unless ``schema`` is given)."""
     from monai.bundle import verify_metadata
 
     bundle_dir = resolve_bundle_dir(bundle_dir)
-    schema = Path(schema) if schema is not None else REPO_ROOT / "configs" / "bundle_schema.json"
+    schema = Path(schema) if schema is not None else checkout_path("configs", "bundle_schema.json")
+    if schema is None:
+        raise InputError("no metadata schema: pass schema= (the repository's configs/bundle_schema.json)")
     if not schema.is_file():
         raise InputError(f"schema not found: {schema}")
     verify_metadata(meta_file=str(bundle_dir / "configs" / "metadata.json"), filepath=str(schema))

@@ -98,7 +98,8 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
     ds = new_instance(PARAMETRIC_MAP_STORAGE, sop_uid)
     copy_study_attributes(ds, ref)
     declare_private_scheme(ds)
-    ds.Modality = str(getattr(ref, "Modality", "") or "MR")
+    # not the source's MR: image lists and the T1 pairing (msxai.studies) look at MR series
+    ds.Modality = "OT"
     ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = series_uid, int(series_number), 1
     ds.SeriesDescription = series_description[:64]
     ds.SeriesDate = ds.ContentDate = now.strftime("%Y%m%d")
@@ -154,6 +155,7 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
     shared.PixelValueTransformationSequence = Seq([pvt])
     voi = Dataset()
     voi.WindowCenter, voi.WindowWidth = f"{(lo + hi) / 2:.6g}", f"{max(hi - lo, 1e-6):.6g}"
+    voi.VOILUTFunction = "LINEAR_EXACT"  # the stored range exactly (a width below 1 needs it)
     shared.FrameVOILUTSequence = Seq([voi])
     ds.SharedFunctionalGroupsSequence = Seq([shared])
 
@@ -194,4 +196,28 @@ def saliency_parametric_maps(saliency: np.ndarray, affine: np.ndarray, source: S
             lut_explanation=f"{short} {map_name} {part} part of {name}, peak {peak:.4g}",
             series_number=series_number + len(out), margin=margin)
         out.append((part, ds))
+    return out
+
+
+def read_parametric_map(pm, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """The real-world values (``slope * stored + intercept``, the shared Real World Value Mapping) of a float
+    Parametric Map on the grid ``(affine, shape)`` (RAS), placed frame by frame by :func:`source_voxel_indices`;
+    NaN where no frame lies. Frames must lie on the grid (:class:`GeometryError` otherwise)."""
+    from types import SimpleNamespace
+
+    if "FloatPixelData" not in pm:
+        raise InputError("not a float Parametric Map (no FloatPixelData)")
+    n, rows, cols = int(pm.NumberOfFrames), int(pm.Rows), int(pm.Columns)
+    stored = np.frombuffer(pm.FloatPixelData, dtype="<f4").reshape(n, rows, cols)
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    rwv = shared.RealWorldValueMappingSequence[0]
+    slope, intercept = float(rwv.RealWorldValueSlope), float(rwv.RealWorldValueIntercept)
+    out = np.full(tuple(int(s) for s in shape), np.nan)
+    for f, fg in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        frame = SimpleNamespace(
+            ImageOrientationPatient=shared.PlaneOrientationSequence[0].ImageOrientationPatient,
+            PixelSpacing=shared.PixelMeasuresSequence[0].PixelSpacing, Rows=rows, Columns=cols,
+            ImagePositionPatient=fg.PlanePositionSequence[0].ImagePositionPatient, SOPInstanceUID=f"frame {f + 1}")
+        I, J, K = source_voxel_indices(frame, affine, out.shape)
+        out[I, J, K] = stored[f] * slope + intercept
     return out

@@ -113,6 +113,9 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
     _, source = dataset_affine(list(source))
     ref = source[0]
     numbers = lesion_segment_numbers(lesion_seg) if lesion_seg is not None else {}
+    # lesions of a saved label (lesions_from=final) are named after it: "final lesion 1" is not the model's lesion 1
+    saved = re.search(r"the saved '([^']+)' label", str(result.get("domain_source", "")))
+    prefix = f"{saved.group(1)} " if saved else ""
     pms, groups, skipped = [], [], []
     for d, name in enumerate(domains):
         maps = {}
@@ -123,7 +126,7 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
         domain = domain > 0
         if not domain.any():
             raise InputError(f"the domain of {name} is empty")
-        display = name.replace("_", " ")
+        display = prefix + name.replace("_", " ")
         if d < max_pm_domains:
             for short, m in maps.items():
                 for part, ds in saliency_parametric_maps(m, affine, source, name=display, map_name=short,
@@ -154,7 +157,7 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
                                                          result.get("model", "")),
             point_lps=lps[:3], measurements=summary_measurements(summaries.get(name) or {}, method)
             if name in summaries else [], segment=seg_ref, image=source[k], point_concept=PEAK))
-    ids = ",".join(n.replace("lesion_", "") for n in domains)
+    ids = prefix + ",".join(n.replace("lesion_", "") for n in domains)
     report = write_measurement_report(
         groups, source, series_description=f"msxai {METHOD_NAMES[method]} {result.get('model', '')} table {ids}",
         series_number=series_number + 99, coordinates=coordinates)

@@ -10,10 +10,10 @@ turns the one real patient (patient26, 16 lesions, ~8 mL) into many training sub
    on one half never sees the other; patient26 has no lesion crossing the plane (tested).
 2. **Tissue and lesion sites** (:func:`tissue_probabilities`): a 3-class split of the T1 inside the brain
    (multi-Otsu; CSF < GM < WM, real lesions excluded) gives hard CSF/GM/WM maps, smoothed by 0.7 mm into
-   partial-volume probabilities; :func:`msxai.synth._site_maps` finds the periventricular, deep and juxtacortical
-   white-matter sites and the distance to the ventricles from them, as it does for synthetic subjects.
+   partial-volume probabilities; :func:`msxai.synth.lesion_site_maps` finds the periventricular, deep and
+   juxtacortical white-matter sites and the distance to the ventricles from them, as it does for synthetic subjects.
 3. **Injected lesions** (:func:`inject_lesions`): irregular blobs placed by the synthetic generator's own
-   placement (:func:`msxai.synth._place_lesions`: unions of perturbed ellipsoids, Dawson's fingers, confluent
+   placement (:func:`msxai.synth.place_lesions`: unions of perturbed ellipsoids, Dawson's fingers, confluent
    seeds; 5 mm^3 up to several mL) in the NAWM (real lesions and their 2 mm surroundings excluded), plus, for heavy
    loads, confluent periventricular caps of irregular thickness (:func:`periventricular_caps`). A load class is
    drawn per subject (:data:`LOAD_CLASSES`), up to ~30 mL in one hemisphere (~60 mL brain-equivalent).
@@ -232,7 +232,7 @@ class RealBackground:
     affine: np.ndarray
     side: str
     p: np.ndarray  # [3, ...] CSF/GM/WM probabilities
-    sites: dict  # msxai.synth._site_maps output
+    sites: dict  # msxai.synth.lesion_site_maps output
     allowed: np.ndarray  # NAWM where lesions may be injected
     bg_flair: np.ndarray
     bg_t1: np.ndarray
@@ -242,7 +242,7 @@ class RealBackground:
     def build(cls, flair, t1, truth, affine, side: str = "both") -> "RealBackground":
         from msxai.io import voxel_spacing
         from msxai.lesions import instances_from_mask
-        from msxai.synth import _site_maps
+        from msxai.synth import lesion_site_maps
 
         flair = np.asarray(flair, np.float32)
         t1 = np.asarray(t1, np.float32)
@@ -271,7 +271,7 @@ class RealBackground:
         # lesions may go into white matter away from the real lesions, never into the blanked half
         p_inj = p.copy()
         p_inj[2][near_les] = 0.0
-        sites = _site_maps(p_inj, outline, v)
+        sites = lesion_site_maps(p_inj, outline, v)
         sites["centres"] = {k: c[brain[tuple(c.T)]] for k, c in sites["centres"].items()}
         allowed = ((p_inj[2] > 0.4) | ((p_inj[2] > 0.15) & (sites["dist_vent"] <= 3.0) & (p_inj[0] < 0.75))) & brain
         return cls(flair=flair, t1=t1, truth=truth, brain=brain, affine=np.asarray(affine, np.float64), side=side, p=p_inj,
@@ -284,7 +284,7 @@ def inject_lesions(rng: np.random.Generator, bg: RealBackground, load: dict | No
     (default: :func:`draw_load`) injected; label = real lesions | injected lesions (before the 5 mm^3 rule, which
     the training label reading does not apply)."""
     from msxai.io import voxel_spacing
-    from msxai.synth import SynthConfig, _place_lesions, smooth_noise
+    from msxai.synth import SynthConfig, place_lesions, smooth_noise
 
     load = draw_load(rng) if load is None else load
     v = float(voxel_spacing(bg.affine)[0])
@@ -295,7 +295,7 @@ def inject_lesions(rng: np.random.Generator, bg: RealBackground, load: dict | No
         cfg = SynthConfig(voxel_size=v, n_lesions=int(load["n_lesions"]),
                           lesion_volume_median_mm3=float(load["median_mm3"]),
                           confluent_fraction=float(load["confluent_fraction"]))
-        inj, blobs = _place_lesions(rng, cfg, bg.p, bg.brain, bg.sites)
+        inj, blobs = place_lesions(rng, cfg, bg.p, bg.brain, bg.sites)
     inj &= bg.allowed
     budget = MAX_INJECTED_ML.get(load["class"], np.inf) * 1000.0 / v**3 * (2 if bg.side == "both" else 1)
     if load.get("caps"):

@@ -296,7 +296,8 @@ def list_artifacts(studies: str | Path, image_id: str) -> list[str]:
     base = artifact_dir(studies, image_id)
     if not base.is_dir():
         return []
-    return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return sorted(str(p.relative_to(base)) for p in base.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts))
 
 
 def file_fingerprint(paths: Sequence[str | Path]) -> str:
@@ -326,7 +327,10 @@ class SegmentationCache:
 
     An entry is valid while the FLAIR, the T1 and the bundle's weights/configs are unchanged (their fingerprints
     are stored in ``meta.json``); it survives server restarts. ``compute`` is called at most once at a time per key
-    (concurrent requests for the same key wait for the first)."""
+    (concurrent requests for the same key wait for the first), across processes too: MONAI Label's batch infer runs
+    the app again in a subprocess beside the server, so each key also holds an exclusive ``flock`` on
+    ``.seg_<model>.lock`` while it reads or computes, and an entry is written into a temporary folder that is renamed
+    into place complete (a reader never sees a half-written entry)."""
 
     def __init__(self, studies: str | Path, max_memory_items: int = 8):
         self.studies = Path(studies)
@@ -352,7 +356,7 @@ class SegmentationCache:
         from msxai.io import save_volume
 
         key = (image_id, model)
-        with self._lock(key):
+        with self._lock(key), _process_lock(self._dir(image_id, model).with_name(f".seg_{model}.lock")):
             mem = self._mem.get(key)
             if mem is not None and mem[0] == fingerprint:
                 return dict(mem[1], from_cache="memory")
@@ -393,17 +397,16 @@ class SegmentationCache:
                                           and np.allclose(net_affine, entry["affine"], atol=1e-6))
             entry["prob_network"] = entry["prob"] if on_one_grid else np.asarray(net, dtype=np.float32)
             entry["network_affine"] = entry["affine"] if on_one_grid else np.asarray(net_affine, dtype=np.float64)
-            d.mkdir(parents=True, exist_ok=True)
-            save_volume(d / "labels.nii.gz", entry["labels"], entry["affine"], dtype=np.int32)
-            save_volume(d / "prob.nii.gz", entry["prob"], entry["affine"], dtype=np.float32)
-            if on_one_grid:
-                (d / "prob_network.nii.gz").unlink(missing_ok=True)
-            else:
-                save_volume(d / "prob_network.nii.gz", entry["prob_network"], entry["network_affine"], dtype=np.float32)
-            tmp = d / ".meta.json.tmp"
-            tmp.write_text(json.dumps({"fingerprint": fingerprint, "model": model, "table": entry["table"]},
-                                      default=json_default, indent=1))
-            os.replace(tmp, meta_path)
+            tmp = d.with_name(f".{d.name}~tmp~{os.getpid()}~{threading.get_ident()}")
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_volume(tmp / "labels.nii.gz", entry["labels"], entry["affine"], dtype=np.int32)
+            save_volume(tmp / "prob.nii.gz", entry["prob"], entry["affine"], dtype=np.float32)
+            if not on_one_grid:
+                save_volume(tmp / "prob_network.nii.gz", entry["prob_network"], entry["network_affine"],
+                            dtype=np.float32)
+            (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "model": model,
+                                                       "table": entry["table"]}, default=json_default, indent=1))
+            _replace_dir(tmp, d)
             self._remember(key, fingerprint, entry)
             return dict(entry, from_cache=None)
 
@@ -413,6 +416,29 @@ class SegmentationCache:
             self._mem[key] = (fingerprint, entry)
             while len(self._mem) > self.max_memory_items:
                 self._mem.pop(next(iter(self._mem)))
+
+
+class _process_lock:
+    """An exclusive ``fcntl.flock`` on ``path`` (created with its folder) for the ``with`` block: one process at a
+    time (threads of one process are serialised by the cache's own locks first)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def __enter__(self):
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh = open(self.path, "a+")
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+        return False
 
 
 # ------------------------------------------------------------------------------------------- explain parameters
@@ -599,7 +625,7 @@ class StudyService:
     (with a run on whichever request thread, glibc's per-thread arenas would each keep one run's peak)."""
 
     def __init__(self, studies: str | Path, bundle_paths: Mapping[str, str | Path], max_samples: int = MAX_SAMPLES_DEFAULT,
-                 loader=None):
+                 loader=None, runner=None):
         if not bundle_paths:
             raise BundleLoadError("no model selected: pass --conf models all (or a subset such as unet,dynunet)")
         self.studies = Path(studies)
@@ -609,9 +635,11 @@ class StudyService:
         self._loader = loader
         self._bundles: dict[tuple[str, str], Any] = {}
         self._bundle_lock = threading.Lock()
-        from concurrent.futures import ThreadPoolExecutor
+        self.runner = runner  # an object with .run(fn, *args, **kwargs) on the model thread (the app's scheduler)
+        if runner is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msxai-model")
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msxai-model")
         for model in self.bundle_paths:  # fail at start-up, not at the first request
             self.bundle(model, "cpu")
 
@@ -622,6 +650,8 @@ class StudyService:
 
     def run(self, fn, *args, **kwargs):
         """Run ``fn`` on the model worker thread and wait for it (exceptions are re-raised here)."""
+        if self.runner is not None:
+            return self.runner.run(fn, *args, **kwargs)
         if threading.current_thread().name.startswith("msxai-model"):
             return fn(*args, **kwargs)
         return self._worker.submit(fn, *args, **kwargs).result()
@@ -725,7 +755,11 @@ class StudyService:
         return result
 
     # -------------------------------------------------------------------------------------------- explanation
-    def explain_request(self, method: str, request: Mapping[str, Any], out_path: str | Path) -> dict:
+    def explain_request(self, method: str, request: Mapping[str, Any], out_path: str | Path, admit=None,
+                        checkpoint=None) -> dict:
+        """``admit(bundle=, prepared=, domains=, params=, device=)`` is called on the model thread once the domains are
+        known, before any saliency is computed (it may refuse by raising); ``checkpoint(info)`` after every chunk of
+        the computation (see :func:`explain_maps`)."""
         from msxai.io import save_volume
         from msxai.labelmaps import combine_signed_max, domain_from_points, saliency_bins, write_labelmap
         from msxai.lesions import lesion_domain
@@ -800,7 +834,10 @@ class StudyService:
             to_network = getattr(prepared, "to_network", None)
             net_domains = {n: (to_network(m, n) if to_network else m) for n, m in domains.items()}
             prob_net = seg.get("prob_network", seg["prob"])
-            maps, summaries = explain_maps(bundle, prepared, net_domains, p, device, prob=prob_net)
+            if admit is not None:
+                admit(bundle=bundle, prepared=prepared, domains=net_domains, params=p, device=device)
+            maps, summaries = explain_maps(bundle, prepared, net_domains, p, device, prob=prob_net,
+                                           checkpoint=checkpoint)
             from msxai.experiments.error_flag import score_for_bundle  # error score per lesion (or null + reason)
 
             for n in domains:
@@ -923,10 +960,14 @@ def _result_dtype(value):
 
 
 def explain_maps(bundle, prepared, domains: Mapping[str, np.ndarray], p: ExplainParams, device: str | None = None,
-                 prob: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+                 prob: np.ndarray | None = None, checkpoint=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """Run the saliency engine (:func:`msxai.saliency.engine.explain`, the one ``msxai explain`` uses) for every
     domain; returns ``({name: [2, X, Y, Z] (SmoothGrad: FLAIR, MPRAGE) or [X, Y, Z] (Grad-CAM++)}, {name: summary})``
-    in the order of ``domains``. The bundle's network is already on ``device``."""
+    in the order of ``domains``. The bundle's network is already on ``device``.
+
+    ``checkpoint(info)`` is called after every chunk: with it, SmoothGrad explains one domain per engine call, so a
+    chunk is one domain x one noise batch (each domain's map is the same as in a shared call: same noise copies);
+    Grad-CAM++ after each domain (its first chunk includes the full-image pass)."""
     from msxai.saliency.engine import explain
 
     kwargs: dict[str, Any] = {"method": p.method, "seed": p.seed, "prob": prob, "affine": prepared.affine}
@@ -934,13 +975,19 @@ def explain_maps(bundle, prepared, domains: Mapping[str, np.ndarray], p: Explain
         kwargs.update(aggregation=p.aggregation, n_samples=p.samples, sigma_fraction=p.sigma)
     else:
         kwargs.update(layer=p.layer)
+    calls = [dict(domains)]
+    if checkpoint is not None and p.method == "smoothgrad":
+        kwargs["checkpoint"] = checkpoint
+        calls = [{n: d} for n, d in domains.items()]
     maps: dict[str, np.ndarray] = {}
     summaries: dict[str, dict] = {}
-    for e in explain(bundle, prepared.image, dict(domains), **kwargs):
+    for e in (e for call in calls for e in explain(bundle, prepared.image, call, **kwargs)):
         if p.method == "smoothgrad":
             maps[e.name] = np.stack([e.maps[f"smoothgrad_{k}"] for k in SEQUENCE_KEYS]).astype(np.float32)
         else:
             maps[e.name] = np.asarray(e.maps["gradcampp"], dtype=np.float32)
+            if checkpoint is not None:
+                checkpoint({"domains": [e.name]})
         summaries[e.name] = e.summary
     order = [n for n in domains if n in maps]
     return {n: maps[n] for n in order}, {n: summaries[n] for n in order}

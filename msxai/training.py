@@ -22,17 +22,21 @@ from monai.transforms import Randomizable
 
 from msxai import THRESHOLD
 from msxai.errors import InputError
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from msxai.paths import checkout_path
 
 
 def default_cohort() -> str:
-    """``<repo>/data/synth`` (made by ``msxai synth --out data/synth --n 24 --seed 0``)."""
-    return str(REPO_ROOT / "data" / "synth")
+    """``<repo>/data/synth`` of a development checkout (made by ``msxai synth --out data/synth --n 24 --seed 0``);
+    an installed msxai has no default cohort."""
+    path = checkout_path("data", "synth")
+    if path is None:
+        raise InputError("no cohort given: pass --cohort DIR (a folder holding dataset.json, made by msxai synth)")
+    return str(path)
 
 
 def default_run_dir(name: str) -> str:
-    return str(REPO_ROOT / "runs" / name)
+    """``<repo>/runs/<name>`` of a development checkout, else ``runs/<name>`` in the current folder."""
+    return str((checkout_path("runs") or Path.cwd() / "runs") / name)
 
 
 def cohort_datalist(cohort, split: str, limit: int | None = None) -> list[dict]:

@@ -140,7 +140,7 @@ def patient26_load(bundle_name: str, n_tn: int = 10) -> dict:
     windows per image and windows covering the lesions (no network run: the truth stands for the lesions)."""
     from msxai.bundle import load_bundle
     from msxai.data import real_patient_paths
-    from msxai.experiments.runner import domain_costs, window_count_map
+    from msxai.experiments.selection import domain_costs, window_count_map
     from msxai.io import load_volume, voxel_volume_mm3
     from msxai.lesions import ball_structure, instances_from_mask, tn_sphere_radius_mm
     from msxai.saliency.sliding import SlidingWindowSpec

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Debian packages of the OHIF path (docs/ohif.md): Orthanc + its DICOMweb plugin, Chromium for the browser test,
-# iproute2 for the network namespace. Tolerant: without them (no root, no network, not Debian) the OHIF tests skip
+# iproute2 for the network namespace, dicom3tools (dciodvfy: the DICOM SEG / Parametric Map / SR checks). Tolerant: without them (no root, no network, not Debian) the OHIF tests skip
 # with the reason, and everything else still runs.
 set -uo pipefail
-pkgs="orthanc orthanc-dicomweb chromium fonts-liberation iproute2 util-linux"
+pkgs="orthanc orthanc-dicomweb chromium fonts-liberation iproute2 util-linux dicom3tools"
 if command -v Orthanc >/dev/null && [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] && command -v chromium >/dev/null \
-   && command -v ip >/dev/null; then
+   && command -v ip >/dev/null && command -v dciodvfy >/dev/null; then
   exit 0
 fi
 if ! command -v apt-get >/dev/null; then

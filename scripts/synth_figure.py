@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from msxai.data import real_patient_dir  # noqa: E402
 from msxai.io import load_volume  # noqa: E402
 from msxai.synth import (  # noqa: E402
     LESION_SITES,
@@ -46,7 +47,7 @@ from msxai.synth import (  # noqa: E402
     tissue_contrasts,
 )
 
-PATIENT = REPO.parent / "shared" / "data" / "open_ms_data" / "patient26"
+PATIENT = real_patient_dir()  # $MSXAI_REAL_DATA, else ../shared/data/open_ms_data/patient26 beside the repository
 
 
 def best_slices(lesions: np.ndarray, brain: np.ndarray) -> tuple[int, int]:
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                 sites[b["site"]] += 1
                 confluent += bool(b.get("confluent"))
 
-    have_real = (PATIENT / "FLAIR.nii.gz").exists()
+    have_real = PATIENT is not None
     if have_real:
         rf = load_volume(PATIENT / "FLAIR.nii.gz")
         rt = load_volume(PATIENT / "T1.nii.gz").array

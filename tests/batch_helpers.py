@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from msxai.bundle import BUNDLES_DIR
 from msxai.io import save_volume
 from test_experiments_helpers import AFFINE, BlobNet, ball
+
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 
 NETWORK_EXPR = ("$torch.nn.Sequential(torch.nn.Conv3d(2, 2, 3, padding=1), torch.nn.Softplus(beta=2.0), "
                 "torch.nn.Conv3d(2, 2, 1))")

@@ -4,7 +4,8 @@ synthetic studies folder (61x73x61 voxels: 3 mm subjects declared 1 mm), driven 
 Checked: /info and the datastore listing; every segmentation task against `msxai segment`; both explain tasks
 against `msxai explain` with the same seed; a client-drawn domain (uploaded label, click points); bad input over
 HTTP (4xx with a message, server keeps serving, no label lost); 8 concurrent explain requests (all complete,
-same seed -> same maps, bounded memory); a saved label surviving a server restart.
+same seed -> same maps, bounded memory); without authentication, requests naming another host, from another site or
+through a proxy refused; a saved label surviving a server restart.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class Server:
         self.proc = subprocess.Popen(
             [PY, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
              "--conf", "models", models, "--host", "127.0.0.1", "--port", str(self.port),
+             # these tests compare the app with the command lines: no cost budget (tests/test_app_security.py)
+             "--conf", "explain_budget_s", "86400",
              *(["--conf", "bundles_dir", str(bundles_dir)] if bundles_dir else [])],
             cwd=str(REPO), env=ENV, stdout=self._fh, stderr=subprocess.STDOUT,
         )
@@ -537,6 +540,30 @@ def test_eight_concurrent_explain_requests(client, server, target):
     assert many_peak < single_peak + 400, (single_peak, many_peak)
     print(f"8 concurrent explain requests: {elapsed:.1f} s, /info max {max(info_latency):.2f} s, "
           f"server RSS peak {single_peak:.0f} MB for one run, {many_peak:.0f} MB with 8 queued")
+
+
+# ------------------------------------------------------------------------------------------ loopback only
+def test_without_auth_only_same_machine_requests_are_served(server):
+    """No authentication: the app answers loopback clients of this machine only. A request naming another host
+    (DNS rebinding), coming from another site's page (Origin) or relayed by a proxy is refused with the reason."""
+    import requests
+
+    url = server.url
+    assert requests.get(url + "/info/", timeout=60).status_code == 200
+    assert requests.get(url + "/auth/", timeout=60).json()["enabled"] is False
+    for headers, why in [({"Host": "evil.example"}, "not a loopback name"),
+                         ({"Origin": "http://evil.example"}, "cross-site"),
+                         ({"Origin": "null"}, "cross-site"),
+                         # uvicorn takes the client address from X-Forwarded-For when the peer is 127.0.0.1
+                         ({"X-Forwarded-For": "203.0.113.9"}, "serves this machine only")]:
+        r = requests.get(url + "/info/", headers=headers, timeout=60)
+        assert r.status_code == 403 and why in r.json()["detail"], (headers, r.text)
+    r = requests.delete(url + "/datastore/label?id=synth000_FLAIR&tag=final",
+                        headers={"Origin": "http://evil.example"}, timeout=60)
+    assert r.status_code == 403
+    ok = requests.get(url + "/info/", headers={"Host": f"localhost:{server.port}",
+                                               "Origin": f"http://127.0.0.1:{server.port}"}, timeout=60)
+    assert ok.status_code == 200
 
 
 # --------------------------------------------------------------------------------------------------- restart

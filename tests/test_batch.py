@@ -23,10 +23,14 @@ import pytest
 import torch
 
 from batch_helpers import write_case, write_datalist, write_tiny_bundle
-from msxai.bundle import BUNDLES_DIR, REPO_ROOT
 from msxai.cli import main as cli_main
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
+
 torch.set_num_threads(1)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
 RUN_COLUMNS = {"seconds", "seconds_segment", "seconds_explain", "device", "rank", "host", "finished_utc"}
 HEAVY = dict(shape=(40, 40, 40), n_blobs=10, n_missed=2, radius=15)  # ~10x the work of a light case
 LIGHT = dict(shape=(16, 16, 16), n_blobs=2, n_missed=1, radius=6)  # one sliding window
@@ -59,7 +63,7 @@ def reference(cohort):
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
-               MSXAI_DEVICE="cpu", MSXAI_CPU="1")
+               MSXAI_DEVICE="cpu")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
 
@@ -72,7 +76,7 @@ def _torchrun(nproc: int, args: list[str]) -> list[str]:
             "--master-addr", "127.0.0.1", "--master-port", str(port), *args]
 
 
-def _run(cmd, timeout=300):
+def _run(cmd, timeout=1500):  # generous: the CI machine may be shared
     p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=str(REPO_ROOT))
     return p.returncode, p.stdout + p.stderr
 
@@ -160,7 +164,7 @@ def test_single_process_run_and_its_twins(cohort, reference):
     marker = json.loads((reference / "cases" / "c0" / "done.json").read_text())
     for key in ("schema", "identity", "identity_sha256", "inputs", "versions", "seconds", "device", "rank", "counts"):
         assert key in marker
-    from msxai.experiments.error_flag import file_sha256
+    from msxai.io import file_sha256
 
     assert marker["identity"]["weights_sha256"] == file_sha256(cohort["bundle"] / "models" / "model.pt")
     assert marker["inputs"]["flair"]["sha256"] == file_sha256(cohort["data"] / "c0_FLAIR.nii.gz")
@@ -229,39 +233,37 @@ def test_three_gloo_ranks_bundle_way_equal_one_process(cohort, reference):
     _assert_dynamic(out, 3)
 
 
-def test_sigkill_then_rerun_with_more_ranks_than_cases(cohort, reference):
+def test_more_ranks_than_cases_then_sigkill_and_a_rerun_of_the_missing_case(cohort, reference):
+    """3 ranks, 2 cases: the idle rank finishes at once; the worker on the heavy case is killed (SIGKILL) after
+    the light one is done; a rerun computes the heavy case only and leaves the other one as it was."""
     out = cohort["root"] / "killed"
-    proc = subprocess.Popen(_torchrun(2, ["-m", "msxai.cli", "batch", "--bundle", str(cohort["bundle"]), "--cohort",
+    proc = subprocess.Popen(_torchrun(3, ["-m", "msxai.cli", "batch", "--bundle", str(cohort["bundle"]), "--cohort",
                                           str(cohort["pair"]), "--out", str(out), *ARGS]),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(REPO_ROOT))
     log = []
     reader = threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True)
     reader.start()
-    victim, deadline = None, time.time() + 240
+    victim, states, deadline = None, [], time.time() + 1200
     while victim is None and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
         states = [json.loads(p.read_text()) for p in (out / "ranks").glob("rank*.json")] if (out / "ranks").is_dir() else []
         busy = [s for s in states if s.get("current_case") == "heavy"]
-        if busy and (out / "cases" / "c0" / "done.json").is_file():
+        idle = [s for s in states if s["state"] == "finished" and s["cases_taken"] == 0]
+        if busy and idle and (out / "cases" / "c0" / "done.json").is_file():
             victim = busy[0]["pid"]
-    assert victim is not None, "".join(log)[-3000:]
+    assert victim is not None, (states, "".join(log)[-3000:])
     os.kill(victim, signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
+    assert proc.wait(timeout=600) != 0
     reader.join(timeout=10)
     assert (out / "cases" / "c0" / "done.json").is_file() and not (out / "cases" / "heavy").exists()
     assert list((out / "cases").glob(".heavy~tmp~*"))  # the killed worker was mid-case
     c0_files = {p: p.stat().st_mtime_ns for p in (out / "cases" / "c0").rglob("*") if p.is_file()}
-    # rerun: 3 ranks for 2 cases (one done): finishes, computes heavy only, leaves c0 as it was
-    cfg = [str(cohort["bundle"] / "configs" / f) for f in ("inference.json", "batch_inference.json")]
-    rc, log2 = _run(_torchrun(3, ["-m", "monai.bundle", "run", "--config_file", repr(cfg), "--bundle_root",
-                                  str(cohort["bundle"]), "--datalist", str(cohort["pair"]), "--output_dir", str(out),
-                                  "--explain", "domains", "--samples", "2", "--n_tn", "2", "--progress", "False"]))
-    assert rc == 0, log2[-3000:]
-    assert "c0 already done (skipped)" in log2 and "heavy done in" in log2
+    assert cli_main(["batch", "--bundle", str(cohort["bundle"]), "--cohort", str(cohort["pair"]), "--out", str(out),
+                     *ARGS]) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "cases" / "c0").rglob("*") if p.is_file()} == c0_files
     assert not list((out / "cases").glob(".*"))  # the dead worker's temporary folder is gone
     summary = json.loads((out / "cohort.json").read_text())
-    assert summary["counts"]["done"] == 2 and summary["world_size"] == 3 and summary["cases_computed"] == 1
+    assert summary["counts"]["done"] == 2 and summary["cases_computed"] == 1
     assert_same_cases(reference, out, ["heavy", "c0"])
 
 

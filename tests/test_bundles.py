@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 
-from msxai.bundle import BUNDLE_NAMES, BUNDLES_DIR, REPO_ROOT, evaluate_bundle, load_bundle, train_bundle
+from msxai.bundle import BUNDLE_NAMES, evaluate_bundle, load_bundle, train_bundle
 from msxai.errors import InputError
 from msxai.io import save_volume
 
 torch.set_num_threads(1)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUNDLES_DIR = REPO_ROOT / "bundles"
 SCHEMA = REPO_ROOT / "configs" / "bundle_schema.json"
 SHAPE = (40, 44, 36)
 AFFINE = np.array([[-1.0, 0, 0, 90.0], [0, 1.0, 0, -126.0], [0, 0, 1.0, -72.0], [0, 0, 0, 1]])

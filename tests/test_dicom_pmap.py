@@ -13,7 +13,7 @@ import pytest
 
 from dicom_helpers import DCIODVFY, affine, dciodvfy_errors, ohif_pmap_volume, pm_volume
 from msxai.dicom import StudyInfo, volume_to_mr_series
-from msxai.dicom_pmap import saliency_parametric_maps, write_parametric_map
+from msxai.dicom_pmap import read_parametric_map, saliency_parametric_maps, write_parametric_map
 from msxai.errors import GeometryError, InputError
 
 SHAPE = (12, 10, 9)
@@ -72,6 +72,8 @@ def test_parts_read_back_independently(kind):
         # the true values through the real-world value mapping equal the part of the NIfTI map, voxel for voxel
         expected = np.maximum(m, 0) if part == "positive" else np.minimum(m, 0)
         got = pm_volume(pm, aff, SHAPE)
+        # msxai's own reader (what scripts/slicer_renderings.py draws) agrees with the independent one
+        np.testing.assert_array_equal(read_parametric_map(pm, aff, SHAPE), got)
         covered = ~np.isnan(got)
         assert covered[expected != 0].all(), "a non-zero voxel of the map has no frame"
         np.testing.assert_allclose(got[covered], expected[covered], rtol=0, atol=1e-7 * np.abs(expected).max())
@@ -114,8 +116,12 @@ def test_ohif_loader_twin(shape):
                                          "(scripts/install_ohif_deps.sh installs it)")
 def test_dciodvfy_reports_no_error(tmp_path):
     aff, src = _study("las")
-    for _, ds in saliency_parametric_maps(_saliency(np.random.default_rng(4)), aff, src, name="lesion 2",
-                                          map_name="MPRAGE", method="smoothgrad"):
+    m = _saliency(np.random.default_rng(4))
+    cam = np.abs(m) + 1e-5  # non-zero everywhere (as a Grad-CAM++ map): the stored minimum is above 0
+    pms = saliency_parametric_maps(m, aff, src, name="lesion 2", map_name="MPRAGE", method="smoothgrad")
+    pms += saliency_parametric_maps(cam, aff, src, name="lesion 2", map_name="CAM", method="gradcampp")
+    assert len(pms) == 3
+    for _, ds in pms:
         errors, text = dciodvfy_errors(ds, tmp_path)
         assert not errors, text
         assert "ParametricMap" in text

@@ -213,3 +213,18 @@ def test_refusals(explained, tmp_path):
         write_measurement_report([g], src, series_description="x", coordinates="ohif")
     with pytest.raises(InputError, match="not found"):
         explain_dicom(tmp_path, result, src)
+
+
+def test_lesions_of_a_saved_label_are_named_after_it(explained):
+    """lesions_from=final: "final lesion 1" (its PMs, SR group and SR series), not the model's "lesion 1"."""
+    d, aff, src, seg, maps, result, _ = explained
+    res = dict(result, domain_source="lesions 1, 2 of the saved 'final' label")
+    out = explain_dicom(d, res, src, max_pm_domains=1)
+    assert {p["SeriesDescription"] for p in out["parametric_maps"]} == {
+        "msxai SG FLAIR+ final lesion 1", "msxai SG FLAIR- final lesion 1", "msxai SG MPRAGE+ final lesion 1",
+        "msxai SG MPRAGE- final lesion 1"}
+    sr = out["report"]
+    assert str(sr.SeriesDescription) == "msxai SmoothGrad unet table final 1,2"
+    groups = sr_items(sr_items(sr, "126010")[0], "125007")
+    assert [sr_items(g, "121071")[0].ConceptCodeSequence[0].CodeMeaning for g in groups] == [
+        "final lesion 1", "final lesion 2"]

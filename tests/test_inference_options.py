@@ -5,19 +5,22 @@ zero-padded windows of the networks (a tiny volume is one 96^3 window whose gaus
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from test_bundles import AFFINE, SHAPE, _subject
+from test_bundles import AFFINE, BUNDLES_DIR, SHAPE, _subject
 
-from msxai.bundle import BUNDLES_DIR, load_bundle
+from msxai.bundle import load_bundle
 from msxai.cli import main
 from msxai.errors import InputError
 from msxai.inference import EnsembleSegmentation, check_tta_flips
 from msxai.io import load_volume
 from msxai.normalization import normalize
+
+BUNDLES_DIR = Path(__file__).resolve().parents[1] / "bundles"
 
 torch.set_num_threads(1)
 

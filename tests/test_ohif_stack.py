@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from dicom_helpers import DCIODVFY, dciodvfy_errors, ohif_hydrated_rows, ohif_sr_measurements, pm_volume, sr_items
 from deploy.loopback import free_port, netns_available
 from deploy.ohif_stack import REPO_ROOT, StackConfig, StackError, down, http_status, listening_sockets, \
     missing_requirements, start_server, up
@@ -331,7 +332,7 @@ def test_four_paths_one_chain(stack, segmentation, tmp_path):
 
 
 @pytest.mark.parametrize("task,params", [("explain_gradcampp", {}), ("explain_smoothgrad", {"samples": 2, "seed": 7})])
-def test_explain_saved_as_seg(stack, dw, segmentation, task, params):
+def test_explain_saved_as_seg(stack, dw, segmentation, task, params, tmp_path):
     cfg, _ = stack
     study, flair, metas = _flair(stack, dw)
     smallest = min(segmentation["lesions"], key=lambda r: (r["voxels"], r["id"]))
@@ -367,6 +368,76 @@ def test_explain_saved_as_seg(stack, dw, segmentation, task, params):
     summary = _get_json(cfg.server_url + [u for u in res["urls"] if u.endswith("summary.json")][0])
     assert list(summary["domains"]) == [f"lesion_{lesion}"]
     assert f"lesion_{lesion}" in summary["summary"]
+    _check_saliency_dicom(cfg, dw, res, summary, study, flair, metas, segmentation, lesion, tmp_path)
+
+
+def _check_saliency_dicom(cfg, dw, res, summary, study, flair, metas, segmentation, lesion, tmp_path):
+    """The explanation's float maps as Parametric Maps and its table as an SR in Orthanc, read back independently
+    (tests/dicom_helpers.py) and compared with the NIfTI maps and the summary JSON served over HTTP."""
+    info = res["dicom_saliency"]
+    assert "error" not in info, info
+    assert info["viewer"] == f"/ohif/viewer?StudyInstanceUIDs={study}"
+    name = f"lesion_{lesion}"
+    files = {"smoothgrad": {"FLAIR": f"{name}_FLAIR.nii.gz", "MPRAGE": f"{name}_MPRAGE.nii.gz"},
+             "gradcampp": {"CAM": f"{name}_gradcampp.nii.gz"}}[res["method"]]
+    expected = []
+    for short, fname in files.items():
+        with urllib.request.urlopen(cfg.server_url + [u for u in res["urls"] if u.endswith("/" + fname)][0]) as r:
+            (tmp_path / fname).write_bytes(r.read())
+        img = nib.load(str(tmp_path / fname))
+        m = np.asarray(img.dataobj, dtype=np.float64)
+        for part, values in (("positive", np.maximum(m, 0)), ("negative", np.minimum(m, 0))):
+            if np.any(values):
+                expected.append((short, part, values, img.affine))
+    assert [(p["map"], p["part"]) for p in info["parametric_maps"]] == [(e[0], e[1]) for e in expected]
+    for p, (short, part, values, aff) in zip(info["parametric_maps"], expected):
+        pm = _seg_dataset(dw, study, p["SeriesInstanceUID"])
+        assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and "FloatPixelData" in pm
+        assert pm.ReferencedSeriesSequence[0].SeriesInstanceUID == flair
+        assert (int(pm.Rows), int(pm.Columns)) == (int(metas[0].Rows), int(metas[0].Columns))
+        assert pm.FrameOfReferenceUID == metas[0].FrameOfReferenceUID
+        got = pm_volume(pm, aff, values.shape)
+        covered = ~np.isnan(got)
+        assert covered[values != 0].all(), f"{p['SeriesDescription']}: a non-zero voxel has no frame"
+        np.testing.assert_allclose(got[covered], values[covered], rtol=0, atol=1e-6 * np.abs(values).max())
+        stored = np.frombuffer(pm.FloatPixelData, dtype="<f4")
+        assert stored.min() >= 0 and stored.max() == pytest.approx(1.0, abs=1e-6)
+        if DCIODVFY:
+            errors, text = dciodvfy_errors(pm, tmp_path)
+            assert not errors, text
+    # the SR: one group (the lesion), its numbers = the summary JSON, its segment = the lesion in the lesion SEG
+    sr = _seg_dataset(dw, study, info["sr"]["SeriesInstanceUID"])
+    assert sr.Modality == "SR" and sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    groups = sr_items(sr_items(sr, "126010")[0], "125007")
+    assert len(groups) == 1
+    g, s = groups[0], summary["summary"][name]
+    nums = {str(c.ConceptNameCodeSequence[0].CodeMeaning): float(c.MeasuredValueSequence[0].FloatingPointValue)
+            for c in sr_items(g, value_type="NUM")}
+    assert nums["Volume"] == pytest.approx(s["domain_volume_mm3"])
+    assert nums["Mean lesion probability in the lesion"] == pytest.approx(s["mean_probability"])
+    for key, ms in s["maps"].items():
+        short = {"smoothgrad_flair": "FLAIR", "smoothgrad_mprage": "MPRAGE", "gradcampp": "CAM"}[key]
+        label = "SmoothGrad" if res["method"] == "smoothgrad" else "Grad-CAM++"
+        assert nums[f"{short} {label} positive mass in the lesion"] == pytest.approx(ms["positive_mass_in_domain"])
+        assert nums[f"{short} {label} peak maximum in the lesion"] == pytest.approx(ms["peak_max_in_domain"])
+        for ring in ms["rings"]:
+            band = f"{ring['from_mm']:g}-{ring['to_mm']:g}"
+            assert nums[f"{short} {label} negative mass in ring {band} mm"] == pytest.approx(ring["negative_mass"])
+    assert ("Segmentation error score (error flag)" in nums) == (s.get("error_score") is not None)
+    ref = sr_items(g, "121191")[0].ReferencedSOPSequence[0]
+    lesion_seg = _seg_dataset(dw, study, segmentation["dicom_seg"]["SeriesInstanceUID"])
+    assert info["lesion_seg"] == segmentation["dicom_seg"]["SeriesInstanceUID"]
+    assert ref.ReferencedSOPInstanceUID == lesion_seg.SOPInstanceUID
+    number = int(ref.ReferencedSegmentNumber)
+    assert [str(x.SegmentLabel) for x in lesion_seg.SegmentSequence if int(x.SegmentNumber) == number][0].startswith(
+        f"lesion {lesion} (")
+    # what OHIF 3.10 makes of it (Python twins of its bundled code): one measurement, one named panel row
+    assert len(ohif_sr_measurements(sr)) == 1
+    rows = ohif_hydrated_rows(sr, {str(m.SOPInstanceUID): m for m in metas})
+    assert [r["label"] for r in rows] == [f"lesion {lesion}"]
+    if DCIODVFY:
+        errors, text = dciodvfy_errors(sr, tmp_path)
+        assert not errors, text
 
 
 def test_final_label_saved_as_seg(stack, dw, segmentation):
@@ -441,6 +512,9 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
     mid = depth // 2
     on_mid = [r for r in segmentation["lesions"] if r["bbox_min"][2] <= mid <= r["bbox_max"][2]]
     lesion = max(on_mid or segmentation["lesions"], key=lambda r: r["voxels"])["id"]
+    # and a second lesion in the same request: the SR's table has a row per lesion
+    second = max((r for r in segmentation["lesions"] if r["id"] != lesion), key=lambda r: (r["voxels"], -r["id"]))["id"]
+    lesions = f"{lesion},{second}"
 
     logs, errors = [], []
     args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -480,7 +554,7 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
             # the explain task's options: one lesion (default 'all')
             page.click("text=Options / Configurations")
             page.select_option("select[name=selectName]", "explain_gradcampp")
-            page.fill("#inferexplain_gradcampplesion", str(lesion))
+            page.fill("#inferexplain_gradcampplesion", lesions)
             page.click("button:has-text('Confirm')")
             models = page.locator(".modelSelector select.selectBox").first
             assert {"segmentation_unet", "explain_smoothgrad", "explain_gradcampp"} <= set(
@@ -508,7 +582,7 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
                 run.click()
             r = resp.value
             assert r.status == 200, r.text()[:500]
-            assert f'"lesion":"{lesion}"' in (r.request.post_data or "").replace(" ", ""), r.request.post_data
+            assert f'"lesion":"{lesions}"' in (r.request.post_data or "").replace(" ", ""), r.request.post_data
             drawn(2)
             shot = tmp_path / "ohif.png"
             page.screenshot(path=str(shot))
@@ -534,6 +608,35 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
             seg_view = tmp_path / "ohif_dicom_seg.png"
             page.screenshot(path=str(seg_view))
             errs += page.evaluate("window.__errs")
+            # 4) the Parametric Map of the explained lesion (positive Grad-CAM++) over the FLAIR, OHIF's PM viewport
+            # (OHIF asked for the label map: the series are found by their names in Orthanc)
+            stored = {x["0008103E"]["Value"][0] for x in dw.search_for_series(study, fields=["SeriesDescription"])}
+            pm_desc, sr_desc = f"msxai CAM++ CAM+ lesion {lesion}", f"msxai Grad-CAM++ unet table {lesions}"
+            assert {pm_desc, sr_desc, f"msxai CAM++ CAM+ lesion {second}"} <= stored, stored
+            page.get_by_text(pm_desc, exact=True).dblclick()
+            page.wait_for_selector("text=Loading Parametric Map", state="detached", timeout=120000)
+            page.wait_for_timeout(4000)
+            pm_view = tmp_path / "ohif_pmap.png"
+            page.screenshot(path=str(pm_view))
+            pm_geo = page.evaluate(_PM_VIEWPORT_JS)
+            note = page.locator("text=multiplied by 100")
+            pm_note = note.first.bounding_box() if note.count() else None
+            pm_canvas = page.evaluate(_WORLD_TO_PAGE_JS, [pm_geo["id"], _lesion_points_on_plane(cfg, flair, lesion, pm_geo)])
+            errs += page.evaluate("window.__errs")
+            # 5) the SR: its viewport, then "track" it: the measurement panel lists one row per explained lesion
+            page.get_by_text(sr_desc, exact=True).dblclick()
+            page.click("button:has-text('Yes')", timeout=60000)  # "Do you want to continue tracking ...?"
+            page.wait_for_timeout(3000)
+            page.locator('[data-cy="trackedMeasurements-btn"]').first.click()
+            page.wait_for_selector(f"text=Measurements ({len(lesions.split(','))})", timeout=30000)
+            page.evaluate("""() => window.cornerstone.getRenderingEngines().flatMap(e => e.getViewports())
+                .forEach(v => { v.resetProperties && v.resetProperties(); v.render(); })""")  # the PM's 0..100 window
+            page.wait_for_timeout(2000)
+            sr_view = tmp_path / "ohif_sr.png"
+            page.screenshot(path=str(sr_view))
+            panel = page.evaluate("JSON.stringify(window.services.measurementService.getMeasurements()"
+                                  ".map(m => [m.toolName, m.finding && m.finding.text, m.referenceSeriesUID]))")
+            errs += page.evaluate("window.__errs")
         finally:
             browser.close()
     print(f"[timing] OHIF: study on screen {t_view:.1f} s, whole browser session {time.time() - t0:.1f} s")
@@ -548,7 +651,88 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
         assert coloured.sum() > 20, f"{result.name}: no coloured overlay drawn ({coloured.sum()} px)"
     b = np.asarray(Image.open(seg_view).convert("RGB")).astype(int)[150:780, 450:1150]  # inside the image, no text
     assert ((np.ptp(b, axis=-1) > 60).sum()) > 20, "the DICOM SEG shows no coloured segment on the middle slice"
+    # the PM: the overlay's colours on the explained lesion's pixels, none far from it
+    _check_pm_screenshot(pm_view, pm_canvas, pm_note)
+    assert sorted(json.loads(panel)) == sorted(["ArrowAnnotate", f"lesion {i}", flair] for i in lesions.split(","))
     if os.environ.get("MSXAI_SAVE_SCREENSHOT") == "1":
+        shutil.copy(pm_view, SCREENSHOT.with_name("ohif_screenshot_pmap.png"))
+        shutil.copy(sr_view, SCREENSHOT.with_name("ohif_screenshot_sr.png"))
         shutil.copy(shot, SCREENSHOT)
         shutil.copy(seg_shot, SCREENSHOT.with_name("ohif_screenshot_segmentation.png"))
         shutil.copy(seg_view, SCREENSHOT.with_name("ohif_screenshot_dicom_seg.png"))
+
+
+# the PM viewport's geometry (window.cornerstone: what OHIF exposes), and world (LPS) -> page pixel coordinates
+_PM_VIEWPORT_JS = """() => {
+  const vps = window.cornerstone.getRenderingEngines().flatMap(e => e.getViewports());
+  const vp = vps.find(v => (v.getActors ? v.getActors() : []).some(a => String(a.uid).startsWith('pmap'))) || vps[0];
+  const cam = vp.getCamera();
+  return {id: vp.id, focal: Array.from(cam.focalPoint), normal: Array.from(cam.viewPlaneNormal)};
+}"""
+_WORLD_TO_PAGE_JS = """([id, pts]) => {
+  const vp = window.cornerstone.getRenderingEngines().flatMap(e => e.getViewports()).find(v => v.id === id);
+  const r = vp.element.getBoundingClientRect();
+  const map = p => { const c = vp.worldToCanvas(p); return [c[0] + r.left, c[1] + r.top]; };
+  return {lesion: pts.lesion.map(map), corners: pts.corners.map(map), mm10: pts.mm10.map(map),
+          viewport: [r.left, r.top, r.width, r.height]};
+}"""
+
+
+def _lesion_points_on_plane(cfg, flair, lesion, geo) -> dict:
+    """World (LPS) positions of the lesion's voxels on the displayed plane (within half a voxel), the corners of the
+    FLAIR slice through the plane, and two points 10 mm apart (the screen scale)."""
+    p = cfg.run_dir / "labels_http.nii.gz"
+    if not p.is_file():
+        with urllib.request.urlopen(f"{cfg.server_url}/msxai/artifacts/{flair}/seg_unet/labels.nii.gz") as r:
+            p.write_bytes(r.read())
+    img = nib.load(str(p))
+    lab = np.asarray(img.dataobj).astype(np.int32)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ img.affine[:3]
+    focal, normal = np.asarray(geo["focal"]), np.asarray(geo["normal"])
+    half = 0.5 * min(np.linalg.norm(img.affine[:3, :3], axis=0)) + 1e-3
+    vox = np.argwhere(lab == lesion)
+    world = vox @ lps[:, :3].T + lps[:, 3]
+    on = world[np.abs((world - focal) @ normal) <= half]
+    assert len(on), f"lesion {lesion} is not on the PM viewport's slice (focal point {focal})"
+    shape = np.array(lab.shape) - 1
+    corners = [np.array([i, j, k]) * shape for i in (0, 1) for j in (0, 1) for k in (0, 1)]
+    cw = np.array([c @ lps[:, :3].T + lps[:, 3] for c in corners])
+    cw = cw - np.outer((cw - focal) @ normal, normal)  # projected on the plane
+    u = np.cross(normal, [0.0, 0.0, 1.0]) if abs(normal[2]) < 0.9 else np.cross(normal, [1.0, 0.0, 0.0])
+    u /= np.linalg.norm(u)
+    return {"lesion": on.tolist(), "corners": cw.tolist(), "mm10": [focal.tolist(), (focal + 10 * u).tolist()]}
+
+
+def _check_pm_screenshot(path, canvas: dict, note_box) -> None:
+    """Coloured overlay pixels (the PM's rainbow over the grey FLAIR) on the lesion's pixels and none farther than
+    15 mm from it inside the image (OHIF's text and the PM notification left out)."""
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    colour = np.ptp(img, axis=-1)
+    les = np.rint(np.asarray(canvas["lesion"])).astype(int)
+    at = colour[les[:, 1].clip(0, img.shape[0] - 1), les[:, 0].clip(0, img.shape[1] - 1)]
+    frac = float((at > 70).mean())
+    print(f"[pmap] {len(les)} lesion pixels on the slice, {frac:.0%} coloured (RGB spread > 70), median spread "
+          f"{np.median(at):.0f}")
+    assert frac >= 0.5, f"the PM overlay is not drawn on the explained lesion ({frac:.0%} of its pixels coloured)"
+    px_per_mm = np.linalg.norm(np.subtract(*canvas["mm10"])) / 10
+    corners = np.asarray(canvas["corners"])
+    x0, y0 = corners.min(axis=0) + 8
+    x1, y1 = corners.max(axis=0) - 8
+    vx, vy, vw, vh = canvas["viewport"]
+    x0, y0, x1, y1 = max(x0, vx + 8), max(y0, vy + 8), min(x1, vx + vw - 8), min(y1, vy + vh - 8)
+    yy, xx = np.mgrid[0:img.shape[0], 0:img.shape[1]]
+    inside = (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
+    if note_box:
+        inside &= ~((xx >= note_box["x"] - 4) & (xx <= note_box["x"] + note_box["width"] + 4)
+                    & (yy >= note_box["y"] - 4) & (yy <= note_box["y"] + note_box["height"] + 4))
+    from scipy import ndimage
+
+    near = np.zeros(img.shape[:2], bool)
+    near[les[:, 1].clip(0, img.shape[0] - 1), les[:, 0].clip(0, img.shape[1] - 1)] = True
+    dist = ndimage.distance_transform_edt(~near)
+    far = inside & (dist > 15 * px_per_mm)
+    n_far = int((colour[far] > 70).sum())
+    print(f"[pmap] {far.sum()} image pixels farther than 15 mm: {n_far} coloured, largest spread {colour[far].max()}")
+    assert far.sum() > 1000 and n_far == 0, f"{n_far} coloured pixels far from the explained lesion"

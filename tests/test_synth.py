@@ -17,6 +17,7 @@ from scipy import ndimage as ndi  # noqa: E402
 import msxai  # noqa: E402
 from msxai import synth  # noqa: E402
 from msxai.cli import main  # noqa: E402
+from msxai.data import real_patient_dir, real_patient_missing_reason  # noqa: E402
 from msxai.errors import InputError  # noqa: E402
 from msxai.synth import anatomy  # noqa: E402
 from msxai.synth import (  # noqa: E402
@@ -38,8 +39,7 @@ try:
 except Exception:  # pragma: no cover - torch is not needed here
     pass
 
-REPO = Path(__file__).resolve().parents[1]
-PATIENT = REPO.parent / "shared" / "data" / "open_ms_data" / "patient26"
+PATIENT = real_patient_dir()  # None when absent
 CFG2 = SynthConfig(voxel_size=2.0, n_lesions=30)
 
 
@@ -117,7 +117,7 @@ def test_grid_is_the_real_patients_mni_grid():
     shape, affine = SynthConfig().grid()
     assert shape == (182, 218, 182)
     np.testing.assert_allclose(affine, MNI_AFFINE_1MM)
-    if (PATIENT / "FLAIR.nii.gz").exists():
+    if PATIENT is not None:
         img = nib.load(str(PATIENT / "FLAIR.nii.gz"))
         assert img.shape == shape
         np.testing.assert_allclose(img.affine, affine, atol=1e-4)
@@ -219,7 +219,7 @@ def test_lesions_only_in_white_matter_inside_the_brain(subj2, subj1):
         assert np.all(s.brain_mask[les] == 1)
         wm = s.tissues[2]
         # white matter, or the partial-volume white matter of the ventricle wall (periventricular lesions)
-        near_vent = anatomy._site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
+        near_vent = anatomy.lesion_site_maps(s.tissues, s.brain_mask > 0, s.meta["voxel_size"])["dist_vent"] <= 3.0
         assert np.all((wm[les] > 0.4) | ((wm[les] > 0.15) & near_vent[les] & (s.tissues[0][les] < 0.75)))
         assert wm[les].mean() > 0.7
         # and lesions are not in the CSF
@@ -305,7 +305,7 @@ def test_intensities_are_heterogeneous_not_constant(subj1):
     assert subj1.meta["acquisition"]["flair"]["wm_level"] != other.meta["acquisition"]["flair"]["wm_level"]
 
 
-@pytest.mark.skipif(not (PATIENT / "FLAIR.nii.gz").exists(), reason=f"real patient not found at {PATIENT}")
+@pytest.mark.skipif(PATIENT is None, reason=real_patient_missing_reason())
 def test_contrast_direction_matches_the_real_patient(subj1):
     """The real patient's lesions are FLAIR-hyperintense and T1-hypointense relative to normal WM, like ours."""
     f = nib.load(str(PATIENT / "FLAIR.nii.gz")).get_fdata()

@@ -1,7 +1,7 @@
 """msxai MONAI Label app: MS lesion segmentation (three bundles) and instance-level saliency, served to the 3D
 Slicer MONAILabel module and the OHIF v3 plugin.
 
-    monailabel start_server --app apps/msxai --studies data/synth --conf models all
+    monailabel start_server --app apps/msxai --studies data/synth --conf models all --host 127.0.0.1
 
 ``--conf`` keys (all optional):
 
@@ -9,7 +9,12 @@ Slicer MONAILabel module and the OHIF v3 plugin.
   ``segmentation_<model>``; ``explain_smoothgrad`` and ``explain_gradcampp`` take ``model`` as a parameter;
 * ``bundles_dir``: where ``msxai_<model>/`` bundles live (default: ``<repo>/bundles``);
 * ``explain``: ``true`` (default) / ``false``: serve the explain tasks;
-* ``max_samples``: the largest SmoothGrad ``samples`` a request may ask for (default 200).
+* ``max_samples``: the largest SmoothGrad ``samples`` a request may ask for (default 200);
+* ``auth_users``: a users file (:mod:`lib.users`) -> bearer-token authentication with MONAI Label's roles; without
+  it the server must listen on loopback (``--host 127.0.0.1``) or it refuses to start (:mod:`lib.auth`);
+* ``auth_token_hours``: lifetime of a token (default 12).
+
+Security (who may call what, what is written how, what is refused): docs/security.md.
 
 A bundle that cannot be loaded (weights missing, ...) stops the start-up with a message naming it. Nothing is
 downloaded: no model zoo, no sample tasks (sam2 is not registered), no dcmqi tools.
@@ -59,11 +64,14 @@ from msxai.studies import (  # noqa: E402
     validate_image_id,
 )
 
+from lib.auth import AuthPolicy, SecurityConfigError, check_exposure, served_host  # noqa: E402
+from lib.batch import batch_request, install_batch_route  # noqa: E402
 from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebDatastore  # noqa: E402
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
+from lib.jobs import JobRegistry, ModelWorker, build_jobs_router, install_signal_handlers  # noqa: E402
 from lib.ohif_fixes import install_ohif_fixes  # noqa: E402
 from lib.routes import install_routes  # noqa: E402
-from lib.validation import status_for  # noqa: E402
+from lib.validation import JobCancelledError, TooExpensiveError, status_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +87,12 @@ def http_status(exc: InputError) -> int:
 class MsxaiApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         conf = conf or {}
+        # who may use the server (docs/security.md): decided before anything is loaded
+        if settings.MONAI_LABEL_AUTH_ENABLE and not conf.get("auth_users"):
+            raise SecurityConfigError("MONAI_LABEL_AUTH_ENABLE (MONAI Label's Keycloak authentication) is not used by "
+                                      "this app: enable its own with --conf auth_users <users.json>")
+        self.auth_policy = AuthPolicy.from_conf(conf)
+        check_exposure(served_host(), self.auth_policy)
         models = [m.strip().lower() for m in str(conf.get("models", "all")).split(",") if m.strip()]
         if "all" in models:
             models = list(MODELS)
@@ -86,10 +100,15 @@ class MsxaiApp(MONAILabelApp):
         if bad or not models:
             raise BundleLoadError(f"--conf models: unknown model(s) {bad or models}; choose all or from {', '.join(MODELS)}")
         bundles_dir = Path(conf.get("bundles_dir") or REPO_ROOT / "bundles")
+        max_samples = int(conf.get("max_samples", MAX_SAMPLES_DEFAULT))
+        # every model computation on one thread; explanations are jobs with a cost budget (lib/jobs.py)
+        self.worker = ModelWorker()
+        self.jobs = JobRegistry.from_conf(conf, self.worker, max_samples)
         self.service = StudyService(
             studies,
             {m: bundles_dir / f"msxai_{m}" for m in models},
-            max_samples=int(conf.get("max_samples", MAX_SAMPLES_DEFAULT)),
+            max_samples=max_samples,
+            runner=self.worker,
         )
         self.explain = strtobool(conf.get("explain", "true"))
         super().__init__(
@@ -105,10 +124,44 @@ class MsxaiApp(MONAILabelApp):
             # what is labelled: the Slicer module creates one empty segment per app label on every sample
             labels=["lesion"],
         )
-        install_routes(self)
+        install_routes(self, extra_routers=[build_jobs_router(self)])
+        install_signal_handlers()
         install_ohif_fixes()  # OHIF 3.10's Parametric Map loader (explain results in OHIF)
+        install_batch_route(self)
 
     # ------------------------------------------------------------------------------------------- datastore
+    def datastore(self) -> Datastore:
+        """The datastore, re-read from its JSON file when another process wrote it since (MONAI Label's batch infer
+        saves labels from a subprocess; without auto-reload the server would keep, and later write back, a copy
+        without them). One stat per call."""
+        ds = super().datastore()
+        path, ts = getattr(ds, "_datastore_config_path", None), getattr(ds, "_config_ts", None)
+        if path and os.path.exists(path) and os.stat(path).st_mtime != ts and hasattr(ds, "_init_from_datastore_file"):
+            ds._init_from_datastore_file()
+        return ds
+
+    def batch_infer(self, request, datastore=None):
+        """MONAI Label's batch infer over the datastore, for the segmentation tasks (:func:`lib.batch.batch_request`:
+        label tag never ``final``, CPU-safe device); each image runs through :meth:`infer`. An image that fails
+        (no T1, NaN, ...) gets ``{"error": ...}`` in the result and the others go on: MONAI Label 0.8.5 catches
+        failures only with several workers and otherwise stops the whole batch at the first one."""
+        try:
+            request = batch_request(request, list(self._infers))
+        except InputError as exc:
+            raise HTTPException(status_code=http_status(exc), detail=str(exc)) from None
+
+        def infer_one(req, ds):
+            try:
+                return self.infer(req, ds)
+            except HTTPException as exc:
+                logger.warning(f"msxai: batch infer: {req.get('image')}: {exc.detail}")
+                return {"label": None, "error": f"{exc.status_code}: {exc.detail}"}
+            except Exception as exc:  # noqa: BLE001 - one image must not stop the batch
+                logger.warning(f"msxai: batch infer: {req.get('image')} failed", exc_info=True)
+                return {"label": None, "error": f"{type(exc).__name__}: {exc}"}
+
+        return self._batch_infer(request, datastore if datastore else self.datastore(), infer_one)
+
     def init_datastore(self) -> Datastore:
         if self.studies.startswith("http://") or self.studies.startswith("https://"):
             return self._init_msxai_dicomweb()
@@ -217,8 +270,8 @@ class MsxaiApp(MONAILabelApp):
         for m in self.service.models:
             infers[f"segmentation_{m}"] = SegmentationTask(self.service, m)
         if self.explain:
-            infers["explain_smoothgrad"] = ExplainTask(self.service, "smoothgrad")
-            infers["explain_gradcampp"] = ExplainTask(self.service, "gradcampp")
+            infers["explain_smoothgrad"] = ExplainTask(self.service, "smoothgrad", self.jobs)
+            infers["explain_gradcampp"] = ExplainTask(self.service, "gradcampp", self.jobs)
         return infers
 
     def init_trainers(self):
@@ -232,7 +285,10 @@ class MsxaiApp(MONAILabelApp):
 
     # ---------------------------------------------------------------------------------------------- infer
     def infer(self, request, datastore=None):
-        """Validate the image id and turn input errors into 4xx answers with the message."""
+        """Validate the image id and turn input errors into 4xx answers with the message; an explanation is a job
+        (cost estimate and budget, progress, cancel: lib/jobs.py)."""
+        job = None
+        user = request.get("msxai_user") or "local"
         try:
             model = request.get("model")
             if model not in self._infers:
@@ -255,7 +311,8 @@ class MsxaiApp(MONAILabelApp):
                 )
             request = dict(request)
             request["image_id"] = image
-            request.pop("msxai_t1", None)  # only the app sets it
+            for k in ("msxai_t1", "msxai_job", "msxai_user", "lesions_label"):  # only the app sets them
+                request.pop(k, None)
             if str(request.get("save_label", False)).strip().lower() in ("1", "true", "yes", "y", "on"):
                 # MONAI Label saves a result as a label when asked: only ever as the model's 'original', never over
                 # a clinician's 'final' (the /infer role is below the annotator role that label saves need)
@@ -274,13 +331,23 @@ class MsxaiApp(MONAILabelApp):
                     if not luri or not os.path.isfile(luri):
                         raise UnknownImageError(f"image {image!r} has no saved label with tag {tag!r}")
                     request["lesions_label"] = luri
+                job = self.jobs.create(user, model, image, {k: request.get(k) for k in (
+                    "explain_model", "lesion", "lesions_from", "samples", "aggregation", "sigma", "seed", "layer")
+                    if request.get(k) not in (None, "")})
+                request["msxai_job"] = job.id
             res = super().infer(request, datastore)
+            if job is not None:
+                self.jobs.finish(job, "done")
             if isinstance(ds, MsxaiDICOMwebDatastore) and res.get("file") and isinstance(res.get("params"), dict):
                 res["params"]["dicom_seg"] = self._store_seg(ds, image, model, res)
                 if model.startswith("explain_"):
                     res["params"]["dicom_saliency"] = self._store_saliency(ds, image, res)
             return res
         except InputError as exc:
+            if job is not None:
+                state = ("refused" if isinstance(exc, TooExpensiveError) else
+                         "cancelled" if isinstance(exc, JobCancelledError) else "failed")
+                self.jobs.finish(job, state, str(exc))
             logger.info(f"msxai: refused {request.get('model')} request: {exc}")
             raise HTTPException(status_code=http_status(exc), detail=str(exc)) from None
         except MONAILabelException as exc:
@@ -288,3 +355,6 @@ class MsxaiApp(MONAILabelApp):
         except requests.RequestException as exc:  # the DICOMweb server (PACS) failed, not the request
             logger.warning(f"msxai: DICOMweb server error for {request.get('model')}: {exc}")
             raise HTTPException(status_code=502, detail=f"DICOMweb server {self.studies}: {exc}") from None
+        finally:
+            if job is not None and job.finished is None:
+                self.jobs.finish(job, "failed", "server error (see the server log)")

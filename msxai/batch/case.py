@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from msxai.errors import InputError
+from msxai.io import file_sha256, json_default
 
 SCHEMA = "msxai.batch.case/1"
 EXPLAIN_MODES = ("none", "lesions", "domains")
@@ -124,7 +125,7 @@ def run_identity(bundle, settings: BatchSettings, checkpoint=None) -> dict:
     """Everything a case's results depend on: the bundle's weights (sha256), its inference settings (threshold,
     minimum volume, sliding window, pre-processing) and the run's :class:`BatchSettings` (not the bundle's name or
     folder: the same weights and settings give the same results wherever they are loaded from)."""
-    from msxai.experiments.error_flag import BUNDLE_MODEL_FILE, file_sha256
+    from msxai.experiments.error_flag import BUNDLE_MODEL_FILE
     from msxai.saliency.sliding import SlidingWindowSpec
 
     ckpt = Path(checkpoint) if checkpoint else Path(bundle.path) / "models" / "model.pt"
@@ -156,8 +157,6 @@ def run_identity(bundle, settings: BatchSettings, checkpoint=None) -> dict:
 
 def input_fingerprints(case) -> dict:
     """sha256 and size of each input file of a case (missing files are named)."""
-    from msxai.experiments.error_flag import file_sha256
-
     out = {}
     for key in ("flair", "t1", "truth", "brain_mask"):
         p = getattr(case, key)
@@ -173,19 +172,9 @@ def write_json_atomic(path: Path, obj) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_plain))
+    tmp.write_text(json.dumps(obj, indent=1, default=json_default))
     os.replace(tmp, path)
     return path
-
-
-def _plain(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def publish_dir(tmp: Path, final: Path) -> None:

@@ -52,15 +52,13 @@ def launched_by_torchrun() -> bool:
 
 
 def choose_device(device, local_rank: int, distributed: bool) -> torch.device:
-    """``auto``: ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU. ``cuda`` under torchrun means this
-    process's GPU. ``cpu`` and explicit ``cuda:K`` are kept."""
-    text = "auto" if device is None else str(device)
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(text)
+    """The device of this process: :func:`msxai.device.resolve_device` (``auto``: ``$MSXAI_DEVICE``, else CUDA when
+    available, else the CPU; CUDA that is not there is refused), then a bare ``cuda`` under torchrun means this
+    process's GPU, ``cuda:<LOCAL_RANK>``. ``cpu`` and explicit ``cuda:K`` are kept."""
+    from msxai.device import resolve_device
+
+    dev = resolve_device(None if device is None else str(device))
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("--device cuda was asked for but no CUDA device is available")
         if dev.index is None:
             dev = torch.device("cuda", local_rank if distributed else 0)
         if dev.index >= torch.cuda.device_count():

@@ -3,9 +3,10 @@
 A cohort run with ``--explain domains`` (instance SmoothGrad of every TP, FP and FN lesion and of the TN balls)
 leaves, per case, the lesion maps, the truth instances, the TN balls and the saliency maps on disk. This module
 reads them back (one or several run folders, e.g. one per machine) and fills the experiment results of
-:mod:`msxai.experiments` with the experiments package's own functions: :func:`saliency_features` and
-:func:`region_values` per domain, :func:`exp2_table`, :func:`exp3_tables`, :func:`cross_validate` and the fitted
-:class:`ErrorFlagModel`; :func:`msxai.experiments.report.write_report` writes the usual report. Experiments 1
+:mod:`msxai.experiments` with the experiments package's own functions (those ``msxai experiments`` runs, from
+:mod:`msxai.experiments.bulk`): :func:`saliency_features` and :func:`exp2_lesion` per domain, :func:`exp2_table`,
+:func:`exp3_tables` and :func:`error_flag_results` (cross-validated and fitted error flag);
+:func:`msxai.experiments.report.write_report` writes the usual report. Experiments 1
 (Eq. 2 vs Eq. 3), 4 (sanity domains), 5 (transplants), 6 (context dilation) and the model randomisation check
 compute new maps or forward passes: they still need the network (``msxai experiments --bundle B --cohort C``), and
 the report says so.
@@ -55,7 +56,7 @@ def cohort_config(identity: dict, base=None):
     """The :class:`ExperimentConfig` that describes the maps of a cohort run (N, aggregation, sigma, seed, TN)."""
     from dataclasses import replace
 
-    from msxai.experiments.runner import ExperimentConfig
+    from msxai.experiments.state import ExperimentConfig
 
     st = identity["settings"]
     cfg = base or ExperimentConfig()
@@ -70,9 +71,10 @@ def experiments_from_cohort(dirs, config=None):
     """``ModelResults`` of experiments 2, 3 and the error flag from cohort run folders ``dirs`` (their finished
     cases, pooled); ``config``: an :class:`ExperimentConfig` for the analysis (``min_abs``, ``min_abs_relative``,
     ``ring_mm``, ``n_boot``, ``seed`` of the bootstrap); the map settings come from the runs' done-markers."""
-    from msxai.experiments.error_flag import SALIENCY_FEATURES, ErrorFlagModel, cross_validate
-    from msxai.experiments.features import SEQ_KEYS, region_values, saliency_features
-    from msxai.experiments.runner import ModelResults, error_flag_info, exp2_cut, exp2_table, exp3_tables
+    from msxai import SEQUENCE_KEYS
+    from msxai.experiments.bulk import error_flag_results, exp2_lesion, exp2_table, exp3_tables
+    from msxai.experiments.features import saliency_features
+    from msxai.experiments.state import ModelResults
     from msxai.lesions import classify_lesions, lesion_ids
     from msxai.metrics import dice, lesion_metrics
 
@@ -96,8 +98,8 @@ def experiments_from_cohort(dirs, config=None):
     source = (f"cohort run{'s' if len(dirs) > 1 else ''} {', '.join(str(d) for d in dirs)} (weights sha256 "
               f"{str(ident['weights_sha256'])[:16]})")
     res = ModelResults(model_name, source, cfg.as_dict())
-    exp2_vals = {k: {"inside": [], "ring": []} for k in SEQ_KEYS}
-    exp2_counts = {k: {"inside": [0, 0], "ring": [0, 0]} for k in SEQ_KEYS}
+    exp2_vals = {k: {"inside": [], "ring": []} for k in SEQUENCE_KEYS}
+    exp2_counts = {k: {"inside": [0, 0], "ring": [0, 0]} for k in SEQUENCE_KEYS}
     case_book, states = [], []
     for folder, m in done:
         cid = m["case"]
@@ -125,20 +127,20 @@ def experiments_from_cohort(dirs, config=None):
                 continue
             dom = dom == ident_
             maps = np.stack([_load(folder / "saliency" / f"{r['domain']}_smoothgrad_{k}.nii.gz")[0]
-                             for k in SEQ_KEYS])
+                             for k in SEQUENCE_KEYS])
             feats = saliency_features(maps, dom, prob, affine, cfg.ring_mm)
             row = {"model": model_name, "case": cid, "cls": cls, "lesion_id": ident_, "voxels": int(dom.sum()),
                    "volume_mm3": feats["volume_mm3"], "cost_voxel_windows": float("nan"),
                    "mean_prob": feats["mean_prob"], "max_prob": feats["max_prob"]}
-            for key in SEQ_KEYS:
+            for key in SEQUENCE_KEYS:
                 for k in ("peak_max", "peak_min", "ring_mean"):
                     row[f"{key}_{k}"] = feats[f"{key}_{k}"]
             row["flair_share"] = feats.get("flair_share", float("nan"))
             row["features"] = feats
             res.lesions.append(row)
             if cls == "TP":
-                res.exp2_lesions.append(_exp2_lesion(model_name, cid, ident_, feats, maps, dom, affine, cfg,
-                                                     exp2_vals, exp2_counts, region_values, exp2_cut))
+                res.exp2_lesions.append(exp2_lesion(model_name, cid, ident_, maps, dom, affine, feats, cfg,
+                                                    exp2_vals, exp2_counts))
     if not res.segmentation:
         raise InputError("no finished case with truth: experiments 2, 3 and the error flag compare TP/FP/FN/TN")
     per_class = {c: sum(1 for r in res.lesions if r["cls"] == c) for c in ("TP", "FP", "FN", "TN")}
@@ -154,45 +156,11 @@ def experiments_from_cohort(dirs, config=None):
     res.exp2_counts, res.exp2_groups = exp2_counts, exp2_vals
     res.exp2 = exp2_table(exp2_vals, exp2_counts, res.exp2_lesions, cfg)
     res.exp3, res.exp3_tests = exp3_tables(res.lesions, cfg)
-    records = [{"case": r["case"], "lesion_id": r["lesion_id"], "cls": r["cls"], "features": r["features"]}
-               for r in res.lesions if r["cls"] in ("TP", "FP")]
-    ev = cross_validate(records, case_book, n_boot=cfg.n_boot // 2, seed=cfg.seed)
-    res.error_flag = ev
-    if ev.get("status") == "ok":
-        for r, s, b in zip(records, ev["scores"], ev["baseline_scores"]):
-            res.error_flag_rows.append({"model": model_name, "case": r["case"], "lesion_id": r["lesion_id"],
-                                        "cls": r["cls"], "error_score_oof": s, "baseline_score_oof": b,
-                                        "flagged": bool(s > 0.5)})
-        model_ns = SimpleNamespace(name=model_name, info={"bundle_dir": marker.get("bundle_path"),
-                                                          "weights_sha256": ident["weights_sha256"]})
-        res.error_flag_model = ErrorFlagModel.fit([r["features"] for r in records], [r["cls"] == "FP" for r in records],
-                                                  SALIENCY_FEATURES,
-                                                  info=error_flag_info(model_ns, cfg, states, ev, res.notes))
+    model_ns = SimpleNamespace(name=model_name, info={"bundle_dir": marker.get("bundle_path"),
+                                                      "weights_sha256": ident["weights_sha256"]})
+    error_flag_results(res, model_ns, cfg, case_book, states)
     res.timings["total_s"] = time.time() - t0
     return res
-
-
-def _exp2_lesion(model_name, cid, lesion_id, feats, maps, dom, affine, cfg, exp2_vals, exp2_counts, region_values,
-                 exp2_cut) -> dict:
-    """Experiment 2's per-lesion row and kept values of one TP lesion (as ``run_model`` computes them)."""
-    from msxai.experiments.features import SEQ_KEYS
-
-    vals = region_values(maps, dom, affine, cfg.ring_mm)
-    cut = exp2_cut(vals, cfg)
-    row = {"model": model_name, "case": cid, "lesion_id": int(lesion_id), "volume_mm3": feats["volume_mm3"],
-           "cut": cut}
-    for key in SEQ_KEYS:
-        for region in ("inside", "ring"):
-            v = vals[key][region]
-            kept = v[np.abs(v) >= cut]
-            exp2_counts[key][region][0] += int(v.size)
-            exp2_counts[key][region][1] += int(kept.size)
-            exp2_vals[key][region].append(kept)
-            row[f"{key}_{region}_n_kept"] = int(kept.size)
-            row[f"{key}_{region}_median"] = float(np.median(v)) if v.size else float("nan")
-            row[f"{key}_{region}_pos_frac"] = float((v > 0).mean()) if v.size else float("nan")
-            row[f"{key}_{region}_abs_sum"] = float(np.abs(v).sum())
-    return row
 
 
 def report_from_cohort(dirs, out_dir, config=None, settings: dict | None = None, title: str | None = None):

@@ -32,13 +32,15 @@ def progress_line(ctx, rec: dict, prog: dict) -> str:
             f"{prog['total']} | ETA {_fmt_s(prog['eta_s'])}")
 
 
-def write_rank_state(out: Path, ctx, current: str | None, n_cases: int) -> None:
+def write_rank_state(out: Path, ctx, state: str, current: str | None, done: int) -> None:
+    """``OUT/ranks/rank<r>.json``: ``state`` (``ready``, ``working``, ``finished``), the case in hand, the cases
+    this process has taken, pid, host, device."""
     from msxai.batch.case import write_json_atomic
 
     write_json_atomic(out / "ranks" / f"rank{ctx.rank}.json",
-                      {"rank": ctx.rank, "world_size": ctx.world_size, "pid": os.getpid(),
-                       "host": socket.gethostname(), "device": str(ctx.device), "current_case": current,
-                       "n_cases": n_cases, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                      {"rank": ctx.rank, "world_size": ctx.world_size, "state": state, "current_case": current,
+                       "cases_taken": done, "pid": os.getpid(), "host": socket.gethostname(),
+                       "device": str(ctx.device), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
 
 def check_cases(cases, settings) -> None:
@@ -74,7 +76,7 @@ def run_batch(bundle, cases, out_dir, settings, ctx=None, progress: bool = True,
     (out / "cases").mkdir(parents=True, exist_ok=True)
     runner = CaseRunner(bundle, settings, out, ctx.rank, ctx.world_size, checkpoint)
     queue = WorkQueue(ctx, len(cases))
-    write_rank_state(out, ctx, None, len(cases))
+    write_rank_state(out, ctx, "ready", None, 0)
     queue.start()
     bar = tqdm(total=len(cases), desc=f"rank {ctx.rank}/{ctx.world_size}", unit="case", position=ctx.local_rank,
                disable=not progress, leave=True, dynamic_ncols=True)
@@ -82,7 +84,7 @@ def run_batch(bundle, cases, out_dir, settings, ctx=None, progress: bool = True,
     t_start = time.perf_counter()
     try:
         while (i := queue.claim()) is not None:
-            write_rank_state(out, ctx, cases[i].id, len(cases))
+            write_rank_state(out, ctx, "working", cases[i].id, len(records))
             rec = runner.run(cases[i])
             rec["index"] = i
             records.append(rec)
@@ -90,10 +92,10 @@ def run_batch(bundle, cases, out_dir, settings, ctx=None, progress: bool = True,
             bar.n = prog["done"]
             bar.set_postfix_str(f"mine {len(records)}, ETA {_fmt_s(prog['eta_s'])}", refresh=True)
             tqdm.write(progress_line(ctx, rec, prog))
-        write_rank_state(out, ctx, None, len(cases))
     finally:
         bar.close()
     queue.finish()
+    write_rank_state(out, ctx, "finished", None, len(records))
     result = {"rank": ctx.rank, "world_size": ctx.world_size, "records": records,
               "seconds": time.perf_counter() - t_start}
     if ctx.rank == 0 and merge:

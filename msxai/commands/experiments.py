@@ -25,7 +25,9 @@ def register(subparsers) -> None:
                    help="experiments 2, 3 and the error flag from the files of an msxai batch run with --explain "
                         "domains (no network; repeat to pool runs); experiments 1, 4-6 still need --bundle")
     p.add_argument("--split", default="test", help="cohort split to use (default test; 'all' = every subject)")
-    p.add_argument("--real-patient", action="store_true", help="add the shared real MS patient (patient26)")
+    p.add_argument("--real-patient", nargs="?", const=True, default=None, metavar="DIR",
+                   help="add the real MS patient (patient26): the folder DIR holding FLAIR/T1/consensus_gt.nii.gz, "
+                        "else $MSXAI_REAL_DATA, else (in a checkout) ../shared/data/open_ms_data/patient26")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="output folder (report.html, CSVs, PNGs)")
     p.add_argument("--samples", type=int, default=8, help="SmoothGrad noise samples N (paper: 50; default 8)")
     p.add_argument("--max-lesions-per-class", type=int, default=6, metavar="K",
@@ -96,7 +98,7 @@ def run(args) -> int:
     if args.cohort:
         cases += cohort_cases(args.cohort, None if args.split == "all" else args.split)
     if args.real_patient:
-        cases.append(real_patient_case())
+        cases.append(real_patient_case(None if args.real_patient is True else args.real_patient))
     if not cases and (args.bundle or args.context_only_bundle):
         raise InputError("no cases: give --cohort DIR and/or --real-patient")
     if not (args.bundle or args.context_only_bundle or args.include_results):

@@ -14,7 +14,9 @@ def register(subparsers) -> None:
         description="Explain predicted lesions (or a user-drawn region) of a FLAIR/T1 pair with a bundle's network "
         "and sliding-window inferer. Writes float32 NIfTI maps on the FLAIR grid and saliency.json/.csv.",
     )
-    p.add_argument("--bundle", default="bundles/msxai_unet", help="bundle folder or short name (unet, dynunet, ...)")
+    p.add_argument("--bundle", default="unet",
+                   help="bundle folder, or short name (unet, dynunet, ...) in $MSXAI_BUNDLES or a checkout's bundles/ "
+                        "(default unet)")
     p.add_argument("--flair", required=True, help="FLAIR NIfTI")
     p.add_argument("--t1", required=True, help="T1/MPRAGE NIfTI on the FLAIR grid")
     p.add_argument("--lesions", help="lesion instance map (lesions.nii.gz of `msxai segment`) on the FLAIR grid")

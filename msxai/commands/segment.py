@@ -16,7 +16,8 @@ def register(subparsers) -> None:
         "FLAIR and T1: NIfTI files or DICOM series folders, any orientation and voxel size (docs/inputs.md).",
     )
     p.add_argument("--bundle", default=None,
-                   help="bundle folder or name (e.g. bundles/msxai_unet, unet, dynunet); required without --ensemble")
+                   help="bundle folder, or name (unet, dynunet, swinunetr) in $MSXAI_BUNDLES or a checkout's bundles/; "
+                   "required without --ensemble")
     p.add_argument("--ensemble", action="store_true",
                    help="mean lesion probability of the three bundles (msxai_unet, msxai_dynunet, msxai_swinunetr; "
                    "each with its own normalisation and test-time augmentation), then threshold 0.3 and the lesion "

@@ -14,7 +14,7 @@ def register(subparsers) -> None:
         "validation Dice on the val split); the best network by validation Dice is written to "
         "<bundle>/models/model.pt and the training record to runs/<bundle>/training.json.",
     )
-    p.add_argument("--bundle", required=True, help="bundle folder or name (e.g. bundles/msxai_unet, unet)")
+    p.add_argument("--bundle", required=True, help="bundle folder, or name (unet, dynunet, swinunetr) in $MSXAI_BUNDLES or a checkout's bundles/")
     p.add_argument("--cohort", required=True, help="cohort folder holding dataset.json (msxai synth --out DIR)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the config's)")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes (default: config's)")

@@ -63,8 +63,8 @@ def run_bulk(ctx: RunContext) -> None:
             row["features"] = feats
             res.lesions.append(row)
             if cls == "TP":
-                res.exp2_lesions.append(exp2_lesion(model.name, state, int(ident), maps, dom, feats, cfg,
-                                                    exp2_vals, exp2_counts))
+                res.exp2_lesions.append(exp2_lesion(model.name, state.id, int(ident), maps, dom, state.affine, feats,
+                                                    cfg, exp2_vals, exp2_counts))
             key_full = f"{state.id}|{name}"
             if key_full in want_full:
                 ctx.keep_full[key_full] = maps
@@ -85,13 +85,13 @@ def run_bulk(ctx: RunContext) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- exp 2
-def exp2_lesion(model_name: str, state, lesion_id: int, maps, dom, feats: dict, cfg: ExperimentConfig,
-                values: dict, counts: dict) -> dict:
+def exp2_lesion(model_name: str, case_id: str, lesion_id: int, maps, dom, affine, feats: dict,
+                cfg: ExperimentConfig, values: dict, counts: dict) -> dict:
     """Experiment 2 for one explained TP: its values inside Ω and in the ring, those with ``|g| >= cut`` appended to
     ``values`` (seq -> region -> list) and counted in ``counts``; returns the lesion's row."""
-    vals = region_values(maps, dom, state.affine, cfg.ring_mm)
+    vals = region_values(maps, dom, affine, cfg.ring_mm)
     cut = exp2_cut(vals, cfg)
-    row = {"model": model_name, "case": state.id, "lesion_id": lesion_id, "volume_mm3": feats["volume_mm3"],
+    row = {"model": model_name, "case": case_id, "lesion_id": int(lesion_id), "volume_mm3": feats["volume_mm3"],
            "cut": cut}
     for key in SEQUENCE_KEYS:
         for region in ("inside", "ring"):
@@ -162,14 +162,21 @@ def exp3_tables(lesion_rows: list[dict], cfg: ExperimentConfig) -> tuple[list[di
 
 # --------------------------------------------------------------------------------------------------- exp 7
 def run_error_flag(ctx: RunContext) -> None:
-    """Experiment 7: the error flag cross-validated by patient on the explained TP/FP lesions (out-of-fold scores,
-    AUC with a cluster bootstrap CI), then fitted on all of them (``res.error_flag_model``)."""
-    model, cfg, res = ctx.model, ctx.cfg, ctx.res
+    """Experiment 7 of a run (:func:`error_flag_results` on its explained lesions and segmented cases)."""
     t_start = time.time()
-    records = [{"case": r["case"], "lesion_id": r["lesion_id"], "cls": r["cls"], "features": r["features"]}
-               for r in res.lesions if r["cls"] in ("TP", "FP")]
     case_book = [{"case": s.id, "pairs": s.classes.pairs, "pred_ids": lesion_ids(s.pred),
                   "truth_ids": lesion_ids(s.truth), "fp_ids": list(s.classes.fp)} for s in ctx.states]
+    error_flag_results(ctx.res, ctx.model, ctx.cfg, case_book, ctx.states)
+    ctx.res.timings["error_flag_s"] = time.time() - t_start
+
+
+def error_flag_results(res, model, cfg: ExperimentConfig, case_book: list[dict], states: list) -> None:
+    """Experiment 7: the error flag cross-validated by patient on the TP/FP rows of ``res.lesions`` (out-of-fold
+    scores, AUC with a cluster bootstrap CI; ``res.error_flag``, ``res.error_flag_rows``), then fitted on all of them
+    (``res.error_flag_model``). ``case_book``: per case its TP/FP/FN bookkeeping (for the lesion-wise F1);
+    ``model``: ``name`` and ``info`` (weights) of the segmentation model; ``states``: ``id`` and ``spec.source``."""
+    records = [{"case": r["case"], "lesion_id": r["lesion_id"], "cls": r["cls"], "features": r["features"]}
+               for r in res.lesions if r["cls"] in ("TP", "FP")]
     ev = cross_validate(records, case_book, n_boot=cfg.n_boot // 2, seed=cfg.seed)
     res.error_flag = ev
     if ev.get("status") == "ok":
@@ -180,8 +187,7 @@ def run_error_flag(ctx: RunContext) -> None:
         y = [r["cls"] == "FP" for r in records]
         res.error_flag_model = ErrorFlagModel.fit(
             [r["features"] for r in records], y, SALIENCY_FEATURES,
-            info=error_flag_info(model, cfg, ctx.states, ev, res.notes))
-    res.timings["error_flag_s"] = time.time() - t_start
+            info=error_flag_info(model, cfg, states, ev, res.notes))
 
 
 def error_flag_info(model, cfg: ExperimentConfig, states: list, ev: dict, notes: list) -> dict:

@@ -37,10 +37,11 @@ def cohort_cases(cohort: str | Path, split: str | None = "test") -> list[CaseSpe
                      f"{Path(data['root']).name}/{split or 'all'}") for i in ids]
 
 
-def real_patient_case() -> CaseSpec:
-    from msxai.data import REAL_PATIENT_MISSING_REASON, real_patient_paths
+def real_patient_case(folder: str | Path | None = None) -> CaseSpec:
+    """The real patient (``folder``, else ``$MSXAI_REAL_DATA``, else beside a development checkout)."""
+    from msxai.data import real_patient_missing_reason, real_patient_paths
 
-    paths = real_patient_paths()
+    paths = real_patient_paths(folder)
     if paths is None:
-        raise InputError(REAL_PATIENT_MISSING_REASON)
+        raise InputError(real_patient_missing_reason(folder))
     return CaseSpec("patient26", str(paths["flair"]), str(paths["t1"]), str(paths["truth"]), None, "open_ms_data")

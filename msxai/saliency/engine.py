@@ -126,7 +126,7 @@ def explain(
 
     ``image``: the network input [C, X, Y, Z] (z-scored FLAIR, MPRAGE). ``prob``: the lesion softmax used in the
     summaries (computed from the clean image when None). ``performance``: ``noise_batch``, ``max_batch``,
-    ``backend``, ``autocast_dtype``, ``max_group_windows`` (SmoothGrad only).
+    ``backend``, ``autocast_dtype``, ``max_group_windows``, ``checkpoint`` (SmoothGrad only).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
@@ -258,6 +258,8 @@ def explain_to_files(
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     if domain_path is None and lesions_path is None and not domains:
         raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
+    if domain_path is not None and domains:
+        raise InputError("give a --domain MASK or named domains, not both")
     t0 = time.perf_counter()
     flair = load_volume(flair_path, "FLAIR")
     prep = model.prepare(flair_path, t1_path)

@@ -315,6 +315,7 @@ def instance_smoothgrad_many(
     channel: int = LESION_CHANNEL,
     memory_mb: float | None = None,
     cpu_kernels: bool = True,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Instance SmoothGrad for several domains; yields ``(name, map [C, X, Y, Z] float32)`` per domain.
 
@@ -327,7 +328,9 @@ def instance_smoothgrad_many(
     a quarter of the RAM on CPU); ``max_batch``: vector-Jacobian products per backward (voxels × copies; default 32
     on CPU, 64 on CUDA); ``autocast_dtype``: e.g. ``torch.bfloat16`` for a reduced-precision forward/backward (not
     the default); ``cpu_kernels``: reroute a few slow CPU kernels to equivalent faster ones
-    (:mod:`msxai.saliency.cpu_kernels`; CPU, ``loop`` back-end, float32 only).
+    (:mod:`msxai.saliency.cpu_kernels`; CPU, ``loop`` back-end, float32 only); ``checkpoint``: called after every
+    noise batch of every group with ``{"domains": [names], "copies": n}`` (a server yields to other work or cancels
+    there by raising; it changes nothing in the maps).
     """
     if aggregation not in AGGREGATIONS:
         raise InputError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
@@ -379,6 +382,8 @@ def instance_smoothgrad_many(
                     warnings.warn(f"batched VJP failed ({exc}); falling back to one backward per voxel")
                     backend = "loop"
                     _accumulate_group(*args, backend, autocast_dtype, channel, cpu_kernels)
+                if checkpoint is not None:
+                    checkpoint({"domains": [s.name for s in group], "copies": nb})
             for s in group:
                 out = np.zeros(img.shape, dtype=np.float32)
                 out[(slice(None), *bsl)] = (s.acc / n_samples).float().cpu().numpy()

@@ -34,7 +34,14 @@ Modules: :mod:`~msxai.synth.config` (grid, :class:`SynthConfig`), :mod:`~msxai.s
 :mod:`~msxai.synth.realism` (lesion volumes and tissue contrasts, real vs synthetic); the names below are the API.
 """
 
-from msxai.synth.anatomy import Deformation, mni_template, resample_linear, smooth_noise, upsample_strided
+from msxai.synth.anatomy import (
+    Deformation,
+    lesion_site_maps,
+    mni_template,
+    resample_linear,
+    smooth_noise,
+    upsample_strided,
+)
 from msxai.synth.cohort import generate_cohort, load_dataset, make_splits, subject_files, subject_seed, write_subject
 from msxai.synth.config import (
     BRAIN_CENTER_MM,
@@ -47,14 +54,14 @@ from msxai.synth.config import (
     SynthConfig,
     SynthSubject,
 )
-from msxai.synth.lesions import lesion_instances_18
+from msxai.synth.lesions import lesion_instances_18, place_lesions
 from msxai.synth.realism import lesion_volumes_mm3, summarize, tissue_contrasts
 from msxai.synth.subject import generate_subject
 
 __all__ = [
     "BRAIN_CENTER_MM", "CONNECTIVITY_18", "FILE_KEYS", "LESION_SITES", "MNI_AFFINE_1MM", "MNI_SHAPE_1MM",
     "VENTRICLE_CENTER_MM", "Deformation", "SynthConfig", "SynthSubject", "generate_cohort", "generate_subject",
-    "lesion_instances_18", "lesion_volumes_mm3", "load_dataset", "make_splits", "mni_template", "resample_linear",
-    "smooth_noise", "subject_files", "subject_seed", "summarize", "tissue_contrasts", "upsample_strided",
-    "write_subject",
+    "lesion_instances_18", "lesion_site_maps", "lesion_volumes_mm3", "load_dataset", "make_splits", "mni_template",
+    "place_lesions", "resample_linear", "smooth_noise", "subject_files", "subject_seed", "summarize",
+    "tissue_contrasts", "upsample_strided", "write_subject",
 ]

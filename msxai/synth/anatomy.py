@@ -298,7 +298,7 @@ def _skull_stripped_mask(icv: np.ndarray, tissue: np.ndarray, v: float, margin_m
 # ----------------------------------------------------------------------------------------------- lesion sites
 
 
-def _site_maps(p: np.ndarray, mask: np.ndarray, v: float) -> dict:
+def lesion_site_maps(p: np.ndarray, mask: np.ndarray, v: float) -> dict:
     """Candidate centres (voxel indices) per lesion site and the distance-to-ventricle field (mm).
 
     Distances are computed on a grid of about 2 mm (strided) for speed; centres are returned on the full grid.

@@ -46,7 +46,7 @@ def _blob(rng, radius_vox: float, direction: np.ndarray | None) -> tuple[np.ndar
     return field_, h
 
 
-def _place_lesions(rng, cfg: SynthConfig, p: np.ndarray, mask: np.ndarray, sites: dict) -> tuple[np.ndarray, list[dict]]:
+def place_lesions(rng, cfg: SynthConfig, p: np.ndarray, mask: np.ndarray, sites: dict) -> tuple[np.ndarray, list[dict]]:
     """Binary lesion mask and the list of generated blobs (site, target/actual volume)."""
     v = float(cfg.voxel_size)
     vox_mm3 = v**3

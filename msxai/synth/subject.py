@@ -8,9 +8,9 @@ from scipy import ndimage as ndi
 
 from msxai.errors import InputError
 from msxai.io import voxel_volume_mm3
-from msxai.synth.anatomy import _deformation, _site_maps, _skull, _tissues, _u, mni_template, smooth_noise
+from msxai.synth.anatomy import _deformation, _skull, _tissues, _u, lesion_site_maps, mni_template, smooth_noise
 from msxai.synth.config import CONNECTIVITY_18, SynthConfig, SynthSubject
-from msxai.synth.lesions import _place_lesions, lesion_instances_18
+from msxai.synth.lesions import lesion_instances_18, place_lesions
 
 # ----------------------------------------------------------------------------------------------- intensities
 
@@ -107,8 +107,8 @@ def generate_subject(seed: int, skull: bool = False, config: SynthConfig | None 
     deform, crop, coords, meta_def = _deformation(r_anat, cfg, shape, affine, tpl, 6.0)
     p, mask, t1_tpl, meta_t = _tissues(r_anat, cfg, tpl, coords)
     del coords
-    sites = _site_maps(p, mask, v)
-    lesion, blobs = _place_lesions(r_les, cfg, p, mask, sites)
+    sites = lesion_site_maps(p, mask, v)
+    lesion, blobs = place_lesions(r_les, cfg, p, mask, sites)
     vox_mm3 = voxel_volume_mm3(affine)
     labels = lesion_instances_18(lesion, vox_mm3, cfg.min_lesion_mm3)
     flair, t1, meta_c = _intensities(r_int, cfg, p, mask, t1_tpl, labels, sites["dist_vent"])

@@ -503,7 +503,10 @@ class MsxaiDICOMwebDatastore(SafeWritesMixin, DICOMWebDatastore):
     def get_t1_uri(self, image_id: str) -> str:
         """The NIfTI of the T1 series paired with the FLAIR series ``image_id`` (downloaded once)."""
         study = self.study_of(image_id)
-        rows = self._client.search_for_series(study_instance_uid=study, fields=["SeriesDescription"])
+        # image series only (the search filter, MR): derived series (SEG, SR, Parametric Maps) named after a sequence
+        # ("msxai SG MPRAGE+ lesion 1") are not T1 candidates
+        rows = self._client.search_for_series(study_instance_uid=study, search_filters=self._search_filter or None,
+                                              fields=["SeriesDescription"])
         for r in rows:  # some servers leave the study out of series rows under a study
             r.setdefault("0020000D", {"vr": "UI", "Value": [study]})
         return self.get_image_uri(find_t1_series(rows, image_id))

@@ -73,8 +73,9 @@ class ExplainTask(_MsxaiTask):
     or of a domain the client gives (uploaded label or foreground points), as a binned label map + the quantitative
     summary in the result JSON; the exact float maps are saved beside the study."""
 
-    def __init__(self, service: StudyService, method: str):
+    def __init__(self, service: StudyService, method: str, jobs=None):
         self.method = method
+        self.jobs = jobs  # lib.jobs.JobRegistry: cost budget, progress, cancel (None: run unbounded)
         models = service.models
         defaults = EXPLAIN_DEFAULTS[method]
         config = {"model": list(models), "device": device_list()}
@@ -100,10 +101,19 @@ class ExplainTask(_MsxaiTask):
     def __call__(self, request) -> Tuple[str, Dict]:
         t0 = time.time()
         out = self.result_file(request)
+        job = self.jobs.get(request.get("msxai_job")) if self.jobs is not None else None
         try:
-            result = self.service.explain_request(self.method, request, out)
+            if job is None:
+                result = self.service.explain_request(self.method, request, out)
+            else:
+                with job.bound():  # model work of this request queues as an explanation (lib/jobs.py)
+                    result = self.service.explain_request(self.method, request, out, admit=job.admit,
+                                                          checkpoint=job.checkpoint)
         except BaseException:
             os.unlink(out)
             raise
         result["latencies"] = {"total": round(time.time() - t0, 3)}
+        if job is not None:
+            result["job"] = {"id": job.id, "estimate_s": (job.estimate or {}).get("seconds"),
+                             "chunks": job.chunks_done, "explain_s": round(time.time() - (job.started or t0), 1)}
         return out, to_jsonable(result)

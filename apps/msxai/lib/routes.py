@@ -123,6 +123,11 @@ def build_infer_router():
             raise HTTPException(status_code=400, detail="params must be a JSON object")
         if "model" in p:
             p["explain_model"] = p.pop("model")
+        # paths and ids only the server sets: MONAI Label merges params over its request, so a "label" or
+        # "lesions_label" parameter would make the server read a file of the client's choosing
+        for k in ("msxai_t1", "msxai_job", "lesions_label", "label", "image", "file", "session"):
+            p.pop(k, None)
+        p["msxai_user"] = user.username
         return run_inference(background_tasks, model, image, session_id, json.dumps(p), file, label, output)
 
     return router
@@ -180,10 +185,60 @@ def build_admin_router() -> APIRouter:
         raise HTTPException(status_code=405, detail="this app serves the weights of its bundles (bundles/msxai_*); "
                                                     "they are not deleted through the server")
 
+    @router.get("/msxai/routes", summary="Every route of this server and the roles it needs (route inventory)",
+                tags=["msxai"])
+    def msxai_routes(request: Request, user: User = Depends(RBAC(admin))):
+        return route_inventory(request.app)
+
     return router
 
 
+def route_inventory(fastapi_app) -> list[dict]:
+    """Every route in the order requests are matched: path, methods, whether it is in /openapi.json, the RBAC roles
+    it needs (``[]``: public) and whether an earlier route with the same path and methods shadows it."""
+    from monailabel.endpoints.user.auth import RBAC, get_current_user
+    from starlette.routing import Mount
+
+    def roles_of(dependant) -> set:
+        out = set()
+        for d in dependant.dependencies:
+            if isinstance(d.call, RBAC):
+                r = d.call.roles
+                out |= {r} if isinstance(r, str) else set(r)
+            elif d.call is get_current_user:
+                out.add("*")
+            out |= roles_of(d)
+        return out
+
+    def flat(routes):  # FastAPI >= 0.16x keeps an included router as one entry
+        for r in routes:
+            if hasattr(r, "effective_route_contexts"):
+                yield from r.effective_route_contexts()
+            else:
+                yield r
+
+    rows, seen = [], set()
+    for r in flat(fastapi_app.router.routes):
+        path = getattr(r, "path", "")
+        if isinstance(r, Mount):
+            rows.append({"path": path, "path_format": path, "methods": ["GET"], "mount": True, "in_schema": False, "roles": [],
+                         "name": r.name, "shadowed": False})
+            continue
+        methods = sorted(getattr(r, "methods", None) or [])
+        dependant = getattr(r, "dependant", None)
+        roles = sorted(roles_of(dependant)) if dependant is not None else []
+        key = (path, tuple(methods))
+        rows.append({"path": path, "path_format": getattr(r, "path_format", path), "methods": methods, "mount": False,
+                     "in_schema": bool(getattr(r, "include_in_schema", False)), "roles": roles,
+                     "name": getattr(r, "name", ""), "shadowed": key in seen})
+        seen.add(key)
+    return rows
+
+
 def _ours(route) -> bool:
+    sub = getattr(route, "original_router", None)  # an included router (FastAPI >= 0.16x)
+    if sub is not None:
+        return bool(sub.routes) and all(_ours(r) for r in sub.routes)
     return getattr(route, "name", "").startswith("msxai_") or getattr(route, "path", "").startswith(PREFIX + "/")
 
 
@@ -197,14 +252,15 @@ def install_routes(app, extra_routers=()) -> bool:
     from monailabel.config import settings
     from monailabel.interfaces.exception import MONAILabelException
 
+    from lib import auth
     from lib.datastore_routes import build_datastore_router, build_label_history_router
 
     fastapi_app.router.routes = [r for r in fastapi_app.router.routes if not _ours(r)]
     n = len(fastapi_app.router.routes)
     fastapi_app.include_router(build_router(app))
     fastapi_app.include_router(build_label_history_router(app))
-    for router in (build_infer_router(), build_proxy_guard_router(), build_datastore_router(app),
-                   build_admin_router(), *extra_routers):
+    for router in (auth.build_auth_router(), build_infer_router(), build_proxy_guard_router(),
+                   build_datastore_router(app), build_admin_router(), *extra_routers):
         fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
     added = fastapi_app.router.routes[n:]
     # in front of MONAI Label's routes: the first matching route answers
@@ -226,6 +282,7 @@ def install_routes(app, extra_routers=()) -> bool:
     # Starlette built its middleware stack (with a copy of the handlers) for the lifespan call that creates this
     # app: build it again at the next request
     fastapi_app.middleware_stack = None
+    auth.install(fastapi_app, getattr(app, "auth_policy", None) or auth.AuthPolicy())
     fastapi_app.openapi_schema = None
     logger.info(f"msxai: {len(added)} routes installed in front of MONAI Label's (infer wrapper, proxy guard, "
                 "datastore writes, label history, /msxai/*, /reload)")
