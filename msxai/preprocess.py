@@ -1,5 +1,7 @@
-"""Pre-processing of the FLAIR + T1 (MPRAGE) pair: brain mask, z-scoring, optional N4, rigid registration and
-resampling.
+"""Pre-processing of the FLAIR + T1 (MPRAGE) pair: brain mask, z-scoring, optional N4, rigid registration, the T1
+brought onto the network grid (:func:`align_onto`: copy, exact re-index, resampling, registration when measured
+misaligned) and :class:`PreparedImage` (the network input with the way back to the FLAIR's grid). The bundles'
+chain of MONAI transforms (:mod:`msxai.transforms`) calls these.
 
 The paper's networks see each sequence z-scored over the brain (mean 0, standard deviation 1 over the brain voxels,
 0 outside). On skull-stripped data, where the brain is the non-zero part of every sequence, :func:`zscore` equals
@@ -13,15 +15,13 @@ flip is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from msxai import SEQUENCES
 from msxai.errors import EmptyDomainError, InputError
-from msxai.io import Volume, check_finite, check_not_empty, load_pair, load_volume, voxel_spacing
+from msxai.io import Volume, check_finite, check_not_empty, voxel_spacing
 
 
 # --------------------------------------------------------------------------------------------------- brain mask
@@ -340,31 +340,6 @@ def align_onto(moving: Volume, fixed: Volume, register: str | bool = "auto", tol
 
 
 # --------------------------------------------------------------------------------------------------- resampling
-def resample_to_spacing(vol: Volume, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), order: int = 1) -> Volume:
-    """``vol`` on a grid of voxel size ``spacing`` (mm) with the same orientation and the same first-voxel centre.
-
-    The new shape is ``round(shape * old_spacing / spacing)`` (at least 1); the new affine scales the old one's
-    columns. Interpolation is scipy's spline of ``order`` (0 nearest, 1 linear, 3 cubic), edge values repeated
-    (``mode="nearest"``). ``order > 0`` returns float32, ``order == 0`` keeps the dtype (for label maps).
-    """
-    array = np.asarray(vol.array)
-    if array.ndim != 3:
-        raise InputError(f"resample_to_spacing: expected a 3-D volume, got shape {tuple(array.shape)}")
-    new = np.array([float(s) for s in spacing])
-    if new.shape != (3,) or np.any(new <= 0):
-        raise InputError(f"resample_to_spacing: spacing must be 3 positive numbers, got {spacing}")
-    old = np.array(vol.spacing)
-    scale = new / old  # new index step in old index units
-    shape = tuple(int(max(1, round(n * o / s))) for n, o, s in zip(array.shape, old, new))
-    affine = np.asarray(vol.affine, dtype=np.float64).copy()
-    affine[:3, :3] = affine[:3, :3] * scale[None, :]
-    if np.allclose(scale, 1.0) and shape == array.shape:
-        return Volume(array.astype(np.float32) if order > 0 else array.copy(), affine)
-    data = array.astype(np.float32) if order > 0 else array
-    out = ndimage.affine_transform(data, scale, offset=0.0, output_shape=shape, order=order, mode="nearest")
-    return Volume(out.astype(np.float32) if order > 0 else out.astype(array.dtype), affine)
-
-
 # --------------------------------------------------------------------------------------------------- pipeline
 @dataclass
 class PreparedImage:
@@ -422,47 +397,3 @@ class PreparedImage:
         if self.native_affine is None:
             return True
         return tuple(self.native_shape) == self.shape and np.allclose(self.native_affine, self.affine, atol=1e-6)
-
-
-def prepare_image(
-    flair_path: str | Path,
-    t1_path: str | Path,
-    register: bool = False,
-    n4: bool = False,
-    resample: bool | tuple[float, float, float] = False,
-    normalization: str = "zscore_brain",
-) -> PreparedImage:
-    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then normalise over the brain.
-
-    * ``register=False``: FLAIR and T1 must share one grid (else :func:`msxai.io.load_pair` raises GeometryError);
-      ``register=True``: T1 is rigidly registered (mutual information) and resampled onto the FLAIR grid.
-    * ``resample``: ``True`` = 1 mm isotropic, or a ``(sx, sy, sz)`` spacing in mm; applied to both channels
-      (FLAIR grid first; T1 is already on it). Without it the output is on the FLAIR grid.
-    * ``n4``: N4 bias-field correction of each sequence inside its non-zero voxels.
-    * the brain mask is the union of the non-zero voxels of both sequences (skull-stripped input).
-    * ``normalization``: a name of :data:`msxai.normalization.NORMALIZATIONS` (default ``zscore_brain``, the
-      z-score over the brain), checked before anything is loaded.
-    """
-    from msxai.normalization import check_normalization, normalize
-
-    normalization = check_normalization(normalization)
-    if not register:
-        raw, affine = load_pair(flair_path, t1_path)
-    else:
-        flair = load_volume(flair_path, "FLAIR")
-        t1 = load_volume(t1_path, "T1")
-        for vol, name in ((flair, "FLAIR"), (t1, "T1")):
-            check_finite(vol.array, name)
-            check_not_empty(vol.array, name)
-        t1_on_flair = register_rigid(t1, flair)
-        raw, affine = np.stack([flair.array, t1_on_flair.array]).astype(np.float32), flair.affine
-    if resample is not False and resample is not None:
-        spacing = (1.0, 1.0, 1.0) if resample is True else tuple(float(s) for s in resample)
-        channels = [resample_to_spacing(Volume(raw[c], affine), spacing, order=1) for c in range(raw.shape[0])]
-        affine = channels[0].affine
-        raw = np.stack([c.array for c in channels]).astype(np.float32)
-    if n4:
-        sp = voxel_spacing(affine)
-        raw = np.stack([n4_bias_correct(raw[c], spacing=sp) for c in range(raw.shape[0])]).astype(np.float32)
-    mask = foreground_mask(raw)
-    return PreparedImage(image=normalize(raw, mask, normalization), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)

@@ -173,6 +173,9 @@ class AlignT1d(MapTransform):
         return d
 
 
+RESIDUE = 1e-6  # relative size of a resampling residue (BrainMaskd)
+
+
 class BrainMaskd(MapTransform):
     """``mask_key`` = the brain (bool ``[X, Y, Z]`` numpy). ``skull="auto"`` decides by measurement
     (:func:`msxai.brainmask.has_skull`); a skull-stripped pair's brain is its non-zero voxels (the training data's
@@ -199,7 +202,11 @@ class BrainMaskd(MapTransform):
         info = {"present": bool(present), "decided_by": "measurement" if self.skull == "auto" else "configuration",
                 "foreground_cm3": round(fg_cm3, 1)}
         if not present:
-            mask = foreground_mask(stack)
+            # non-zero voxels; a resampled grid (Spacingd, an oblique or DICOM-rounded affine) leaves interpolation
+            # residue (|v| ~ 1e-10 x the image) beside exact zeros: below RESIDUE x the channel's largest |value|
+            # counts as zero, so the same scan from NIfTI and from DICOM gets the same brain
+            peak = np.abs(stack).reshape(len(stack), -1).max(1).reshape(-1, 1, 1, 1)
+            mask = foreground_mask(np.where(np.abs(stack) > RESIDUE * peak, stack, 0.0))
             info["brain_mask"] = "non-zero voxels"
         else:
             flair = vols[keys.index("flair")] if "flair" in keys else vols[0]

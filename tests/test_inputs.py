@@ -149,7 +149,8 @@ def _oblique_scan(subject):
     affine, shape = oblique_grid(subject["affine"], subject["flair"].shape)
     flair = np.clip(reslice(subject["flair"], subject["affine"], affine, shape, 3, slab_mm=3), 0, 65535)
     truth = reslice(subject["truth"].astype(np.float32), subject["affine"], affine, shape, 0) > 0.5
-    return np.rint(flair), affine, truth
+    # integers 0..65535 (max = 65535): what a DICOM series stores exactly (RescaleSlope 1, intercept 0)
+    return np.rint(flair / flair.max() * 65535), affine, truth
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +210,7 @@ def test_dicom_series_give_what_their_nifti_gives(subject, bundle, canonical, ob
         np.testing.assert_array_equal(labels, nifti_result.labels)
         np.testing.assert_allclose(prob, nifti_result.prob, atol=1e-5)
     else:  # DICOM keeps 10 significant digits of the oblique direction cosines: a 1e-10 mm different grid
-        np.testing.assert_allclose(prob, nifti_result.prob, atol=1e-4)
+        np.testing.assert_allclose(prob, nifti_result.prob, atol=1e-4, err_msg=f"{r.info} vs {nifti_result.info}")
         differ = (labels > 0) != (nifti_result.labels > 0)
         assert np.all(np.abs(nifti_result.prob[differ] - 0.3) < 1e-4), "lesion voxels differ away from the threshold"
 
