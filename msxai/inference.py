@@ -1,18 +1,15 @@
-"""The sliding-window lesion segmentation pipeline shared by every bundle's ``inference.json`` and ``msxai segment``.
+"""The pieces of a bundle's segmentation that are not the wrapper itself (:class:`msxai.bundle.Bundle`):
 
-``LesionSegmentation(network, inferer, threshold, min_volume_mm3, device)``:
-
-1. :meth:`prepare` loads FLAIR + T1 (MPRAGE) with :func:`msxai.preprocess.prepare_image` (same grid required unless
-   ``register=True``; per-channel z-score inside the brain);
-2. :meth:`predict` runs the bundle's ``monai.inferers.SlidingWindowInferer`` (96^3 windows, overlap 0.25, gaussian
-   blending by default), takes ``softmax(logits)[1]`` as the lesion probability, thresholds it at 0.3 and keeps the
-   18-connected components of at least 5 mm^3 (:func:`msxai.lesions.lesion_instances`);
-3. :meth:`run` writes ``probability.nii.gz`` (float32), ``mask.nii.gz`` (uint8, the kept lesions),
-   ``lesions.nii.gz`` (int32 instance ids), ``lesions.json`` and ``lesions.csv`` on the input grid.
-
-:func:`evaluate_cases` scores a segmenter on a list of cases (Dice, nDSC, lesion-wise TPR/FDR/FNR/F1 via
-:mod:`msxai.metrics`) and :func:`resolve_cases` turns a cohort folder / ``dataset.json`` / the word ``patient26`` into
-such a list.
+- :func:`default_preprocessing` / :func:`default_postprocessing`: the chains of :mod:`msxai.transforms` as the
+  bundles' ``inference.json`` lists them (used when a bundle is built in Python, e.g. around a test network: then
+  without orientation and spacing, the FLAIR's grid is the network grid);
+- :class:`SegmentationResult` (on the FLAIR's native grid, with the network-grid probability) and
+  :func:`write_result` (``probability.nii.gz``, ``mask.nii.gz``, ``lesions.nii.gz``, ``lesions.json``,
+  ``lesions.csv``);
+- :class:`EnsembleSegmentation`: the mean probability of several bundles through one bundle's chains;
+- :func:`evaluate_cases` scores a bundle on a list of cases (Dice, nDSC, lesion-wise TPR/FDR/FNR/F1 via
+  :mod:`msxai.metrics`, on the truth's grid = the FLAIR's) and :func:`resolve_cases` turns a cohort folder /
+  ``dataset.json`` / the word ``patient26`` into such a list.
 """
 
 from __future__ import annotations
@@ -27,8 +24,8 @@ import numpy as np
 import torch
 
 from msxai import MIN_LESION_MM3, THRESHOLD
+from msxai.bundle import Bundle
 from msxai.errors import InputError
-from msxai.networks import plain_logits
 
 OUTPUT_FILES = {
     "probability": "probability.nii.gz",
@@ -41,10 +38,12 @@ OUTPUT_FILES = {
 
 @dataclass
 class SegmentationResult:
-    """Output of one segmentation on the prepared grid.
+    """Output of one segmentation on the FLAIR's native grid.
 
     ``prob``: float32 ``[X, Y, Z]`` lesion probability ``softmax(logits)[1]``; ``labels``: int32 lesion instance ids
     (0 = background); ``table``: one dict per lesion (:func:`msxai.lesions.lesion_table`); ``affine``: voxel-to-world.
+    ``prob_network`` / ``network_affine``: the probability on the network grid (where saliency is computed);
+    ``info``: what the pre-processing did.
     """
 
     prob: np.ndarray
@@ -55,6 +54,8 @@ class SegmentationResult:
     min_volume_mm3: float = MIN_LESION_MM3
     seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    prob_network: np.ndarray | None = None
+    network_affine: np.ndarray | None = None
 
     @property
     def mask(self) -> np.ndarray:
@@ -62,110 +63,65 @@ class SegmentationResult:
         return (self.labels > 0).astype(np.uint8)
 
 
-def _require_path(value: Any, what: str, flag: str) -> Path:
+def require_path(value: Any, what: str, flag: str) -> Path:
     if value is None or str(value).strip() == "":
-        raise InputError(f"no {what} image given: pass {flag} PATH")
+        raise InputError(f"no {what} given: pass {flag} PATH")
     return Path(str(value))
 
 
-class LesionSegmentation:
-    """FLAIR + T1 -> lesion probability, instances and table with one network and one sliding-window inferer."""
+def default_preprocessing(orientation: str | None = None, pixdim=None, register: str | bool = "auto",
+                          n4: bool = False, skull: str = "auto", normalization: str = "zscore_brain"):
+    """The pre-processing chain of :mod:`msxai.transforms` as the bundles' ``inference.json`` lists it (there with
+    ``orientation="LAS"`` and ``pixdim=[1, 1, 1]``; ``None`` keeps the FLAIR's grid)."""
+    from monai.transforms import Compose, ConcatItemsd, Orientationd, Spacingd
 
-    def __init__(
-        self,
-        network: torch.nn.Module,
-        inferer,
-        threshold: float = THRESHOLD,
-        min_volume_mm3: float = MIN_LESION_MM3,
-        device: str | torch.device = "cpu",
-        register: bool = False,
-        n4: bool = False,
-        normalization: str = "zscore_brain",
-        tta_flips=(),
-    ):
-        from msxai.normalization import check_normalization
+    from msxai.transforms import AlignT1d, BiasCorrectd, BrainMaskd, LoadSequenced, NormalizeIntensityd
 
-        if not 0.0 <= float(threshold) < 1.0:
-            raise InputError(f"threshold must be in [0, 1), got {threshold}")
-        if float(min_volume_mm3) < 0:
-            raise InputError(f"min_volume_mm3 must be >= 0, got {min_volume_mm3}")
-        self.device = torch.device(device)
-        self.network = network.to(self.device).eval()
-        self.inferer = inferer
-        self.threshold = float(threshold)
-        self.min_volume_mm3 = float(min_volume_mm3)
-        self.register = bool(register)
-        self.n4 = bool(n4)
-        self.normalization = check_normalization(normalization)
-        self.tta_flips = check_tta_flips(tta_flips)
+    steps = [LoadSequenced(["flair", "t1"])]
+    if orientation:
+        steps.append(Orientationd("flair", axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))))
+    if pixdim is not None:
+        steps.append(Spacingd("flair", pixdim=pixdim, mode="bilinear"))
+    steps += [AlignT1d("t1", "flair", register=register), BiasCorrectd(["flair", "t1"], enabled=n4),
+              BrainMaskd(["flair", "t1"], skull=skull), NormalizeIntensityd(["flair", "t1"], method=normalization),
+              ConcatItemsd(["flair", "t1"], "image")]
+    return Compose(steps)
 
-    # ------------------------------------------------------------------ steps
-    def prepare(self, flair_path, t1_path):
-        """Load and normalise a FLAIR/T1 pair (:func:`msxai.preprocess.prepare_image`)."""
-        from msxai.preprocess import prepare_image
 
-        flair = _require_path(flair_path, "FLAIR", "--flair")
-        t1 = _require_path(t1_path, "T1 (MPRAGE)", "--t1")
-        return prepare_image(flair, t1, register=self.register, n4=self.n4, normalization=self.normalization)
+def default_postprocessing(preprocessing, threshold: float = THRESHOLD, min_volume_mm3: float = MIN_LESION_MM3,
+                           orientation: str = "LAS"):
+    """The post-processing chain as ``inference.json`` lists it: softmax, lesion probability, ``Invertd`` onto the
+    FLAIR's native grid, lesion instances, writers."""
+    from monai.transforms import Activationsd, Compose, InvertibleTransform, Invertd
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        return plain_logits(self.network(x))
+    from msxai.transforms import LesionInstancesd, LesionProbabilityd, WriteSegmentationd
 
-    @torch.no_grad()
-    def logits(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits ``[1, 2, X, Y, Z]`` (float32, on CPU) of a ``[2, X, Y, Z]`` image."""
-        x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
-        if x.ndim != 4 or x.shape[0] != 2:
-            raise InputError(f"expected a [2, X, Y, Z] image (FLAIR, T1), got shape {tuple(x.shape)}")
-        self.network.eval()
-        out = self.inferer(x[None].to(self.device, torch.float32), self._forward)
-        out = out.as_tensor() if hasattr(out, "as_tensor") else out
-        return out.float().cpu()
+    geometric = any(isinstance(t, InvertibleTransform) for t in preprocessing.flatten().transforms)
+    return Compose([
+        Activationsd("pred", softmax=True),
+        LesionProbabilityd("pred", "prob"),
+        *([Invertd("prob", transform=preprocessing, orig_keys="flair", nearest_interp=False)] if geometric else []),
+        LesionInstancesd("prob", threshold=threshold, min_volume_mm3=min_volume_mm3, orientation=orientation),
+        WriteSegmentationd(),
+    ])
 
-    def probability(self, image) -> np.ndarray:
-        """Lesion probability ``softmax(logits)[1]`` as float32 ``[X, Y, Z]``; with ``tta_flips`` the mean of the
-        softmax over the image and its flipped copies (each flipped back), one sliding-window pass each."""
-        prob = torch.softmax(self.logits(image), dim=1)[0, 1]
-        if self.tta_flips:
-            x = torch.as_tensor(np.asarray(image, dtype=np.float32) if not torch.is_tensor(image) else image)
-            for axes in self.tta_flips:
-                dims = [a + 1 for a in axes]  # spatial axes of the [2, X, Y, Z] image
-                p = torch.softmax(self.logits(torch.flip(x, dims)), dim=1)[0, 1]
-                prob = prob + torch.flip(p, [a for a in axes])
-            prob = prob / (1 + len(self.tta_flips))
-        return prob.numpy().astype(np.float32)
 
-    def postprocess(self, prob: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, list[dict]]:
-        """Threshold + 18-connected components >= ``min_volume_mm3`` -> (int32 labels, lesion table)."""
-        from msxai.lesions import lesion_instances, lesion_table
+def probability_logits(prob: np.ndarray) -> torch.Tensor:
+    """``[2, X, Y, Z]`` logits ``(log(1 - p), log p)`` whose softmax gives back the lesion probability ``p``."""
+    p = torch.as_tensor(np.asarray(prob, dtype=np.float32))
+    tiny = torch.finfo(torch.float32).tiny
+    return torch.log(torch.stack([1.0 - p, p]).clamp_min(tiny))
 
-        labels = lesion_instances(prob, threshold=self.threshold, min_volume_mm3=self.min_volume_mm3, affine=affine)
-        labels = np.asarray(labels, dtype=np.int32)
-        return labels, lesion_table(labels, affine, prob=prob)
 
-    def predict(self, prepared) -> SegmentationResult:
-        """Segment a :class:`msxai.preprocess.PreparedImage` (or anything with ``image`` and ``affine``)."""
-        t0 = time.perf_counter()
-        prob = self.probability(prepared.image)
-        labels, table = self.postprocess(prob, prepared.affine)
-        return SegmentationResult(
-            prob=prob,
-            labels=labels,
-            table=table,
-            affine=np.asarray(prepared.affine, dtype=np.float64),
-            threshold=self.threshold,
-            min_volume_mm3=self.min_volume_mm3,
-            seconds=time.perf_counter() - t0,
-        )
-
-    def segment(self, flair_path, t1_path) -> SegmentationResult:
-        return self.predict(self.prepare(flair_path, t1_path))
-
-    def run(self, flair_path, t1_path, output_dir) -> dict[str, Path]:
-        """Segment and write the outputs into ``output_dir``; returns ``{kind: path}``."""
-        out_dir = _require_path(output_dir, "output folder", "--output_dir")
-        result = self.segment(flair_path, t1_path)
-        return write_result(result, out_dir)
+def segmentation_result(d: dict) -> SegmentationResult:
+    """The :class:`SegmentationResult` of a post-processed data dictionary (``prob``, ``labels``, ``table``,
+    ``affine``, ``lesion_rule``)."""
+    rule = d.get("lesion_rule", {})
+    return SegmentationResult(
+        prob=np.asarray(d["prob"], np.float32), labels=np.asarray(d["labels"], np.int32), table=d["table"],
+        affine=np.asarray(d["affine"], np.float64), threshold=float(rule.get("threshold", THRESHOLD)),
+        min_volume_mm3=float(rule.get("min_volume_mm3", MIN_LESION_MM3)),
+    )
 
 
 def check_tta_flips(tta_flips) -> tuple[tuple[int, ...], ...]:
@@ -186,10 +142,11 @@ def check_tta_flips(tta_flips) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-class EnsembleSegmentation(LesionSegmentation):
-    """Mean lesion probability of several :class:`LesionSegmentation` members (e.g. the three bundles), then the
-    same threshold and lesion rule. The input is prepared once (``register``/``n4`` of the first member); a member
-    whose normalisation differs gets the prepared raw image normalised its way."""
+class EnsembleSegmentation(Bundle):
+    """Mean lesion probability of several :class:`msxai.bundle.Bundle` members (e.g. the three bundles), then the
+    same post-processing (back to the FLAIR's native grid, threshold and lesion rule). The input is prepared once,
+    with the first member's pre-processing chain; a member whose normalisation differs gets the prepared raw image
+    normalised its way."""
 
     def __init__(self, members, threshold: float = THRESHOLD, min_volume_mm3: float = MIN_LESION_MM3):
         members = list(members)
@@ -197,24 +154,24 @@ class EnsembleSegmentation(LesionSegmentation):
             raise InputError("ensemble: no member segmenters")
         first = members[0]
         super().__init__(first.network, first.inferer, threshold, min_volume_mm3, first.device, first.register,
-                         first.n4, first.normalization, ())
+                         first.n4, first.normalization, (), preprocessing=first.preprocessing,
+                         postprocessing=first.postprocessing)
         self.members = members
 
-    def predict(self, prepared) -> SegmentationResult:
+    def network_pred(self, prepared) -> torch.Tensor:
         from msxai.normalization import normalize
 
-        t0 = time.perf_counter()
         prob = np.zeros(prepared.shape, dtype=np.float64)
         for m in self.members:
             image = prepared.image if m.normalization == self.normalization else normalize(
                 prepared.raw, prepared.brain_mask, m.normalization)
             prob += m.probability(image)
-        prob = (prob / len(self.members)).astype(np.float32)
-        labels, table = self.postprocess(prob, prepared.affine)
-        return SegmentationResult(prob=prob, labels=labels, table=table,
-                                  affine=np.asarray(prepared.affine, dtype=np.float64), threshold=self.threshold,
-                                  min_volume_mm3=self.min_volume_mm3, seconds=time.perf_counter() - t0,
-                                  info={"ensemble": len(self.members)})
+        return probability_logits((prob / len(self.members)).astype(np.float32))
+
+    def segment(self, prepared, output_dir=None) -> SegmentationResult:
+        result = super().segment(prepared, output_dir)
+        result.info["ensemble"] = len(self.members)
+        return result
 
 
 def write_result(result: SegmentationResult, output_dir: str | Path) -> dict[str, Path]:
@@ -272,22 +229,23 @@ def resolve_cases(cohort_or_cases, split: str = "test") -> list[dict]:
 
 
 def evaluate_cases(
-    segmenter: LesionSegmentation,
+    segmenter: Bundle,
     cases: Iterable[dict],
     metrics_path: str | Path | None = None,
     predictions_dir: str | Path | None = None,
     progress: bool = True,
+    info: dict | None = None,
 ) -> dict:
     """Dice, nDSC and lesion-wise TPR/FDR/FNR/F1 of ``segmenter`` on ``cases`` (:func:`msxai.metrics.evaluate_case`
-    on the kept lesion instances), aggregated (:func:`msxai.metrics.aggregate`); written to ``metrics_path``."""
+    on the kept lesion instances, on the truth's grid), aggregated (:func:`msxai.metrics.aggregate`), plus ``info``;
+    written to ``metrics_path``."""
     from msxai.io import load_volume
     from msxai.metrics import aggregate, evaluate_case
 
     rows = []
     cases = list(cases)
     for i, case in enumerate(cases):
-        prepared = segmenter.prepare(case["flair"], case["t1"])
-        result = segmenter.predict(prepared)
+        result = segmenter.segment(segmenter.prepare(case["flair"], case["t1"]))
         truth = load_volume(case["label"], "label")
         if truth.array.shape != result.labels.shape:
             raise InputError(
@@ -305,6 +263,7 @@ def evaluate_cases(
     metrics = aggregate(rows)
     metrics["threshold"] = segmenter.threshold
     metrics["min_volume_mm3"] = segmenter.min_volume_mm3
+    metrics.update(info or {})  # e.g. the weights' sha256 (evaluate.json), checked by msxai.metadata
     if metrics_path is not None:
         metrics_path = Path(metrics_path)
         metrics_path.parent.mkdir(parents=True, exist_ok=True)

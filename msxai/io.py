@@ -42,12 +42,19 @@ def voxel_volume_mm3(affine: np.ndarray) -> float:
     return float(abs(np.linalg.det(np.asarray(affine)[:3, :3])))
 
 
-def load_volume(path: str | Path, name: str | None = None, dtype=np.float32) -> Volume:
-    """Load a 3-D NIfTI (a trailing singleton 4th axis is dropped). Errors name the file."""
+def load_volume(path: str | Path, name: str | None = None, dtype=np.float32, require_orientation: bool = False) -> Volume:
+    """Load a 3-D NIfTI (a trailing singleton 4th axis is dropped). Errors name the file.
+
+    ``require_orientation``: refuse a NIfTI whose header holds no orientation (``qform_code == sform_code == 0``:
+    nibabel then makes up an affine from the voxel size alone) and a degenerate affine (:func:`check_orientation`).
+    """
     path = Path(path)
     label = name or path.name
     if not path.exists():
         raise InputError(f"{label}: file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"{label}: {path} is a folder, not a NIfTI file (a DICOM series folder is read by "
+                         "msxai.io.load_sequence)")
     try:
         img = nib.load(str(path))
         data = np.asarray(img.dataobj, dtype=dtype)
@@ -55,9 +62,107 @@ def load_volume(path: str | Path, name: str | None = None, dtype=np.float32) -> 
         raise InputError(f"{label}: cannot read {path} as NIfTI ({exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise InputError(f"{label}: expected a 3-D volume, got shape {tuple(data.shape)} in {path}")
+    check_3d(data.shape, f"{label} ({path.name})")
+    if require_orientation:
+        header = getattr(img, "header", None)
+        if header is not None and hasattr(header, "get_sform"):
+            if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+                raise GeometryError(
+                    f"{label}: {path.name} has no orientation (qform_code = sform_code = 0): where the voxels lie in "
+                    "the patient is unknown; write the NIfTI with its scanner orientation (e.g. dcm2niix) or give "
+                    "the DICOM series"
+                )
+        check_orientation(img.affine, label)
     return Volume(np.ascontiguousarray(data), np.asarray(img.affine, dtype=np.float64))
+
+
+def check_3d(shape, label: str) -> None:
+    """Refuse anything but a 3-D volume with at least 2 voxels along every axis (2-D images, single slices and
+    4-D series are named as such)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 4:
+        raise InputError(f"{label}: a 4-D image ({shape[3]} volumes of {shape[:3]}); give one 3-D volume")
+    if len(shape) < 3 or (len(shape) == 3 and min(shape) < 2):
+        raise InputError(f"{label}: a 2-D image (shape {shape}); a 3-D volume of several slices is needed")
+    if len(shape) != 3:
+        raise InputError(f"{label}: expected a 3-D volume, got shape {shape}")
+
+
+def check_orientation(affine, label: str) -> None:
+    """Refuse a voxel-to-world affine that cannot place the voxels: non-finite, a zero-length voxel axis, or axes
+    (nearly) parallel to each other (a degenerate orientation)."""
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise GeometryError(f"{label}: the voxel-to-world affine is missing or not finite")
+    norms = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
+    if np.any(norms < 1e-6):
+        raise GeometryError(f"{label}: degenerate orientation (a voxel axis of length {norms.min():.3g} mm)")
+    volume = abs(float(np.linalg.det(a[:3, :3])))
+    if volume < 0.1 * float(np.prod(norms)):
+        raise GeometryError(
+            f"{label}: degenerate orientation (the voxel axes are nearly parallel: |det| / product of voxel sizes = "
+            f"{volume / float(np.prod(norms)):.3g})"
+        )
+
+
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def load_dicom_series(folder: str | Path, name: str | None = None) -> Volume:
+    """The one DICOM series of ``folder`` as a 3-D volume (read with SimpleITK/GDCM: slices sorted along their normal,
+    rescale slope/intercept applied) with its RAS affine (DICOM patient coordinates are LPS)."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    label = name or folder.name
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = list(reader.GetGDCMSeriesIDs(str(folder)))
+    except RuntimeError as exc:
+        raise InputError(f"{label}: cannot list DICOM series in {folder} ({exc})") from exc
+    if not series:
+        raise InputError(f"{label}: no DICOM series in the folder {folder} (expected a NIfTI file or a folder of one "
+                         "DICOM series)")
+    if len(series) > 1:
+        raise InputError(f"{label}: {len(series)} DICOM series in {folder} ({', '.join(series[:4])}); give a folder "
+                         "holding one series")
+    files = list(reader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    try:
+        if len(files) == 1:
+            img = sitk.ReadImage(files[0])
+        else:
+            reader.SetFileNames(files)
+            img = reader.Execute()
+    except RuntimeError as exc:
+        raise InputError(f"{label}: cannot read the DICOM series in {folder} ({exc})") from exc
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{label}: the DICOM series in {folder} is not a grey-level image")
+    size = tuple(int(s) for s in img.GetSize())
+    check_3d(size, f"{label} (DICOM series in {folder.name})")
+    array = np.ascontiguousarray(sitk.GetArrayFromImage(img).transpose(2, 1, 0)).astype(np.float32)
+    lps = np.eye(4)
+    lps[:3, :3] = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3) * np.array(img.GetSpacing())
+    lps[:3, 3] = img.GetOrigin()
+    affine = RAS_FROM_LPS @ lps
+    check_orientation(affine, label)
+    return Volume(array, affine)
+
+
+def load_sequence(path: str | Path, name: str | None = None, allow_empty: bool = False) -> Volume:
+    """One MR sequence as the bundles take it: a NIfTI file (with its orientation) or a folder holding one DICOM
+    series; refuses 2-D and 4-D images, a missing or degenerate orientation, NaN/inf voxels and (unless
+    ``allow_empty``, e.g. a label without lesions) all-zero volumes."""
+    if path is None or str(path).strip() == "":
+        raise InputError(f"no {name or 'image'} given")
+    p = Path(str(path))
+    label = name or p.name
+    if not p.exists():
+        raise InputError(f"{label}: file not found: {p}")
+    vol = load_dicom_series(p, label) if p.is_dir() else load_volume(p, label, require_orientation=True)
+    check_finite(vol.array, label)
+    if not allow_empty:
+        check_not_empty(vol.array, label)
+    return vol
 
 
 def save_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, dtype=None) -> Path:
@@ -154,3 +259,16 @@ def json_default(o):
 def to_jsonable(obj):
     """Deep-convert numpy scalars/arrays and paths so ``json.dumps`` accepts ``obj``."""
     return json.loads(json.dumps(obj, default=json_default))
+
+
+def fov_coverage(affine_a: np.ndarray, shape_a, affine_b: np.ndarray, shape_b, max_points: int = 200_000) -> float:
+    """Fraction of the field of view of grid A (its voxel centres, sampled evenly) that lies inside the field of view
+    of grid B (voxel index ``-0.5 .. n - 0.5`` along each axis)."""
+    shape_a = [int(s) for s in shape_a]
+    step = max(1, int(np.ceil((np.prod(shape_a) / max_points) ** (1 / 3))))
+    axes = [np.arange(0, n, step, dtype=np.float64) for n in shape_a]
+    ijk = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
+    to_b = np.linalg.inv(np.asarray(affine_b, np.float64)) @ np.asarray(affine_a, np.float64)
+    idx = ijk @ to_b[:3, :3].T + to_b[:3, 3]
+    inside = np.all((idx >= -0.5) & (idx <= np.asarray(shape_b, np.float64) - 0.5), axis=1)
+    return float(inside.mean())

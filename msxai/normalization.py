@@ -1,8 +1,8 @@
 """Per-channel intensity normalisation of the network input, selectable by name.
 
 Every function is a pure function of ``(image [C, X, Y, Z] or [X, Y, Z], brain mask [X, Y, Z])`` returning float32
-of the image's shape, 0 outside the mask. Training (:class:`msxai.training.PrepareSubjectd`) and inference
-(:class:`msxai.inference.LesionSegmentation`) call the one named by the bundle's ``normalization`` key
+of the image's shape, 0 outside the mask. Training and inference (the bundle's pre-processing chain,
+:class:`msxai.transforms.NormalizeIntensityd`) call the one named by the bundle's ``normalization`` key
 (``configs/train.json`` and ``configs/inference.json``), so a network is always served the normalisation it was
 trained with.
 

@@ -1,5 +1,7 @@
-"""Pre-processing of the FLAIR + T1 (MPRAGE) pair: brain mask, z-scoring, optional N4, rigid registration and
-resampling.
+"""Pre-processing of the FLAIR + T1 (MPRAGE) pair: brain mask, z-scoring, optional N4, rigid registration, the T1
+brought onto the network grid (:func:`align_onto`: copy, exact re-index, resampling, registration when measured
+misaligned) and :class:`PreparedImage` (the network input with the way back to the FLAIR's grid). The bundles'
+chain of MONAI transforms (:mod:`msxai.transforms`) calls these.
 
 The paper's networks see each sequence z-scored over the brain (mean 0, standard deviation 1 over the brain voxels,
 0 outside). On skull-stripped data, where the brain is the non-zero part of every sequence, :func:`zscore` equals
@@ -12,16 +14,14 @@ flip is needed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import SimpleITK as sitk
-from scipy import ndimage
 
 from msxai import SEQUENCES
 from msxai.errors import EmptyDomainError, InputError
-from msxai.io import Volume, check_finite, check_not_empty, load_pair, load_volume, voxel_spacing
+from msxai.io import Volume, check_finite, check_not_empty, voxel_spacing
 
 
 # --------------------------------------------------------------------------------------------------- brain mask
@@ -229,91 +229,171 @@ def register_rigid(moving: Volume, fixed: Volume, seed: int = 0, init: str = "wo
     return resample_onto(moving, fixed.affine, fixed.array.shape, transform)
 
 
+def foreground_box_corners(vol: Volume) -> np.ndarray:
+    """World coordinates ``[8, 3]`` of the corners of the bounding box of the head/brain in ``vol`` (voxels above 10 %
+    of its 99th intensity percentile; the whole grid when none is)."""
+    a = np.asarray(vol.array)
+    hi = float(np.percentile(a[a > 0], 99)) if np.any(a > 0) else 0.0
+    idx = np.argwhere(a > 0.1 * hi) if hi > 0 else np.empty((0, 3))
+    lo, up = (idx.min(0), idx.max(0)) if len(idx) else (np.zeros(3), np.array(a.shape) - 1.0)
+    corners = np.array([[x, y, z] for x in (lo[0], up[0]) for y in (lo[1], up[1]) for z in (lo[2], up[2])], float)
+    return corners @ np.asarray(vol.affine)[:3, :3].T + np.asarray(vol.affine)[:3, 3]
+
+
+def rigid_displacement_mm(transform: sitk.Transform, points: np.ndarray) -> float:
+    """The largest distance (mm) a rigid ``transform`` moves any of ``points`` (world coordinates ``[N, 3]``)."""
+    moved = np.array([transform.TransformPoint(tuple(float(c) for c in p)) for p in np.asarray(points)])
+    return float(np.linalg.norm(moved - np.asarray(points), axis=1).max())
+
+
+def binned(vol: Volume, mm: float = 3.0) -> Volume:
+    """``vol`` averaged over bins of about ``mm`` millimetres (SimpleITK ``BinShrink``; the grid's corners keep their
+    place), for fast coarse work on large volumes."""
+    factors = [max(1, int(round(mm / s))) for s in vol.spacing]
+    factors = [f if n // f >= 24 else max(1, n // 24) for f, n in zip(factors, vol.array.shape)]
+    if factors == [1, 1, 1]:
+        return vol
+    small = sitk.BinShrink(to_sitk(np.asarray(vol.array, np.float32), vol.affine), factors)
+    return Volume(from_sitk(small), sitk_affine(small))
+
+
+def misalignment_mm(moving: Volume, fixed: Volume, seed: int = 0) -> float:
+    """How far ``moving`` is from being aligned with ``fixed`` (both in one world frame, any grids): a coarse rigid
+    registration (mutual information on 3 mm binned copies, two pyramid levels) and the largest displacement (mm) it
+    applies to the corners of ``fixed``'s head/brain box. Measured below 1.2 mm for FLAIR/T1 pairs registered by
+    their provider (patient26: 0.7 mm), about 15 mm for a head turned by 3-4 degrees and shifted by 4 mm."""
+    transform = estimate_rigid(binned(moving), binned(fixed), seed=seed, shrink_factors=(2, 1),
+                               smoothing_sigmas_mm=(3.0, 0.0), iterations=200, max_samples=30_000)
+    return rigid_displacement_mm(transform, foreground_box_corners(fixed))
+
+
+def reindex_onto(moving: Volume, fixed_affine: np.ndarray, fixed_shape) -> Volume | None:
+    """``moving`` on the grid (``fixed_affine``, ``fixed_shape``) without interpolation when every fixed voxel centre
+    is a voxel centre of ``moving`` (the grids differ by an axis reorder/flip and a whole-voxel shift): the values
+    are copied, 0 outside ``moving``. ``None`` when the grids are not related that way (then resample)."""
+    m = np.linalg.inv(np.asarray(moving.affine, np.float64)) @ np.asarray(fixed_affine, np.float64)
+    r, t = np.rint(m[:3, :3]), np.rint(m[:3, 3])
+    if not (np.allclose(m[:3, :3], r, atol=1e-6) and np.allclose(m[:3, 3], t, atol=1e-4)):
+        return None
+    if not (np.all(np.abs(r).sum(0) == 1) and np.all(np.abs(r).sum(1) == 1)):
+        return None
+    src = np.asarray(moving.array)
+    fixed_shape = tuple(int(n) for n in fixed_shape)
+    perm = [int(np.nonzero(r[:, j])[0][0]) for j in range(3)]  # fixed axis j reads moving axis perm[j]
+    src = np.transpose(src, perm)
+    index, valid = [], []
+    for j in range(3):
+        i = perm[j]
+        idx = (r[i, j] * np.arange(fixed_shape[j]) + t[i]).astype(np.int64)
+        ok = (idx >= 0) & (idx < src.shape[j])
+        index.append(idx[ok])
+        valid.append(np.nonzero(ok)[0])
+    out = np.zeros(fixed_shape, np.float32)
+    out[np.ix_(*valid)] = src[np.ix_(*index)]
+    return Volume(out, np.asarray(fixed_affine, np.float64))
+
+
+REGISTER_MODES = ("auto", "always", "never")
+
+
+def align_onto(moving: Volume, fixed: Volume, register: str | bool = "auto", tolerance_mm: float = 2.0,
+               seed: int = 0) -> tuple[Volume, dict]:
+    """``moving`` (the T1 on its own grid) on ``fixed``'s grid (the FLAIR's network grid): resampled in world
+    coordinates (linear; 0 outside its field of view; an exact copy when both grids are the same), then rigidly
+    registered (:func:`estimate_rigid`, resampled once from ``moving``) when ``register`` is ``"always"``, or when
+    it is ``"auto"`` and :func:`misalignment_mm` exceeds ``tolerance_mm``. Returns the volume and what was done:
+    ``{"resampled", "misalignment_mm", "registered", "residual_mm"}`` (the residual is :func:`misalignment_mm` of the
+    registered volume)."""
+    mode = {True: "always", False: "never"}.get(register, register) if isinstance(register, bool) else str(register)
+    if mode not in REGISTER_MODES:
+        raise InputError(f"register must be one of {REGISTER_MODES} (or true/false), got {register!r}")
+    same = (tuple(moving.array.shape) == tuple(fixed.array.shape)
+            and np.allclose(moving.affine, fixed.affine, atol=1e-6))
+    if same:
+        on_grid = Volume(np.asarray(moving.array, np.float32).copy(), np.asarray(fixed.affine, np.float64))
+    else:
+        exact = reindex_onto(moving, fixed.affine, fixed.array.shape)
+        on_grid = exact if exact is not None else resample_onto(moving, fixed.affine, fixed.array.shape)
+    info = {"resampled": not same, "misalignment_mm": None, "registered": False, "residual_mm": None}
+    if mode == "never":
+        info["note"] = "registration turned off"
+        return on_grid, info
+    if mode == "auto":
+        if same:  # a T1 written on the FLAIR's own grid was put there by a registration (e.g. the data's provider)
+            info["note"] = "T1 on the FLAIR's grid: taken as aligned (not measured; register='always' forces it)"
+            return on_grid, info
+        try:
+            info["misalignment_mm"] = round(misalignment_mm(on_grid, fixed, seed), 3)
+        except RuntimeError as exc:  # SimpleITK: e.g. too few voxels to sample
+            info["note"] = f"misalignment not measured ({str(exc).strip().splitlines()[-1][:200]}); not registered"
+            return on_grid, info
+        if info["misalignment_mm"] <= tolerance_mm:
+            info["note"] = f"aligned within {tolerance_mm} mm: not registered"
+            return on_grid, info
+    transform = estimate_rigid(moving, fixed, seed=seed)
+    registered = resample_onto(moving, fixed.affine, fixed.array.shape, transform)
+    info.update(registered=True, residual_mm=round(misalignment_mm(registered, fixed, seed), 3),
+                transform={"rotation_deg": [round(float(np.degrees(a)), 3) for a in
+                                            (transform.GetAngleX(), transform.GetAngleY(), transform.GetAngleZ())],
+                           "translation_mm": [round(float(t), 3) for t in transform.GetTranslation()]})
+    return registered, info
+
+
 # --------------------------------------------------------------------------------------------------- resampling
-def resample_to_spacing(vol: Volume, spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), order: int = 1) -> Volume:
-    """``vol`` on a grid of voxel size ``spacing`` (mm) with the same orientation and the same first-voxel centre.
-
-    The new shape is ``round(shape * old_spacing / spacing)`` (at least 1); the new affine scales the old one's
-    columns. Interpolation is scipy's spline of ``order`` (0 nearest, 1 linear, 3 cubic), edge values repeated
-    (``mode="nearest"``). ``order > 0`` returns float32, ``order == 0`` keeps the dtype (for label maps).
-    """
-    array = np.asarray(vol.array)
-    if array.ndim != 3:
-        raise InputError(f"resample_to_spacing: expected a 3-D volume, got shape {tuple(array.shape)}")
-    new = np.array([float(s) for s in spacing])
-    if new.shape != (3,) or np.any(new <= 0):
-        raise InputError(f"resample_to_spacing: spacing must be 3 positive numbers, got {spacing}")
-    old = np.array(vol.spacing)
-    scale = new / old  # new index step in old index units
-    shape = tuple(int(max(1, round(n * o / s))) for n, o, s in zip(array.shape, old, new))
-    affine = np.asarray(vol.affine, dtype=np.float64).copy()
-    affine[:3, :3] = affine[:3, :3] * scale[None, :]
-    if np.allclose(scale, 1.0) and shape == array.shape:
-        return Volume(array.astype(np.float32) if order > 0 else array.copy(), affine)
-    data = array.astype(np.float32) if order > 0 else array
-    out = ndimage.affine_transform(data, scale, offset=0.0, output_shape=shape, order=order, mode="nearest")
-    return Volume(out.astype(np.float32) if order > 0 else out.astype(array.dtype), affine)
-
-
 # --------------------------------------------------------------------------------------------------- pipeline
 @dataclass
 class PreparedImage:
     """The network input of one subject.
 
-    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) normalised over ``brain_mask`` (z-scored by default); ``raw``:
-    the same before normalisation (after the optional registration/resampling/N4); ``affine``: the voxel-to-world matrix of the grid
-    (the FLAIR grid, or its 1 mm resampling); ``brain_mask``: bool ``[X, Y, Z]``.
+    ``image``: float32 ``[2, X, Y, Z]`` (FLAIR, T1) on the network grid, normalised over ``brain_mask``; ``raw``:
+    the same before normalisation; ``affine``: the network grid's voxel-to-world matrix; ``brain_mask``: bool
+    ``[X, Y, Z]``. From a bundle's pre-processing chain (:mod:`msxai.transforms`) also: ``native_affine`` and
+    ``native_shape`` (the FLAIR's own grid, where outputs go back to), ``data`` (the chain's output dictionary: it
+    holds the transforms that :func:`msxai.transforms.invert_to_native` undoes) and ``info`` (what the chain did).
     """
 
     image: np.ndarray
     affine: np.ndarray
     brain_mask: np.ndarray
     raw: np.ndarray
+    native_affine: np.ndarray | None = None
+    native_shape: tuple[int, int, int] | None = None
+    data: dict | None = None
+    info: dict = field(default_factory=dict)
+    chain: object = None  # the pre-processing Compose whose recorded transforms map results back
 
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.brain_mask.shape)
 
+    def to_native(self, array: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """A float map on the network grid (``[X, Y, Z]`` or ``[C, X, Y, Z]``) on the FLAIR's native grid: the
+        probability's own inversion (``Invertd`` of the chain's Spacingd and Orientationd, linear; ``nearest`` for
+        labels); a copy when the grids are one."""
+        a = np.asarray(array, dtype=np.float32)
+        if self.on_native_grid:
+            return a.copy()
+        if self.data is not None and self.chain is not None:
+            from msxai.transforms import invert_to_native
 
-def prepare_image(
-    flair_path: str | Path,
-    t1_path: str | Path,
-    register: bool = False,
-    n4: bool = False,
-    resample: bool | tuple[float, float, float] = False,
-    normalization: str = "zscore_brain",
-) -> PreparedImage:
-    """Load, (optionally) register T1 onto FLAIR, resample, N4-correct, then normalise over the brain.
+            return invert_to_native(a, self.data, self.chain, nearest=nearest)
+        native = [resample_onto(Volume(c, self.affine), self.native_affine, self.native_shape,
+                                order=0 if nearest else 1).array for c in (a[None] if a.ndim == 3 else a)]
+        return native[0] if a.ndim == 3 else np.stack(native)
 
-    * ``register=False``: FLAIR and T1 must share one grid (else :func:`msxai.io.load_pair` raises GeometryError);
-      ``register=True``: T1 is rigidly registered (mutual information) and resampled onto the FLAIR grid.
-    * ``resample``: ``True`` = 1 mm isotropic, or a ``(sx, sy, sz)`` spacing in mm; applied to both channels
-      (FLAIR grid first; T1 is already on it). Without it the output is on the FLAIR grid.
-    * ``n4``: N4 bias-field correction of each sequence inside its non-zero voxels.
-    * the brain mask is the union of the non-zero voxels of both sequences (skull-stripped input).
-    * ``normalization``: a name of :data:`msxai.normalization.NORMALIZATIONS` (default ``zscore_brain``, the
-      z-score over the brain), checked before anything is loaded.
-    """
-    from msxai.normalization import check_normalization, normalize
+    def to_network(self, mask: np.ndarray, name: str = "domain") -> np.ndarray:
+        """A bool mask on the FLAIR's native grid (a lesion, an uploaded label, a domain around clicks) carried to
+        the network grid (:func:`msxai.transforms.carry_to_network`, nearest)."""
+        m = np.asarray(mask, bool)
+        if self.on_native_grid:
+            return m.copy()
+        from msxai.transforms import carry_to_network
 
-    normalization = check_normalization(normalization)
-    if not register:
-        raw, affine = load_pair(flair_path, t1_path)
-    else:
-        flair = load_volume(flair_path, "FLAIR")
-        t1 = load_volume(t1_path, "T1")
-        for vol, name in ((flair, "FLAIR"), (t1, "T1")):
-            check_finite(vol.array, name)
-            check_not_empty(vol.array, name)
-        t1_on_flair = register_rigid(t1, flair)
-        raw, affine = np.stack([flair.array, t1_on_flair.array]).astype(np.float32), flair.affine
-    if resample is not False and resample is not None:
-        spacing = (1.0, 1.0, 1.0) if resample is True else tuple(float(s) for s in resample)
-        channels = [resample_to_spacing(Volume(raw[c], affine), spacing, order=1) for c in range(raw.shape[0])]
-        affine = channels[0].affine
-        raw = np.stack([c.array for c in channels]).astype(np.float32)
-    if n4:
-        sp = voxel_spacing(affine)
-        raw = np.stack([n4_bias_correct(raw[c], spacing=sp) for c in range(raw.shape[0])]).astype(np.float32)
-    mask = foreground_mask(raw)
-    return PreparedImage(image=normalize(raw, mask, normalization), affine=np.asarray(affine, dtype=np.float64), brain_mask=mask, raw=raw)
+        return carry_to_network(m, self.native_affine, self.affine, self.shape, name)
+
+    @property
+    def on_native_grid(self) -> bool:
+        """Whether the network grid is the FLAIR's own grid (a canonical input: nothing to map back)."""
+        if self.native_affine is None:
+            return True
+        return tuple(self.native_shape) == self.shape and np.allclose(self.native_affine, self.affine, atol=1e-6)

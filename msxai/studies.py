@@ -322,7 +322,8 @@ def weights_fingerprint(bundle_path: str | Path) -> str:
 # ------------------------------------------------------------------------------------------ segmentation cache
 class SegmentationCache:
     """The segmentation of an image by a model, kept in memory and on disk under
-    ``<studies>/msxai/<image_id>/seg_<model>/`` (``labels.nii.gz``, ``prob.nii.gz``, ``meta.json``).
+    ``<studies>/msxai/<image_id>/seg_<model>/`` (``labels.nii.gz``, ``prob.nii.gz``, ``meta.json``; on the FLAIR's
+    grid, plus ``prob_network.nii.gz`` on the network grid when the bundle's pre-processing resampled the study).
 
     An entry is valid while the FLAIR, the T1 and the bundle's weights/configs are unchanged (their fingerprints
     are stored in ``meta.json``); it survives server restarts. ``compute`` is called at most once at a time per key
@@ -346,8 +347,10 @@ class SegmentationCache:
             return self._locks.setdefault(key, threading.Lock())
 
     def get(self, image_id: str, model: str, fingerprint: str, compute) -> dict:
-        """Return ``{"labels", "prob", "affine", "table", "from_cache"}``; ``compute()`` must return a dict with
-        ``labels`` (int [X,Y,Z]), ``prob`` (float32 [X,Y,Z]), ``affine`` and ``table`` (list of dicts)."""
+        """Return ``{"labels", "prob", "affine", "table", "prob_network", "network_affine", "from_cache"}``;
+        ``compute()`` must return a dict with ``labels`` (int [X,Y,Z]), ``prob`` (float32 [X,Y,Z]), ``affine`` and
+        ``table`` (list of dicts), optionally ``prob_network`` and ``network_affine`` (the probability on the
+        network grid; the same as ``prob`` when absent)."""
         import nibabel as nib
 
         from msxai.io import save_volume
@@ -371,21 +374,36 @@ class SegmentationCache:
                             "affine": np.asarray(lab.affine, dtype=np.float64),
                             "table": meta["table"],
                         }
+                        if (d / "prob_network.nii.gz").is_file():
+                            net = nib.load(str(d / "prob_network.nii.gz"))
+                            entry["prob_network"] = np.asarray(net.dataobj, dtype=np.float32)
+                            entry["network_affine"] = np.asarray(net.affine, dtype=np.float64)
+                        else:
+                            entry["prob_network"], entry["network_affine"] = entry["prob"], entry["affine"]
                         self._remember(key, fingerprint, entry)
                         return dict(entry, from_cache="disk")
                 except Exception:  # a damaged cache entry is recomputed
                     pass
-            entry = compute()
+            computed = compute()
             entry = {
-                "labels": np.asarray(entry["labels"]).astype(np.int32),
-                "prob": np.asarray(entry["prob"], dtype=np.float32),
-                "affine": np.asarray(entry["affine"], dtype=np.float64),
-                "table": entry["table"],
+                "labels": np.asarray(computed["labels"]).astype(np.int32),
+                "prob": np.asarray(computed["prob"], dtype=np.float32),
+                "affine": np.asarray(computed["affine"], dtype=np.float64),
+                "table": computed["table"],
             }
+            net = computed.get("prob_network")
+            net_affine = computed.get("network_affine")
+            on_one_grid = net is None or (np.shape(net) == entry["prob"].shape
+                                          and np.allclose(net_affine, entry["affine"], atol=1e-6))
+            entry["prob_network"] = entry["prob"] if on_one_grid else np.asarray(net, dtype=np.float32)
+            entry["network_affine"] = entry["affine"] if on_one_grid else np.asarray(net_affine, dtype=np.float64)
             tmp = d.with_name(f".{d.name}~tmp~{os.getpid()}~{threading.get_ident()}")
             tmp.mkdir(parents=True, exist_ok=True)
             save_volume(tmp / "labels.nii.gz", entry["labels"], entry["affine"], dtype=np.int32)
             save_volume(tmp / "prob.nii.gz", entry["prob"], entry["affine"], dtype=np.float32)
+            if not on_one_grid:
+                save_volume(tmp / "prob_network.nii.gz", entry["prob_network"], entry["network_affine"],
+                            dtype=np.float32)
             (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "model": model,
                                                        "table": entry["table"]}, default=json_default, indent=1))
             _replace_dir(tmp, d)
@@ -685,7 +703,8 @@ class StudyService:
         def compute():
             prep = prepared if prepared is not None else bundle.prepare(pair.flair, pair.t1)
             res = bundle.segment(prep)
-            return {"labels": res.labels, "prob": res.prob, "affine": res.affine, "table": res.table}
+            return {"labels": res.labels, "prob": res.prob, "affine": res.affine, "table": res.table,
+                    "prob_network": res.prob_network, "network_affine": res.network_affine}
 
         return self.cache.get(pair.image_id, model, self._fingerprint(pair, bundle), compute)
 
@@ -757,8 +776,12 @@ class StudyService:
 
         def compute():
             prepared = bundle.prepare(pair.flair, pair.t1)
-            shape = tuple(prepared.image.shape[1:])
-            affine = np.asarray(prepared.affine, dtype=np.float64)
+            # domains are given, and maps returned, on the FLAIR's native grid (what the client shows); the saliency
+            # is computed on the network grid, where the domains are carried with nearest neighbours
+            if getattr(prepared, "native_affine", None) is not None:
+                shape, affine = tuple(prepared.native_shape), np.asarray(prepared.native_affine, dtype=np.float64)
+            else:
+                shape, affine = tuple(prepared.image.shape[1:]), np.asarray(prepared.affine, dtype=np.float64)
             seg = None
             domains: dict[str, np.ndarray] = {}
             not_predicted: dict[str, str] = {}  # domains that are not this bundle's own lesions (no error score)
@@ -766,9 +789,14 @@ class StudyService:
                 domains["client_label"] = _read_domain_label(label_file, shape, affine, p.label_value)
                 source = "uploaded label"
             elif p.foreground is not None:
+                if p.domain_mode == "grow" and not getattr(prepared, "on_native_grid", True):
+                    from msxai.io import load_sequence
+
+                    native_flair = load_sequence(pair.flair, "FLAIR").array
+                else:
+                    native_flair = (prepared.raw if getattr(prepared, "raw", None) is not None else prepared.image)[0]
                 domains["client_points"] = domain_from_points(
-                    p.foreground, shape, affine, p.radius_mm, p.domain_mode,
-                    flair=(prepared.raw if getattr(prepared, "raw", None) is not None else prepared.image)[0],
+                    p.foreground, shape, affine, p.radius_mm, p.domain_mode, flair=native_flair,
                 )
                 source = f"foreground points ({p.domain_mode}, {p.radius_mm} mm)"
             else:
@@ -803,19 +831,27 @@ class StudyService:
                 source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of {origin}"
             if seg is None:
                 seg = self.segmentation(p.model, pair, device, prepared=prepared)
+            to_network = getattr(prepared, "to_network", None)
+            net_domains = {n: (to_network(m, n) if to_network else m) for n, m in domains.items()}
+            prob_net = seg.get("prob_network", seg["prob"])
             if admit is not None:
-                admit(bundle=bundle, prepared=prepared, domains=domains, params=p, device=device)
-            maps, summaries = explain_maps(bundle, prepared, domains, p, device, prob=seg["prob"], checkpoint=checkpoint)
+                admit(bundle=bundle, prepared=prepared, domains=net_domains, params=p, device=device)
+            maps, summaries = explain_maps(bundle, prepared, net_domains, p, device, prob=prob_net,
+                                           checkpoint=checkpoint)
             from msxai.experiments.error_flag import score_for_bundle  # error score per lesion (or null + reason)
 
             for n in domains:
                 if not n.startswith("lesion_"):
                     not_predicted[n] = "a drawn domain, not a lesion predicted by the bundle: no error score"
             scores, flag_info = score_for_bundle(
-                getattr(bundle, "path", None), p.method, p.aggregation, p.samples, p.sigma, maps, domains, affine,
-                prob=seg["prob"], threshold=getattr(bundle, "threshold", 0.3), not_predicted=not_predicted)
+                getattr(bundle, "path", None), p.method, p.aggregation, p.samples, p.sigma, maps, net_domains,
+                np.asarray(prepared.affine, dtype=np.float64), prob=prob_net,
+                threshold=getattr(bundle, "threshold", 0.3), not_predicted=not_predicted)
             for n, sc in scores.items():
                 summaries[n].update(sc)
+            to_native = getattr(prepared, "to_native", None)
+            if to_native is not None and not getattr(prepared, "on_native_grid", True):
+                maps = {n: to_native(m) for n, m in maps.items()}
             return shape, affine, domains, source, maps, summaries, flag_info
 
         shape, affine, domains, source, maps, summaries, flag_info = self.run(compute)

@@ -2,8 +2,9 @@
 
 - :func:`cohort_datalist`: a cohort's split as ``[{"id", "flair", "t1", "label"}]`` (``dataset.json`` of ``msxai synth``);
   :func:`mixed_datalist` appends the subjects of extra cohorts (real tissue, :mod:`msxai.realtissue`);
-- :class:`PrepareSubjectd`: loads one subject through :func:`msxai.preprocess.prepare_image` (the same normalisation as
-  at inference) and its lesion label, cropped to the brain's bounding box (+ margin) to save memory and time;
+- the subjects go through the bundle's own pre-processing chain (the ``preprocessing`` of ``inference.json``, listed
+  again at the head of ``train.json``: :mod:`msxai.transforms`), then their label is resampled onto the network grid
+  (nearest) and both are cropped to the brain (:class:`msxai.transforms.CropToBraind`, :func:`brain_bbox`);
 - :class:`LesionMaskd`: validation post-processing, 2-class logits -> one-hot of ``softmax[1] > 0.3``;
 - :class:`TimeLimit`: stops training after ``max_minutes`` (checked at epoch end, after a last validation);
 - :class:`TrainingRecord`: writes ``training.json`` (epochs, minutes, best validation Dice and epoch, losses).
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.transforms import Randomizable, Transform
+from monai.transforms import Randomizable
 
 from msxai import THRESHOLD
 from msxai.errors import InputError
@@ -69,39 +70,6 @@ def brain_bbox(mask: np.ndarray, margin: int = 8) -> tuple[slice, ...]:
     lo = np.maximum(idx.min(0) - margin, 0)
     hi = np.minimum(idx.max(0) + 1 + margin, mask.shape)
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-
-
-class PrepareSubjectd(Transform):
-    """``{"id", "flair", "t1", "label"}`` -> ``{"id", "image": float32 [2, ...], "label": float32 [1, ...]}``.
-
-    The image is :func:`msxai.preprocess.prepare_image` normalised within the brain by ``normalization`` (a name of
-    :data:`msxai.normalization.NORMALIZATIONS`, the bundle's ``normalization`` key; default the z-score); label =
-    ``label > 0``; both are cropped to the brain's bounding box grown by ``margin`` voxels (``crop=False`` keeps
-    the full grid).
-
-    A (deterministic) MONAI ``Transform``, so ``CacheDataset`` caches its output instead of re-reading and
-    re-normalising every volume at every epoch.
-    """
-
-    def __init__(self, margin: int = 8, crop: bool = True, normalization: str = "zscore_brain"):
-        from msxai.normalization import check_normalization
-
-        self.margin = int(margin)
-        self.crop = bool(crop)
-        self.normalization = check_normalization(normalization)
-
-    def __call__(self, data: dict) -> dict:
-        from msxai.io import load_volume
-        from msxai.preprocess import prepare_image
-
-        prepared = prepare_image(data["flair"], data["t1"], normalization=self.normalization)
-        label = load_volume(data["label"], "label").array
-        if label.shape != prepared.shape:
-            raise InputError(f"{data.get('id', '?')}: label grid {label.shape} differs from the image grid {prepared.shape}")
-        sl = brain_bbox(prepared.brain_mask, self.margin) if self.crop else tuple(slice(None) for _ in range(3))
-        image = np.ascontiguousarray(prepared.image[(slice(None),) + sl], dtype=np.float32)
-        lab = np.ascontiguousarray((label[sl] > 0)[None], dtype=np.float32)
-        return {"id": data.get("id", ""), "image": image, "label": lab}
 
 
 class RandSpatialDeformd(Randomizable):

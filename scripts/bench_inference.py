@@ -47,7 +47,7 @@ def child(args) -> dict:
         from msxai.inference import EnsembleSegmentation
 
         members = [load_bundle(REPO / "bundles" / n, device=args.device, **overrides) for n in BUNDLE_NAMES]
-        ens = EnsembleSegmentation([m.segmenter for m in members])
+        ens = EnsembleSegmentation(members)
 
         class _Ensemble:  # the two Bundle methods used below
             device = ens.device

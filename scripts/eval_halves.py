@@ -84,7 +84,7 @@ def main() -> None:
                         tta_flips=json.loads(a.tta_flips))
         t0 = time.time()
         prepared = b.prepare(case["flair"], case["t1"])
-        prob = b.segmenter.probability(prepared.image)
+        prob = b.probability(prepared.image)
         seconds = time.time() - t0
         if a.save_prob:
             Path(a.save_prob).mkdir(parents=True, exist_ok=True)

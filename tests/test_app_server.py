@@ -1,5 +1,5 @@
 """The msxai MONAI Label app served for real: `monailabel start_server` in a subprocess on 127.0.0.1 with a small
-synthetic studies folder (3 mm voxels, 61x73x61), driven with monailabel's own client (MONAILabelClient).
+synthetic studies folder (61x73x61 voxels: 3 mm subjects declared 1 mm), driven with monailabel's own client (MONAILabelClient).
 
 Checked: /info and the datastore listing; every segmentation task against `msxai segment`; both explain tasks
 against `msxai explain` with the same seed; a client-drawn domain (uploaded label, click points); bad input over
@@ -87,14 +87,23 @@ def studies(tmp_path_factory):
     d = tmp_path_factory.mktemp("studies")
     subprocess.run([PY, "-m", "msxai", "synth", "--out", str(d), "--n", "2", "--seed", "3", "--voxel-size", "3",
                     "--no-progress"], check=True, env=ENV, cwd=str(REPO), capture_output=True)
+    # the bundles segment on a 1 mm grid (their pre-processing resamples any scan to it): the small 3 mm subjects are
+    # declared 1 mm scans (a small head) so that the server works on 61x73x61 voxels, not 181x217x181
+    for f in d.glob("*.nii.gz"):
+        img = nib.load(str(f))
+        a = img.affine.copy()
+        a[:3, :3] /= 3.0
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), a, img.header), str(f))
     f = nib.load(str(d / "synth000_FLAIR.nii.gz"))
     flair = np.asarray(f.dataobj, np.float32)
     t1 = np.asarray(nib.load(str(d / "synth000_T1.nii.gz")).dataobj, np.float32)
     # a study without its T1
     _write_like(d / "lonely_FLAIR.nii.gz", flair, f.affine)
-    # a T1 on another grid
+    # a T1 whose field of view barely overlaps the FLAIR's (another grid is fine: it is resampled)
     _write_like(d / "mis_FLAIR.nii.gz", flair, f.affine)
-    _write_like(d / "mis_T1.nii.gz", t1[:-4], f.affine)
+    far = f.affine.copy()
+    far[:3, 3] += far[:3, :3] @ np.array([0.0, 0.7 * flair.shape[1], 0.0])
+    _write_like(d / "mis_T1.nii.gz", t1, far)
     # NaN voxels
     bad = flair.copy()
     bad[30, 30, 30] = np.nan
@@ -408,7 +417,7 @@ def test_bad_input_answers_4xx_keeps_serving_and_keeps_labels(client, server, st
         (seg, "a\\b", {}, None, 400, "path separator"),
         (seg, str(studies / "synth000_FLAIR.nii.gz"), {}, None, 400, "datastore image id"),
         (seg, "lonely_FLAIR", {}, None, 422, "no T1/MPRAGE found"),
-        (seg, "mis_FLAIR", {}, None, 422, "different grids"),
+        (seg, "mis_FLAIR", {}, None, 422, "overlap too little"),
         (seg, "nan_FLAIR", {}, None, 422, "NaN"),
         ("segmentation_resnet", "synth000_FLAIR", {}, None, 404, "no model"),
         (sg, "synth000_FLAIR", {"lesion": 999}, None, 404, "unknown lesion id 999"),

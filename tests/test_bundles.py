@@ -172,6 +172,49 @@ def test_monai_bundle_run_equals_msxai_segment(name, tiny_cohort, tmp_path):
     assert (out_monai / "lesions.csv").read_text() == (out_cli / "lesions.csv").read_text()
 
 
+def test_bundle_copied_elsewhere_runs_with_its_own_weights(tiny_cohort, tmp_path):
+    """bundle_root is where the bundle is: a copy of msxai_unet with other weights, run by `python -m monai.bundle
+    run` from another folder and by `msxai segment`, uses the copy's weights (not the repository's bundles/); a
+    config read without a way to know its folder is refused with the way to pass it."""
+    import shutil
+
+    from monai.bundle import ConfigParser
+
+    from msxai.cli import main
+
+    copy = tmp_path / "elsewhere" / "my_unet"
+    shutil.copytree(BUNDLES_DIR / "msxai_unet", copy, ignore=shutil.ignore_patterns("eval", "docs", "__pycache__"))
+    state = torch.load(copy / "models" / "model.pt", map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    state = {k: v + 0.05 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, copy / "models" / "model.pt")
+    flair, t1 = tiny_cohort / "tiny3_FLAIR.nii.gz", tiny_cohort / "tiny3_T1.nii.gz"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(copy / "configs" / "inference.json"), "--flair", str(flair), "--t1", str(t1),
+                           "--output_dir", str(tmp_path / "run")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["segment", "--bundle", str(copy), "--flair", str(flair), "--t1", str(t1),
+                 "--out", str(tmp_path / "cli"), "--threads", "1"]) == 0
+    assert main(["segment", "--bundle", str(BUNDLES_DIR / "msxai_unet"), "--flair", str(flair), "--t1", str(t1),
+                 "--out", str(tmp_path / "original"), "--threads", "1"]) == 0
+    run, cli, original = (_read(tmp_path / d / "probability.nii.gz")[0] for d in ("run", "cli", "original"))
+    np.testing.assert_array_equal(run, cli)
+    assert np.abs(run - original).max() > 1e-3  # the copy's weights, not the repository's
+    b = load_bundle(copy)
+    assert b.path == copy.resolve() and torch.equal(b.network.state_dict()[next(iter(state))], next(iter(state.values())))
+    parser = ConfigParser()
+    parser.read_config(str(copy / "configs" / "inference.json"))
+    with pytest.raises(Exception) as info:
+        parser.get_parsed_content("checkpoint")
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    assert any("bundle_root of msxai_unet is unknown" in c and "--bundle_root" in c for c in chain), chain
+
+
 def test_inference_config_without_inputs_names_the_problem(tmp_path):
     from msxai.cli import main
 

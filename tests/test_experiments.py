@@ -4,6 +4,7 @@ report files exist and the CSV tables agree with each other and with independent
 import csv
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,20 @@ torch.set_num_threads(1)
 K = 2
 CFG = dict(samples=2, max_lesions_per_class=K, n_tn=3, context_max_mm=4.0, context_step_mm=2.0, n_boot=200,
            randomization_lesions=1, progress=False)
+
+
+def _zscored(flair_path, t1_path):
+    """The network input of a canonical case, read and z-scored here (nibabel, numpy): the bundle chain's twin."""
+    import nibabel as nib
+
+    imgs = [nib.load(str(p)) for p in (flair_path, t1_path)]
+    raw = np.stack([np.asarray(i.dataobj, np.float32) for i in imgs])
+    brain = np.any(raw != 0, axis=0)
+    image = np.zeros_like(raw)
+    for c in range(2):
+        v = raw[c][brain].astype(np.float64)
+        image[c][brain] = (v - v.mean()) / v.std()
+    return SimpleNamespace(image=image, affine=imgs[0].affine)
 
 
 def rows(path):
@@ -80,12 +95,10 @@ def test_selection_and_segmentation_tables(pipeline):
     from msxai.lesions import instances_from_mask, lesion_instances
     from msxai.io import load_volume
     from msxai.metrics import lesion_metrics
-    from msxai.preprocess import prepare_image
-
     model = tiny_model()
     inferer = model.spec.to_inferer()
     for case, r in zip(cases, seg):
-        prep = prepare_image(case.flair, case.t1)
+        prep = _zscored(case.flair, case.t1)
         with torch.no_grad():
             logits = inferer(torch.as_tensor(prep.image)[None], BlobNet().eval())
         prob = torch.softmax(logits[0], 0)[1].numpy()
@@ -176,12 +189,11 @@ def test_aggregation_sanity_transplant_context_randomisation(pipeline):
     # the full-context probability (windows covering Ω only) equals MONAI's full-image inference
     from msxai.io import load_volume
     from msxai.lesions import instances_from_mask, lesion_instances
-    from msxai.preprocess import prepare_image
 
     specs = {c.id: c for c in pipeline[2]}
     for (model, cid, tid), steps in by_lesion.items():
         net = BlobNet().eval() if model == "tiny" else BlobNet(gain=2.0).eval()
-        prep = prepare_image(specs[cid].flair, specs[cid].t1)
+        prep = _zscored(specs[cid].flair, specs[cid].t1)
         with torch.no_grad():
             prob = torch.softmax(tiny_model().spec.to_inferer()(torch.as_tensor(prep.image)[None], net)[0], 0)[1]
         truth = instances_from_mask(load_volume(specs[cid].truth).array, prep.affine)
@@ -240,7 +252,7 @@ def _write_tiny_bundle(root):
         "inferer": {"_target_": "SlidingWindowInferer", "roi_size": [16, 16, 16], "sw_batch_size": 1,
                     "overlap": 0.25, "mode": "gaussian", "sigma_scale": 0.125, "padding_mode": "constant",
                     "cval": 0.0},
-        "segmenter": {"_target_": "msxai.inference.LesionSegmentation", "network": "@network",
+        "segmenter": {"_target_": "msxai.bundle.Bundle", "network": "@network",
                       "inferer": "@inferer", "threshold": "@threshold", "min_volume_mm3": "@min_volume_mm3",
                       "device": "@device"},
     }

@@ -265,7 +265,7 @@ def test_radiomics_moments_match_scipy_and_exp2_cut():
 def test_randomized_model_changes_every_weight_and_keeps_the_original():
     import torch
 
-    from msxai.experiments.model import ExperimentModel
+    from msxai.bundle import Bundle
     from msxai.saliency.sliding import SlidingWindowSpec
 
     class Net(torch.nn.Module):
@@ -280,7 +280,7 @@ def test_randomized_model_changes_every_weight_and_keeps_the_original():
     torch.manual_seed(0)
     net = Net()
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
-    m = ExperimentModel("n", net, SlidingWindowSpec(roi_size=(8, 8, 8)))
+    m = Bundle(net, SlidingWindowSpec(roi_size=(8, 8, 8)).to_inferer(), name="n")
     r = m.randomized(seed=3)
     for n, p in r.network.named_parameters():
         assert not torch.equal(p, before[n]), n

@@ -82,7 +82,7 @@ def write_cohort(root: Path, n: int = 2) -> Path:
 
 
 def tiny_model(name: str = "tiny"):
-    from msxai.experiments.model import ExperimentModel
+    from msxai.bundle import Bundle
 
     spec = SlidingWindowSpec(roi_size=(16, 16, 16), overlap=0.25, mode="gaussian")
-    return ExperimentModel(name=name, network=BlobNet().eval(), spec=spec, source="BlobNet (hand-set weights)")
+    return Bundle(BlobNet().eval(), spec.to_inferer(), name=name, source="BlobNet (hand-set weights)")

@@ -53,7 +53,7 @@ def test_config_defaults_keep_todays_outputs():
 
 def test_flip_tta_is_the_mean_over_flipped_passes(subject):
     b = load_bundle(BUNDLES_DIR / "msxai_unet", tta_flips=[[0], [1, 2]])
-    assert b.segmenter.tta_flips == ((0,), (1, 2))
+    assert b.tta_flips == ((0,), (1, 2))
     prepared = b.prepare(*subject)
     prob = b.segment(prepared).prob
     twin = (window_prob(b.network, prepared.image) + window_prob(b.network, prepared.image, (0,))
@@ -79,9 +79,9 @@ def test_normalization_key_reaches_the_prepared_image(subject):
 def test_ensemble_is_the_mean_of_its_members(subject):
     unet = load_bundle(BUNDLES_DIR / "msxai_unet")
     dyn = load_bundle(BUNDLES_DIR / "msxai_dynunet", normalization="median_iqr")
-    ens = EnsembleSegmentation([unet.segmenter, dyn.segmenter])
+    ens = EnsembleSegmentation([unet, dyn])
     prepared = ens.prepare(*subject)
-    result = ens.predict(prepared)
+    result = ens.segment(prepared)
     twin = (window_prob(unet.network, normalize(prepared.raw, prepared.brain_mask, "zscore_brain"))
             + window_prob(dyn.network, normalize(prepared.raw, prepared.brain_mask, "median_iqr"))) / 2
     np.testing.assert_allclose(result.prob, twin, atol=3e-5)

@@ -1,6 +1,6 @@
 """Normalisations selectable by name (msxai.normalization): the default is the z-score of msxai.preprocess, the
 robust ones against twins written from their definitions and against known distributions, lesion-load
-invariance, bad input, and prepare_image using the named one."""
+invariance, bad input, and the bundle's pre-processing chain using the named one."""
 
 from __future__ import annotations
 
@@ -111,15 +111,18 @@ def test_bad_input_is_named():
         median_iqr(bad, brain)
 
 
-def test_prepare_image_uses_the_named_normalisation(tmp_path):
+def test_the_chain_uses_the_named_normalisation(tmp_path):
+    from msxai.inference import default_preprocessing
     from msxai.io import save_volume
-    from msxai.preprocess import prepare_image
+    from msxai.transforms import run_chain
 
     img, brain, _ = brain_image(4, lesion_fraction=0.05)
     save_volume(tmp_path / "f.nii.gz", img[0], np.eye(4))
     save_volume(tmp_path / "t.nii.gz", img[1], np.eye(4))
+    files = {"flair": str(tmp_path / "f.nii.gz"), "t1": str(tmp_path / "t.nii.gz")}
     for name in NORMALIZATIONS:
-        p = prepare_image(tmp_path / "f.nii.gz", tmp_path / "t.nii.gz", normalization=name)
-        np.testing.assert_allclose(p.image, normalize(p.raw, p.brain_mask, name), atol=1e-6)
+        d = run_chain(default_preprocessing(normalization=name), files)
+        np.testing.assert_allclose(d["image"].numpy(), normalize(d["raw"], d["brain_mask"], name), atol=1e-6)
+        np.testing.assert_array_equal(d["raw"], img.astype(np.float32))
     with pytest.raises(InputError, match="unknown normalization"):
-        prepare_image(tmp_path / "f.nii.gz", tmp_path / "t.nii.gz", normalization="nope")
+        default_preprocessing(normalization="nope")

@@ -3,7 +3,8 @@ study, the msxai MONAI Label app on Orthanc's DICOMweb, results written back as 
 app at /ohif/) driven in headless Chromium.
 
 Started once per module with ``deploy.ohif_stack.up`` (what ``scripts/ohif_stack.sh up`` runs) on free ports, with a
-2 mm synthetic subject (91x109x91; ``msxai synth --n 1 --seed 7 --voxel-size 2``) and a snapshot of the U-Net bundle.
+synthetic subject of 91x109x91 voxels (``msxai synth --n 1 --seed 7 --voxel-size 2``, declared 1 mm) and a snapshot of
+the U-Net bundle.
 
 Skipped with the reason when the Debian packages (orthanc, orthanc-dicomweb; chromium for the browser test) or
 network namespaces (root / CAP_SYS_ADMIN) are not available; ``.ci/run`` installs the packages.
@@ -15,6 +16,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -40,7 +43,7 @@ pytestmark = [
     pytest.mark.skipif(not _missing and not _netns_ok,
                        reason=f"Orthanc is isolated in a network namespace and {_netns_reason}"),
 ]
-VOXEL_MM = 2.0
+VOXEL_MM = 1.0
 SCREENSHOT = REPO_ROOT / "docs" / "ohif_screenshot.png"
 
 
@@ -51,9 +54,24 @@ def stack(tmp_path_factory):
     shutil.copytree(BUNDLE, bundles / "msxai_unet", ignore=shutil.ignore_patterns("eval", "logs", "__pycache__"))
     cfg = StackConfig(run_dir=run, orthanc_port=free_port(), server_port=free_port(), models="unet",
                       bundles_dir=bundles, extra_env={"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    # a 2 mm synthetic subject declared a 1 mm scan (a small head): the bundles segment on a 1 mm grid, so a real
+    # 2 mm scan would be resampled to 181x217x181 voxels; this keeps the stack's work at 91x109x91. Intensities are
+    # integers in [0, 65535], which its DICOM series (uint16, slope 1) hold exactly
+    subject = run / "subject"
+    subprocess.run([sys.executable, "-m", "msxai", "synth", "--out", str(subject), "--n", "1", "--seed", "7",
+                    "--voxel-size", "2", "--no-progress"], check=True, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for name in ("FLAIR", "T1"):
+        img = nib.load(str(subject / f"synth000_{name}.nii.gz"))
+        a = img.affine.copy()
+        a[:3, :3] *= VOXEL_MM / 2.0
+        arr = np.asarray(img.dataobj, np.float32)
+        arr = np.rint(np.clip(arr, 0, None) / arr.max() * 65535).astype(np.float32)
+        nib.save(nib.Nifti1Image(arr, a), str(subject / f"seed7_{name}.nii.gz"))
     t0 = time.time()
     try:
-        state = up(cfg, voxel_size=VOXEL_MM, log=lambda m: print("[stack]", m))
+        state = up(cfg, subject / "seed7_FLAIR.nii.gz", subject / "seed7_T1.nii.gz",
+                   log=lambda m: print("[stack]", m))
     except StackError as exc:
         pytest.fail(f"stack did not start: {exc}")
     state["startup_s"] = time.time() - t0
@@ -259,6 +277,57 @@ def test_segmentation_saved_as_seg(stack, dw, segmentation):
     meta = _get_json(f"{cfg.server_url}/msxai/artifacts/{flair}/seg_unet/meta.json")
     assert [r["id"] for r in meta["table"]] == [r["id"] for r in res["lesions"]]
     assert abs(lab.affine[0, 0]) == pytest.approx(VOXEL_MM)
+
+
+def test_four_paths_one_chain(stack, segmentation, tmp_path):
+    """One input, reoriented: the study's FLAIR/T1 in the voxel order of their DICOM series (in-plane axes flipped
+    to the radiological display), written as NIfTI with nibabel, through `msxai segment`, `python -m monai.bundle
+    run`, the MONAI Label task (in this process) and the DICOMweb path (the app above, on the series in Orthanc):
+    identical lesions.nii.gz."""
+    from msxai.cli import main
+
+    cfg, state = stack
+    flair_uid = state["study"]["series"]["FLAIR"]
+    with urllib.request.urlopen(f"{cfg.server_url}/msxai/artifacts/{flair_uid}/seg_unet/labels.nii.gz") as r:
+        (tmp_path / "dicomweb.nii.gz").write_bytes(r.read())
+    web = nib.load(str(tmp_path / "dicomweb.nii.gz"))
+    codes = nib.aff2axcodes(web.affine)
+    src = nib.load(state["study"]["flair"])
+    assert nib.aff2axcodes(src.affine) != codes  # the series' voxel order is another than the NIfTI's
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for name, key in (("FLAIR", "flair"), ("T1", "t1")):
+        img = nib.load(state["study"][key])
+        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                               nib.orientations.axcodes2ornt(codes))
+        arr = nib.orientations.apply_orientation(np.asarray(img.dataobj, np.float32), ornt)
+        aff = img.affine @ nib.orientations.inv_ornt_aff(ornt, img.shape)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), aff), str(studies / f"re_{name}.nii.gz"))
+    flair, t1 = studies / "re_FLAIR.nii.gz", studies / "re_T1.nii.gz"
+    bundle = cfg.bundles_dir / "msxai_unet"
+    assert main(["segment", "--bundle", str(bundle), "--flair", str(flair), "--t1", str(t1),
+                 "--out", str(tmp_path / "cli")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file",
+                           str(bundle / "configs" / "inference.json"), "--flair", str(flair), "--t1", str(t1),
+                           "--output_dir", str(tmp_path / "monai")], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from lib.infers import SegmentationTask  # the app's task (apps/msxai on sys.path: tests/conftest.py)
+
+    from msxai.studies import StudyService
+
+    task = SegmentationTask(StudyService(studies, {"unet": bundle}), "unet")
+    label_file, res = task({"image": str(flair), "image_id": "re_FLAIR", "label_mode": "instances"})
+    results = {"msxai segment": tmp_path / "cli" / "lesions.nii.gz", "monai.bundle run": tmp_path / "monai" /
+               "lesions.nii.gz", "MONAI Label task": Path(label_file), "DICOMweb": tmp_path / "dicomweb.nii.gz"}
+    arrays = {k: (np.asarray(nib.load(str(p)).dataobj).astype(np.int32), nib.load(str(p)).affine)
+              for k, p in results.items()}
+    ref, ref_aff = arrays["DICOMweb"]
+    assert ref.max() > 0
+    for k, (arr, aff) in arrays.items():
+        np.testing.assert_allclose(aff, ref_aff, atol=1e-4, err_msg=k)
+        np.testing.assert_array_equal(arr, ref, err_msg=k)
+    assert res["n_lesions"] == int(ref.max())
 
 
 @pytest.mark.parametrize("task,params", [("explain_gradcampp", {}), ("explain_smoothgrad", {"samples": 2, "seed": 7})])

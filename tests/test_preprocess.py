@@ -1,4 +1,5 @@
-"""Brain mask, z-scoring (MONAI twin), N4, rigid registration, resampling and prepare_image (msxai.preprocess)."""
+"""Brain mask, z-scoring (MONAI twin), N4, rigid registration and resampling (msxai.preprocess), and the bundles'
+pre-processing chain on a pair (msxai.transforms through msxai.inference.default_preprocessing)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,15 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from msxai.data import REAL_PATIENT_MISSING_REASON, real_patient_paths
-from msxai.errors import EmptyDomainError, GeometryError, InputError
+from msxai.errors import EmptyDomainError, InputError
 from msxai.io import Volume, load_pair, save_volume
 from msxai.preprocess import (
-    PreparedImage,
     brain_mask,
     estimate_rigid,
     foreground_mask,
     n4_bias_correct,
-    prepare_image,
     register_rigid,
     resample_onto,
-    resample_to_spacing,
     sitk_affine,
     to_sitk,
     zscore,
@@ -166,29 +164,6 @@ def ramp(affine, shape, coef=(0.7, -0.3, 1.9), const=5.0):
     return (world @ np.array(coef) + const).reshape(shape).astype(np.float32)
 
 
-def test_resample_to_spacing_reproduces_a_linear_field():
-    affine = np.array([[0.5, 0, 0, -10], [0, -0.5, 0, 20], [0, 0, 3.0, -30], [0, 0, 0, 1]], float)
-    shape = (24, 22, 6)
-    vol = Volume(ramp(affine, shape), affine)
-    out = resample_to_spacing(vol, (1.0, 1.0, 1.0))
-    assert out.array.shape == (12, 11, 18) and out.array.dtype == np.float32
-    np.testing.assert_allclose(out.spacing, (1.0, 1.0, 1.0))
-    np.testing.assert_allclose(out.affine[:3, 3], affine[:3, 3])  # same first-voxel centre
-    expected = ramp(out.affine, out.array.shape)
-    # linear interpolation of a linear field is exact wherever no edge value is repeated (z beyond the last slice)
-    inside = (slice(None), slice(None), slice(0, 16))
-    np.testing.assert_allclose(out.array[inside], expected[inside], rtol=1e-5, atol=1e-4)
-    # nearest neighbour keeps label values and dtype
-    labels = Volume((np.arange(np.prod(shape)).reshape(shape) % 3).astype(np.int16), affine)
-    lab = resample_to_spacing(labels, (1.0, 1.0, 1.0), order=0)
-    assert lab.array.dtype == np.int16 and set(np.unique(lab.array)) <= {0, 1, 2}
-    assert lab.array[3, 4, 7] == labels.array[6, 8, 2]  # new (3, 4, 7) is old (6, 8, 7/3 -> 2)
-    same = resample_to_spacing(vol, (0.5, 0.5, 3.0))
-    np.testing.assert_array_equal(same.array, vol.array)
-    with pytest.raises(InputError, match="spacing"):
-        resample_to_spacing(vol, (1.0, 0.0, 1.0))
-
-
 def test_resample_onto_matches_index_arithmetic():
     rng = np.random.default_rng(0)
     arr = rng.random((6, 7, 5)).astype(np.float32)
@@ -236,31 +211,42 @@ def test_rigid_registration_recovers_a_known_motion():
     assert after < -0.9 and abs(after) > abs(before) + 0.1  # inverted contrast: strongly anti-correlated once aligned
 
 
-# ------------------------------------------------------------------------------------------------ prepare_image
+# ------------------------------------------------------------------------------------------ the chain on a pair
 def write_pair(tmp_path, flair, t1, affine_flair, affine_t1=None):
     f = save_volume(tmp_path / "flair.nii.gz", flair, affine_flair)
     t = save_volume(tmp_path / "t1.nii.gz", t1, affine_flair if affine_t1 is None else affine_t1)
     return f, t
 
 
-def test_prepare_image_plain_and_refusals(tmp_path):
+def _chain(f, t, **kw):
+    from msxai.inference import default_preprocessing
+    from msxai.transforms import run_chain
+
+    return run_chain(default_preprocessing(**kw), {"flair": str(f), "t1": str(t)})
+
+
+def test_chain_plain_pair_and_a_t1_on_a_shifted_grid(tmp_path):
     image, brain = skull_stripped_pair()
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     f, t = write_pair(tmp_path, image[0], image[1], affine)
-    prep = prepare_image(f, t)
-    assert isinstance(prep, PreparedImage) and prep.image.dtype == np.float32 and prep.raw.dtype == np.float32
-    np.testing.assert_array_equal(prep.raw, load_pair(f, t)[0])
-    np.testing.assert_array_equal(prep.brain_mask, brain)
-    np.testing.assert_allclose(prep.image, zscore(image), atol=1e-6)
-    np.testing.assert_allclose(prep.affine, affine)
+    d = _chain(f, t)
+    np.testing.assert_array_equal(d["raw"], load_pair(f, t)[0])
+    np.testing.assert_array_equal(d["brain_mask"], brain)
+    np.testing.assert_allclose(d["image"].numpy(), zscore(image), atol=1e-6)
+    np.testing.assert_allclose(d["flair"].affine.numpy(), affine)
+    # the T1 written on a grid shifted by whole voxels, registration off: re-indexed onto the FLAIR's (world
+    # coordinates kept), 0 where it has no voxel
     shifted = affine.copy()
     shifted[:3, 3] = (4.0, -2.0, 0.0)
     f2, t2 = write_pair(tmp_path, image[0], image[1], affine, shifted)
-    with pytest.raises(GeometryError, match="orientation/origin"):
-        prepare_image(f2, t2)
+    d2 = _chain(f2, t2, register=False)
+    expected = np.zeros_like(image[1])
+    expected[4:, : image.shape[2] - 2] = image[1][:-4, 2:]
+    np.testing.assert_array_equal(d2["raw"][1], expected)
+    assert d2["msxai_info"]["registration"]["resampled"] is True
 
 
-def test_prepare_image_register_resample_n4(tmp_path):
+def test_chain_registers_a_moved_t1_resamples_and_corrects(tmp_path):
     shape = (32, 32, 32)
     flair = phantom(shape)
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
@@ -274,19 +260,23 @@ def test_prepare_image_register_resample_n4(tmp_path):
     t1 = resample_onto(Volume(flair, affine), t1_affine, (26, 26, 26), motion.GetInverse())
     t1_arr = np.where(t1.array > 1, 200 - t1.array, 0).astype(np.float32)
     f, t = write_pair(tmp_path, flair, t1_arr, affine, t1_affine)
-    with pytest.raises(GeometryError):
-        prepare_image(f, t)
-    prep = prepare_image(f, t, register=True)
-    assert prep.image.shape == (2, *shape) and np.allclose(prep.affine, affine)
     head = flair > 5
-    assert np.corrcoef(prep.raw[1][head], flair[head])[0, 1] < -0.85  # T1 now aligned with FLAIR
-    both = prepare_image(f, t, register=True, resample=True, n4=True)
-    assert both.image.shape == (2, 48, 48, 48)
-    np.testing.assert_allclose(np.sqrt((both.affine[:3, :3] ** 2).sum(0)), (1.0, 1.0, 1.0))
+    plain = _chain(f, t, register="never")
+    d = _chain(f, t, register="always")
+    assert d["image"].shape == (2, *shape) and np.allclose(d["flair"].affine.numpy(), affine)
+    before = np.corrcoef(plain["raw"][1][head], flair[head])[0, 1]
+    after = np.corrcoef(d["raw"][1][head], flair[head])[0, 1]
+    assert after < -0.85 and after < before - 0.05  # T1 now aligned with FLAIR (inverted contrast)
+    reg = d["msxai_info"]["registration"]
+    assert reg["registered"] is True and reg["residual_mm"] is not None
+    both = _chain(f, t, register="always", n4=True, orientation="LAS", pixdim=(1.0, 1.0, 1.0))
+    assert both["image"].shape == (2, 48, 48, 48)  # 1 mm over the FLAIR's 32 x 1.5 mm field of view (MONAI's Spacingd)
+    np.testing.assert_allclose(np.sqrt((both["flair"].affine.numpy()[:3, :3] ** 2).sum(0)), (1.0, 1.0, 1.0))
+    mask = both["brain_mask"]
     for c in range(2):
-        vals = both.image[c][both.brain_mask]
+        vals = both["image"][c].numpy()[mask]
         assert abs(vals.mean()) < 1e-4 and abs(vals.std() - 1) < 1e-4
-        assert np.all(both.image[c][~both.brain_mask] == 0)
+        assert np.all(both["image"][c].numpy()[~mask] == 0)
 
 
 # ------------------------------------------------------------------------------------------------ real patient

@@ -15,7 +15,6 @@ from monai.inferers import SlidingWindowInferer
 from msxai import cli
 from msxai.errors import EmptyDomainError, GeometryError, InputError, UnknownLesionError
 from msxai.io import save_volume
-from msxai.preprocess import prepare_image
 from msxai.saliency.engine import explain, explain_to_files, lesion_domains
 from msxai.saliency.gradcampp import gradcampp
 from msxai.saliency.sliding import SlidingWindowSpec
@@ -28,11 +27,11 @@ SHAPE = (14, 12, 10)
 
 
 def fake_bundle(seed=0):
-    net = TinySegNet(seed)
-    return SimpleNamespace(
-        name="tiny", network=net, inferer=SlidingWindowInferer((8, 8, 8), overlap=0.25, mode="gaussian"),
-        threshold=0.3, gradcam_layer="mid", prepare=lambda f, t: prepare_image(f, t),
-    )
+    """A bundle around a tiny network (its pre-processing chain keeps the FLAIR's grid: no orientation, spacing)."""
+    from msxai.bundle import Bundle
+
+    return Bundle(TinySegNet(seed), SlidingWindowInferer((8, 8, 8), overlap=0.25, mode="gaussian"), name="tiny",
+                  gradcam_layer="mid")
 
 
 @pytest.fixture()
@@ -108,7 +107,7 @@ def test_explain_to_files_writes_maps_and_summaries(case):
             assert img.shape == SHAPE and img.get_data_dtype() == np.float32
             np.testing.assert_allclose(img.affine, case.affine, atol=1e-5)
     # the written map is the engine's map of the prepared image
-    prep = prepare_image(case.paths["flair"], case.paths["t1"])
+    prep = fake_bundle(0).prepare(case.paths["flair"], case.paths["t1"])
     spec = SlidingWindowSpec.from_inferer(bundle.inferer)
     ref = instance_smoothgrad(bundle.network, prep.image, case.labels == 3, spec, n_samples=2)
     got = np.asarray(nib.load(str(out / "lesion_3_smoothgrad_mprage.nii.gz")).dataobj)

@@ -1,6 +1,6 @@
 """Training pieces added for real tissue: RandSpatialDeformd (rotation/scale/elastic in one resampling) against a
-voxel-loop twin, the centre crop it falls back to, mixed_datalist of several cohorts, and PrepareSubjectd being
-cached by CacheDataset (a deterministic MONAI Transform) with the bundle's normalisation."""
+voxel-loop twin, the centre crop it falls back to, mixed_datalist of several cohorts, and the bundle's own
+pre-processing chain (train.json) being cached by CacheDataset with the bundle's normalisation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from test_bundles import _subject
 
 from msxai.normalization import normalize
-from msxai.training import PrepareSubjectd, RandSpatialDeformd, mixed_datalist
+from msxai.training import RandSpatialDeformd, mixed_datalist
 
 torch.set_num_threads(1)
 
@@ -84,11 +84,24 @@ def test_mixed_datalist_and_cached_prepared_subjects(tmp_path):
     assert [c["id"] for c in cases] == ["s0", "s1", "b/s0", "b/s1"]
     assert cases[2]["flair"].startswith(str(cohorts[1]))
     assert [c["id"] for c in mixed_datalist(cohorts[0], "val")] == ["s1"]
-    ds = CacheDataset(cases[:1], Compose([PrepareSubjectd(normalization="median_iqr")]), progress=False)
+    from pathlib import Path
+
+    import nibabel as nib
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / "msxai_unet" / "configs" / "train.json"))
+    parser["bundle_root"] = str(tmp_path)
+    parser["normalization"] = "median_iqr"
+    ds = CacheDataset(cases[:1], parser.get_parsed_content("train#preprocessing"), progress=False)
     cached = ds._cache[0]
     assert isinstance(cached, dict) and "image" in cached  # the prepared subject is cached, not the file names
-    from msxai.preprocess import prepare_image
-
-    p = prepare_image(cases[0]["flair"], cases[0]["t1"], normalization="median_iqr")
-    full = normalize(p.raw, p.brain_mask, "median_iqr")
-    np.testing.assert_allclose(cached["image"].max(), full.max(), rtol=1e-6)
+    # twin: nibabel + the pure normalisation, cropped to the brain's box grown by 8 voxels
+    raw = np.stack([np.asarray(nib.load(cases[0][k]).dataobj, np.float32) for k in ("flair", "t1")])
+    brain = np.any(raw != 0, axis=0)
+    full = normalize(raw, brain, "median_iqr")
+    idx = np.argwhere(brain)
+    sl = tuple(slice(max(a - 8, 0), min(b + 9, n)) for a, b, n in zip(idx.min(0), idx.max(0), brain.shape))
+    np.testing.assert_allclose(np.asarray(cached["image"]), full[(slice(None),) + sl], atol=1e-6)
+    label = np.asarray(nib.load(cases[0]["label"]).dataobj)[sl] > 0
+    np.testing.assert_array_equal(np.asarray(cached["label"])[0], label)

@@ -108,6 +108,19 @@ def sha_of(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _chain_identity(chain) -> list[str]:
+    """The pre-processing steps by class and their geometric targets (orientation, spacing), for the run identity."""
+    out = []
+    for t in getattr(chain, "transforms", ()) or ():
+        name = type(t).__name__
+        if name == "Orientationd":
+            name += f"({''.join(getattr(t.ornt_transform, 'axcodes', '') or '')})"
+        elif name == "Spacingd":
+            name += f"({[float(x) for x in t.spacing_transform.pixdim]})"
+        out.append(name)
+    return out
+
+
 def run_identity(bundle, settings: BatchSettings, checkpoint=None) -> dict:
     """Everything a case's results depend on: the bundle's weights (sha256), its inference settings (threshold,
     minimum volume, sliding window, pre-processing) and the run's :class:`BatchSettings` (not the bundle's name or
@@ -115,14 +128,16 @@ def run_identity(bundle, settings: BatchSettings, checkpoint=None) -> dict:
     from msxai.experiments.error_flag import BUNDLE_MODEL_FILE
     from msxai.saliency.sliding import SlidingWindowSpec
 
-    seg = bundle.segmenter
     ckpt = Path(checkpoint) if checkpoint else Path(bundle.path) / "models" / "model.pt"
     spec = SlidingWindowSpec.from_inferer(bundle.inferer)
     ident = {
         "schema": SCHEMA,
         "weights_sha256": file_sha256(ckpt) if ckpt.is_file() else None,
         "inference": {"threshold": float(bundle.threshold), "min_volume_mm3": float(bundle.min_volume_mm3),
-                      "register": bool(getattr(seg, "register", False)), "n4": bool(getattr(seg, "n4", False)),
+                      "register": str(getattr(bundle, "register", "auto")), "n4": bool(getattr(bundle, "n4", False)),
+                      "normalization": str(getattr(bundle, "normalization", "zscore_brain")),
+                      "tta_flips": [list(a) for a in getattr(bundle, "tta_flips", ())],
+                      "preprocessing": _chain_identity(getattr(bundle, "preprocessing", None)),
                       "sliding_window": {k: (list(v) if isinstance(v, tuple) else v)
                                          for k, v in asdict(spec).items() if k != "sw_batch_size"}},
         "settings": settings.identity(),

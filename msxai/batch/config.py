@@ -31,12 +31,12 @@ class BundleBatch:
         self.progress = progress if isinstance(progress, bool) else str(progress).lower() not in ("false", "0", "no")
 
     def bundle(self):
-        from msxai.bundle import Bundle
-
-        seg = self.segmenter
-        return Bundle(name=self.bundle_name, path=self.bundle_root, device=seg.device, network=seg.network,
-                      inferer=seg.inferer, threshold=seg.threshold, min_volume_mm3=seg.min_volume_mm3,
-                      gradcam_layer=str(self.gradcam_layer), segmenter=seg)
+        """The config's ``segmenter`` (a :class:`msxai.bundle.Bundle`) with its name, folder and Grad-CAM++ layer."""
+        b = self.segmenter
+        b.name, b.path = self.bundle_name, self.bundle_root
+        if self.gradcam_layer:
+            b.gradcam_layer = str(self.gradcam_layer)
+        return b
 
     def run(self) -> dict:
         from msxai.batch.dist import init_distributed

@@ -84,7 +84,7 @@ def run(args) -> int:
     from msxai.errors import InputError
     from msxai.experiments import run_experiments
     from msxai.experiments.cohort import cohort_cases, real_patient_case
-    from msxai.experiments.model import ExperimentModel
+    from msxai.bundle import load_bundle
     from msxai.experiments.state import ExperimentConfig
 
     torch.set_num_threads(int(args.threads or os.environ.get("OMP_NUM_THREADS", 1) or 1))
@@ -104,8 +104,8 @@ def run(args) -> int:
     if not (args.bundle or args.context_only_bundle or args.include_results):
         raise InputError("no bundle: give --bundle B (every experiment), --context-only-bundle B, or "
                          "--include-results PKL (report only)")
-    models = [ExperimentModel.from_bundle(_resolve(b)) for b in args.bundle]
-    light = [ExperimentModel.from_bundle(_resolve(b)) for b in args.context_only_bundle]
+    models = [load_bundle(_resolve(b)) for b in args.bundle]
+    light = [load_bundle(_resolve(b)) for b in args.context_only_bundle]
     cfg = ExperimentConfig(
         samples=args.samples, max_lesions_per_class=args.max_lesions_per_class, seed=args.seed,
         aggregation=args.aggregation, min_abs=args.min_abs, min_abs_relative=args.min_abs_relative,

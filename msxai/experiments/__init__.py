@@ -4,7 +4,6 @@
 - :mod:`msxai.experiments.geometry`   rings/distances in mm, lesion transplants, context-restoration images
 - :mod:`msxai.experiments.features`   per-lesion numbers read from instance saliency maps
 - :mod:`msxai.experiments.error_flag` ``ErrorFlagModel`` (fit / save / load JSON, ``error_score(features)``)
-- :mod:`msxai.experiments.model`      ``ExperimentModel`` (a bundle's network + exact sliding window)
 - :mod:`msxai.experiments.state`      ``ExperimentConfig``, ``CaseState``, ``RunContext`` (what one run's experiments
                                       share), ``ModelResults``
 - :mod:`msxai.experiments.selection`  Eq. 3 costs, CPU-budget caps, the round-robin pick of domains (``plan_run``)
@@ -23,10 +22,10 @@ from pathlib import Path
 
 def run_experiments(models, cases, out_dir, config=None, settings: dict | None = None, title: str | None = None,
                     context_only=(), included=(), results_dir=None):
-    """Run every experiment for each model in ``models`` (``ExperimentModel``) on ``cases`` (``CaseSpec`` list) and
+    """Run every experiment for each model in ``models`` (:class:`msxai.bundle.Bundle`) on ``cases`` (``CaseSpec`` list) and
     write the report into ``out_dir``; returns ``(report_path, results)``.
 
-    Models in ``context_only`` (ExperimentModel objects) run experiment 6 alone (forward passes only) on the lesions
+    Models in ``context_only`` (bundles) run experiment 6 alone (forward passes only) on the lesions
     picked for the first full model; every other full model uses those lesions too. ``included``: results of earlier
     runs (:func:`load_results`) added to the report; when a model of this run has the same name, its experiment 6
     rows replace the included ones. ``results_dir``: where to pickle each model's results (``results_<model>.pkl``)

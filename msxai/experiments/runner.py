@@ -33,7 +33,7 @@ from msxai.experiments.bulk import run_bulk, run_error_flag
 from msxai.experiments.cohort import CaseSpec
 from msxai.experiments.conditions import run_exp1, run_exp4, run_exp5, run_randomization
 from msxai.experiments.context import run_exp6
-from msxai.experiments.model import ExperimentModel
+from msxai.bundle import Bundle
 from msxai.experiments.selection import plan_run
 from msxai.experiments.state import CaseState, ExperimentConfig, ModelResults, RunContext, progress
 from msxai.io import load_volume
@@ -45,7 +45,7 @@ EXPERIMENTS = (("exp1", run_exp1), ("exp4", run_exp4), ("exp5", run_exp5), ("exp
                ("randomization", run_randomization), ("error_flag", run_error_flag))
 
 
-def run_model(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig | None = None,
+def run_model(model: Bundle, cases: list[CaseSpec], cfg: ExperimentConfig | None = None,
               context_picks: list | None = None) -> ModelResults:
     """Run every experiment for one model on ``cases``; ``context_picks``: the lesions of experiment 6 picked for
     another model (:func:`msxai.experiments.context.pick_context_truth`), so that every architecture is measured on
@@ -80,7 +80,7 @@ def run_guarded(ctx: RunContext, name: str, experiment) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- step 0
-def segment_cases(model: ExperimentModel, cases: list[CaseSpec], cfg: ExperimentConfig) -> list[CaseState]:
+def segment_cases(model: Bundle, cases: list[CaseSpec], cfg: ExperimentConfig) -> list[CaseState]:
     states = []
     for i, case in enumerate(progress(cases, cfg, desc=f"{model.name}: segment", unit="case")):
         prep = model.prepare(case.flair, case.t1)

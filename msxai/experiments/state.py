@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from msxai.experiments.cohort import CaseSpec
 from msxai.experiments.error_flag import ErrorFlagModel
-from msxai.experiments.model import ExperimentModel
+from msxai.bundle import Bundle
 
 
 @dataclass
@@ -120,7 +120,7 @@ class RunContext:
     (:func:`msxai.experiments.bulk.run_bulk`) fill ``keep_full`` with the whole maps that experiments 1, 4, 5 and
     the randomisation check reuse (an experiment run without them computes its maps itself)."""
 
-    model: ExperimentModel
+    model: Bundle
     cfg: ExperimentConfig
     states: list[CaseState]
     res: ModelResults

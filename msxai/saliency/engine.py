@@ -19,7 +19,7 @@ import torch
 
 from msxai import SEQUENCE_KEYS, THRESHOLD
 from msxai.device import resolve_device
-from msxai.errors import EmptyDomainError, InputError
+from msxai.errors import EmptyDomainError, GeometryError, InputError
 from msxai.saliency.gradcampp import GradCAMPlusPlus
 from msxai.saliency.sliding import SlidingWindowSpec, check_image
 from msxai.saliency.smoothgrad import (
@@ -196,6 +196,23 @@ def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=AFFINE_ATOL)
 
 
+def _to_network(prep, mask: np.ndarray, flair, name: str) -> np.ndarray:
+    if hasattr(prep, "to_network"):
+        return prep.to_network(mask, name)
+    from msxai.transforms import carry_to_network
+
+    return carry_to_network(mask, flair.affine, prep.affine, prep.shape, name)
+
+
+def _to_native(prep, arr: np.ndarray, flair) -> np.ndarray:
+    if hasattr(prep, "to_native") and getattr(prep, "native_affine", None) is not None:
+        return prep.to_native(arr)
+    from msxai.io import Volume
+    from msxai.preprocess import resample_onto
+
+    return resample_onto(Volume(arr, prep.affine), flair.affine, flair.array.shape, order=1).array
+
+
 def _load_mask_on_grid(path, what: str, ref, as_labels: bool):
     from msxai.io import check_same_grid, load_volume
 
@@ -261,17 +278,12 @@ def explain_to_files(
         domains = lesion_domains(_load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True),
                                  lesion_ids) if lesions_path is not None else {}
         domains.update(extra)
+    native = getattr(prep, "native_affine", None)
+    if native is not None and not _same_grid(prep.native_shape, native, flair.array.shape, flair.affine):
+        raise GeometryError("the bundle's pre-processing did not keep the FLAIR's native grid")
     on_input_grid = _same_grid(prep.shape, prep.affine, flair.array.shape, flair.affine)
-    if not on_input_grid:  # the bundle resampled the image: move the domains onto the network grid (nearest)
-        from msxai.preprocess import resample_onto
-
-        moved = {}
-        for name, m in domains.items():
-            r = resample_onto(Volume(m.astype(np.float32), flair.affine), prep.affine, prep.shape, order=0).array > 0.5
-            if not r.any():
-                raise EmptyDomainError(f"{name}: no voxel left on the network grid after resampling")
-            moved[name] = r
-        domains = moved
+    if not on_input_grid:  # the network grid is another: carry the domains to it (nearest)
+        domains = {name: _to_network(prep, m, flair, name) for name, m in domains.items()}
     parts = model_parts(model, layer=layer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,10 +297,8 @@ def explain_to_files(
                          **performance):
             written = []
             for map_name, arr in e.maps.items():
-                if not on_input_grid:
-                    from msxai.preprocess import resample_onto
-
-                    arr = resample_onto(Volume(arr, prep.affine), flair.affine, flair.array.shape, order=1).array
+                if not on_input_grid:  # back to the FLAIR's native grid, as the probability
+                    arr = _to_native(prep, arr, flair)
                 path = out / f"{e.name}_{map_name}.nii.gz"
                 save_volume(path, arr.astype(np.float32), flair.affine, dtype=np.float32)
                 written.append(str(path))
