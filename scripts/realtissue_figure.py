@@ -73,14 +73,17 @@ def main() -> None:
     ax[2].set_xlabel(f"subject ({len(order)}, sorted)")
     ax[2].set_ylabel(f"injected lesion volume in the {side} half (mL)")
     ax[2].set_title(f"loads (+ {real.sum() / 1000:.1f} mL real lesions each)")
-    for c in classes:
-        ax[2].bar([], [], color=colors[c], label=c)
-    ax[2].legend(fontsize=8)
+    from matplotlib.patches import Patch
+
+    ax[2].legend(handles=[Patch(color=colors[c], label=c) for c in classes], fontsize=8)
     sid, f, lab, inj = heavy
     z = int(np.argmax(inj.sum((0, 1))))
-    ax[3].imshow(np.rot90(f[:, :, z]), cmap="gray")
-    ax[3].contour(np.rot90(inj[:, :, z]), [0.5], colors="red", linewidths=0.7)
-    ax[3].contour(np.rot90(real[:, :, z]), [0.5], colors="lime", linewidths=0.7)
+    xs = np.flatnonzero(bg.brain.any((1, 2)))
+    ys = np.flatnonzero(bg.brain.any((0, 2)))
+    sl = (slice(xs.min(), xs.max() + 1), slice(ys.min(), ys.max() + 1), z)
+    ax[3].imshow(np.rot90(f[sl]), cmap="gray")
+    ax[3].contour(np.rot90(inj[sl]), [0.5], colors="red", linewidths=0.7)
+    ax[3].contour(np.rot90(real[sl]), [0.5], colors="lime", linewidths=0.7)
     ax[3].set_title(f"{sid}, axial slice {z}: injected (red), real (green)")
     ax[3].axis("off")
     fig.suptitle(f"Real-tissue training subjects ({Path(a.cohort).name}): patient26 {side} half with injected lesions",
