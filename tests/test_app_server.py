@@ -4,8 +4,9 @@ synthetic studies folder (61x73x61 voxels: 3 mm subjects declared 1 mm), driven 
 Checked: /info and the datastore listing; every segmentation task against `msxai segment`; both explain tasks
 against `msxai explain` with the same seed; a client-drawn domain (uploaded label, click points); bad input over
 HTTP (4xx with a message, server keeps serving, no label lost); 8 concurrent explain requests (all complete,
-same seed -> same maps, bounded memory); without authentication, requests naming another host, from another site or
-through a proxy refused; a saved label surviving a server restart.
+same seed -> same maps, /info answered meanwhile; their latency and the server's memory are measured by
+scripts/bench_app_server.py); without authentication, requests naming another host, from another site or through a
+proxy refused; a saved label surviving a server restart. The server is started by tests/app_helpers.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -25,90 +24,33 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from deploy.loopback import free_port
+from app_helpers import REPO, Server, write_like, write_small_studies
 
-REPO = Path(__file__).resolve().parents[1]
-APP = REPO / "apps" / "msxai"
-PY = sys.executable
 BUNDLES = {m: REPO / "bundles" / f"msxai_{m}" for m in ("unet", "dynunet", "swinunetr")}
 
 # the server serves all three bundles: their weights are committed, a missing model.pt fails (never skips)
 AVAILABLE = list(BUNDLES)
 pytestmark = [pytest.mark.slow]
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-           MONAI_LABEL_DATASTORE_AUTO_RELOAD="false")
-
-
-class Server:
-    def __init__(self, studies: Path, log: Path, models: str = "all", bundles_dir: Path | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._fh = open(log, "ab")
-        self.proc = subprocess.Popen(
-            [PY, "-m", "monailabel.main", "start_server", "--app", str(APP), "--studies", str(studies),
-             "--conf", "models", models, "--host", "127.0.0.1", "--port", str(self.port),
-             # these tests compare the app with the command lines: no cost budget (tests/test_app_security.py)
-             "--conf", "explain_budget_s", "86400",
-             *(["--conf", "bundles_dir", str(bundles_dir)] if bundles_dir else [])],
-            cwd=str(REPO), env=ENV, stdout=self._fh, stderr=subprocess.STDOUT,
-        )
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/info/", timeout=5) as r:
-                    if r.status == 200:
-                        return
-            except Exception:
-                time.sleep(1.0)
-        self.stop()
-        raise RuntimeError(f"server did not answer in time:\n{log.read_text()[-4000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._fh.close()
-
-
-def _write_like(path, array, affine):
-    nib.save(nib.Nifti1Image(np.asarray(array, np.float32), affine), str(path))
-
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
-    d = tmp_path_factory.mktemp("studies")
-    subprocess.run([PY, "-m", "msxai", "synth", "--out", str(d), "--n", "2", "--seed", "3", "--voxel-size", "3",
-                    "--no-progress"], check=True, env=ENV, cwd=str(REPO), capture_output=True)
-    # the bundles segment on a 1 mm grid (their pre-processing resamples any scan to it): the small 3 mm subjects are
-    # declared 1 mm scans (a small head) so that the server works on 61x73x61 voxels, not 181x217x181
-    for f in d.glob("*.nii.gz"):
-        img = nib.load(str(f))
-        a = img.affine.copy()
-        a[:3, :3] /= 3.0
-        nib.save(nib.Nifti1Image(np.asarray(img.dataobj), a, img.header), str(f))
+    d = write_small_studies(tmp_path_factory.mktemp("studies"))
     f = nib.load(str(d / "synth000_FLAIR.nii.gz"))
     flair = np.asarray(f.dataobj, np.float32)
     t1 = np.asarray(nib.load(str(d / "synth000_T1.nii.gz")).dataobj, np.float32)
     # a study without its T1
-    _write_like(d / "lonely_FLAIR.nii.gz", flair, f.affine)
+    write_like(d / "lonely_FLAIR.nii.gz", flair, f.affine)
     # a T1 whose field of view barely overlaps the FLAIR's (another grid is fine: it is resampled)
-    _write_like(d / "mis_FLAIR.nii.gz", flair, f.affine)
+    write_like(d / "mis_FLAIR.nii.gz", flair, f.affine)
     far = f.affine.copy()
     far[:3, 3] += far[:3, :3] @ np.array([0.0, 0.7 * flair.shape[1], 0.0])
-    _write_like(d / "mis_T1.nii.gz", t1, far)
+    write_like(d / "mis_T1.nii.gz", t1, far)
     # NaN voxels
     bad = flair.copy()
     bad[30, 30, 30] = np.nan
-    _write_like(d / "nan_FLAIR.nii.gz", bad, f.affine)
-    _write_like(d / "nan_T1.nii.gz", t1, f.affine)
+    write_like(d / "nan_FLAIR.nii.gz", bad, f.affine)
+    write_like(d / "nan_T1.nii.gz", t1, f.affine)
     return d
 
 
@@ -453,16 +395,11 @@ def test_bad_input_answers_4xx_keeps_serving_and_keeps_labels(client, server, st
 
 
 # ------------------------------------------------------------------------------------------------------ load
-def _rss_mb(pid: int) -> float:
-    import psutil
-
-    p = psutil.Process(pid)
-    return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
-
-
 def test_eight_concurrent_explain_requests(client, server, target):
-    """8 explain requests at once: all complete, the same request gives the same maps, /info stays responsive
-    while they queue (model runs are serialised), and the server's memory stays bounded."""
+    """8 explain requests at once: all complete without error, the same request gives the same maps, different seeds
+    different ones, and /info keeps answering while they queue (model runs are serialised). How long they take,
+    how long /info waits and the server's memory (8 queued vs one alone) are measured by
+    scripts/bench_app_server.py, not asserted here."""
     from monailabel.client import MONAILabelClient
 
     name = target["app_name"]
@@ -475,21 +412,6 @@ def test_eight_concurrent_explain_requests(client, server, target):
             reqs.append(("explain_gradcampp", {"model": "unet", **target["params"]}))
     results: dict[int, tuple] = {}
     errors: list = []
-    # one run of each kind first, alone: the server's peak memory for a single run
-    samples: list[float] = []
-    sampling = threading.Event()
-
-    def sampler():
-        while not sampling.is_set():
-            samples.append(_rss_mb(server.proc.pid))
-            time.sleep(0.1)
-
-    st = threading.Thread(target=sampler)
-    st.start()
-    for model, params in reqs[:2]:
-        client.infer(model, "synth000_FLAIR", params, label_in=target["label_in"])
-    single_peak = max(samples)
-    n_single = len(samples)
 
     def run(i):
         try:
@@ -501,21 +423,14 @@ def test_eight_concurrent_explain_requests(client, server, target):
             errors.append((i, repr(exc)))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
-    t0 = time.time()
     for t in threads:
         t.start()
-    info_latency = []
+    # the server keeps answering other requests while the explanations queue
     while any(t.is_alive() for t in threads):
-        t1 = time.time()
         assert _get(server.url + "/info/")[0] == 200
-        info_latency.append(time.time() - t1)
         time.sleep(1.0)
     for t in threads:
         t.join()
-    elapsed = time.time() - t0
-    sampling.set()
-    st.join()
-    many_peak = max(samples[n_single:])
     assert not errors, errors
     assert len(results) == 8
     # same request -> same label map and the same numbers
@@ -532,13 +447,6 @@ def test_eight_concurrent_explain_requests(client, server, target):
     a = results[0][1]["summary"][name]["maps"]["smoothgrad_flair"]["peak_max"]
     b = results[2][1]["summary"][name]["maps"]["smoothgrad_flair"]["peak_max"]
     assert reqs[0][1]["seed"] != reqs[2][1]["seed"] and a != b
-    # the event loop was never blocked for the whole queue (it answers between model runs at worst)
-    assert max(info_latency) < max(10.0, elapsed / 2), (info_latency, elapsed)
-    # bounded memory: one model run at a time, queued requests hold only their parameters, so 8 at once peak
-    # no higher than one run alone did (plus allocator slack)
-    assert many_peak < single_peak + 400, (single_peak, many_peak)
-    print(f"8 concurrent explain requests: {elapsed:.1f} s, /info max {max(info_latency):.2f} s, "
-          f"server RSS peak {single_peak:.0f} MB for one run, {many_peak:.0f} MB with 8 queued")
 
 
 # ------------------------------------------------------------------------------------------ loopback only
