@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import requests
 
-from test_app_server import ENV, PY, REPO, Server, _cli, _write_like
+from app_helpers import ENV, PY, REPO, Server, write_like as _write_like  # noqa: E402
+from test_app_server import _cli  # noqa: E402
 
 pytestmark = [pytest.mark.slow]
 
