@@ -73,12 +73,12 @@ def _start(studies: Path, log: Path, *extra: str, host: str = "127.0.0.1", wait:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """``root/studies`` (2 synthetic subjects at 3 mm) and ``root/users.json``; ``root`` is where nothing else may
-    ever appear."""
+    """``root/studies`` (2 small synthetic subjects, tests/app_helpers.py) and ``root/users.json``; ``root`` is where
+    nothing else may ever appear."""
+    from app_helpers import write_small_studies
+
     root = tmp_path_factory.mktemp("exposed")
-    studies = root / "studies"
-    subprocess.run([PY, "-m", "msxai", "synth", "--out", str(studies), "--n", "2", "--seed", "3", "--voxel-size", "3",
-                    "--no-progress"], check=True, env=ENV, cwd=str(REPO), capture_output=True)
+    studies = write_small_studies(root / "studies")
     from lib.users import UserStore
 
     store = UserStore.create(root / "users.json")
