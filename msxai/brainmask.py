@@ -70,7 +70,7 @@ def _template_t1() -> Volume:
     """nilearn's MNI152 2009a T1 template (brain-extracted: 0 outside the brain)."""
     import nibabel as nib
 
-    from msxai.synth import _nilearn_data_dir
+    from msxai.synth.anatomy import _nilearn_data_dir
 
     path = _nilearn_data_dir() / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     if not path.is_file():

@@ -84,16 +84,25 @@ def canonical(subject, bundle):
 
 def test_canonical_input_gives_todays_outputs(subject, bundle, canonical):
     """A canonical input (1 mm, LAS, T1 on the FLAIR grid, skull-stripped) goes through the chain unchanged: the
-    probability is today's within 1e-5 - nibabel arrays z-scored over their non-zero voxels by hand, the bundle's
+    probability is today's within 1e-5 - nibabel arrays normalised over their non-zero voxels by hand with the
+    bundle's normalisation (median_iqr: (x - median) / (IQR / 1.34898); zscore_brain: (x - mean) / std), the bundle's
     sliding-window inferer, softmax channel 1 - and the lesions are its 18-connected components >= 5 mm3."""
+    import json
+
     from msxai.lesions import lesion_instances
 
+    method = json.loads((BUNDLE / "configs" / "inference.json").read_text())["normalization"]
     raw = np.stack([nib.load(str(subject["paths"][k])).get_fdata(dtype=np.float32) for k in ("flair", "t1")])
     brain = np.any(raw != 0, axis=0)
     image = np.zeros_like(raw)
     for c in range(2):
         v = raw[c][brain].astype(np.float64)
-        image[c][brain] = (v - v.mean()) / v.std()
+        if method == "median_iqr":
+            q25, q50, q75 = np.percentile(v, [25, 50, 75])
+            image[c][brain] = (v - q50) / ((q75 - q25) / 1.3489795003921634)  # the standard normal IQR
+        else:
+            assert method == "zscore_brain", method
+            image[c][brain] = (v - v.mean()) / v.std()
     with torch.no_grad():
         logits = bundle.inferer(torch.from_numpy(image)[None], bundle.network)
     prob = torch.softmax(logits, 1)[0, 1].numpy()
