@@ -3,7 +3,7 @@ Parametric Maps and the NIfTI float maps of an explanation of the synthetic 2 mm
 
     PYTHONPATH=. .venv/bin/python scripts/slicer_renderings.py [--out docs] [--work out/slicer_renderings]
 
-Runs, on the CPU, what the app runs for an explain request (msxai.studies.StudyService: segmentation, Grad-CAM++ of
+Runs, on the CPU, what the app runs for an explain request (the app's lib.service.StudyService: segmentation, Grad-CAM++ of
 the largest lesion, SmoothGrad N=4 of a small one), writes the Parametric Maps as the DICOMweb path stores them
 (msxai.dicom_saliency on the FLAIR converted by msxai.dicom), reads them back from the files and draws them over
 the FLAIR in three planes through the lesion's saliency peak; the SmoothGrad figure puts the NIfTI map the local
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     from msxai.dicom_pmap import read_parametric_map
     from msxai.dicom_saliency import explain_dicom
     from msxai.io import load_volume
-    from msxai.studies import StudyService
+    sys.path.insert(0, str(REPO / "apps" / "msxai"))  # the app's own modules, as the app imports them
+    from lib.service import StudyService
 
     work, out = Path(args.work), Path(args.out)
     studies = work / "studies"

@@ -51,9 +51,8 @@ def test_models_subset_and_listing(studies):
 
 
 def test_unknown_model_and_missing_weights_stop_startup(studies, tmp_path):
-    from msxai.studies import BundleLoadError
-
     cls = _app_class()
+    from lib.service import BundleLoadError  # after loading the app: MONAI Label's loader reloads its lib package
     with pytest.raises(BundleLoadError, match="unknown model.*resnet"):
         cls(app_dir=str(APP), studies=str(studies), conf={"models": "unet,resnet"})
     bad = tmp_path / "bundles"

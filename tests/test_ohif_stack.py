@@ -313,8 +313,7 @@ def test_four_paths_one_chain(stack, segmentation, tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from lib.infers import SegmentationTask  # the app's task (apps/msxai on sys.path: tests/conftest.py)
-
-    from msxai.studies import StudyService
+    from lib.service import StudyService
 
     task = SegmentationTask(StudyService(studies, {"unet": bundle}), "unet")
     label_file, res = task({"image": str(flair), "image_id": "re_FLAIR", "label_mode": "instances"})

@@ -12,7 +12,6 @@ from msxai.studies import (
     AmbiguousSequenceError,
     InvalidImageIdError,
     MissingSequenceError,
-    SegmentationCache,
     artifact_dir,
     dicom_sequence_of,
     find_t1,
@@ -23,6 +22,9 @@ from msxai.studies import (
     study_pair,
     validate_image_id,
 )
+
+from lib.params import parse_explain_params  # the app's (apps/msxai on sys.path: tests/conftest.py)
+from lib.seg_cache import SegmentationCache
 
 
 def _touch(path):
@@ -159,7 +161,6 @@ def test_segmentation_cache_memory_disk_and_invalidation(tmp_path):
 
 # ------------------------------------------------------------------------------------------ request parameters
 from msxai.lesions import parse_lesion_ids  # noqa: E402
-from msxai.studies import parse_explain_params  # noqa: E402
 
 
 def test_parse_lesion_ids():
