@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     flair = load_volume(flair_path, "FLAIR")
     series = volume_to_mr_series(flair.array, flair.affine, StudyInfo(), "FLAIR", 1)
     service = StudyService(studies, {"unet": REPO / "bundles" / "msxai_unet"})
-    base = {"image": str(flair_path), "image_id": "synth000_FLAIR", "model": "unet", "device": "cpu"}
+    base = {"image": str(flair_path), "image_id": "synth000_FLAIR", "network": "unet", "device": "cpu"}
     seg = service.segment_request("unet", dict(base), str(work / "seg.nii.gz"))
     table = sorted(seg["lesions"], key=lambda r: (-r["voxels"], r["id"]))
     big = table[0]["id"]

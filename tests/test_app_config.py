@@ -42,7 +42,7 @@ def test_models_subset_and_listing(studies):
     info = app.info()
     assert set(info["models"]) == {"segmentation_unet", "segmentation_dynunet", "explain_smoothgrad",
                                    "explain_gradcampp"}
-    assert info["models"]["explain_gradcampp"]["config"]["model"] == ["unet", "dynunet"]
+    assert info["models"]["explain_gradcampp"]["config"]["network"] == ["unet", "dynunet"]
     assert info["labels"] == ["lesion"]
     assert sorted(app.datastore().list_images()) == ["a_FLAIR", "b_FLAIR"]
     assert info["trainers"] == {} and "random" in info["strategies"]

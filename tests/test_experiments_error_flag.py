@@ -238,7 +238,7 @@ def test_monai_label_explain_json_carries_the_same_scores(setup, tmp_path):
     shutil.copy(s["subj"]["flair"], flair)
     shutil.copy(s["subj"]["t1"], studies / "tiny00_T1.nii.gz")
     svc = StudyService(studies, {"tiny": s["bundle"]})
-    req = {"image": str(flair), "image_id": "tiny00_FLAIR", "model": "tiny", "lesion": "all", "samples": 2,
+    req = {"image": str(flair), "image_id": "tiny00_FLAIR", "network": "tiny", "lesion": "all", "samples": 2,
            "seed": 0, "aggregation": "max", "sigma": 0.05}
     res = svc.explain_request("smoothgrad", req, tmp_path / "out.nii.gz")
     assert _explain(s, tmp_path / "cli", "--lesions", str(s["lesions"]), "--samples", "2") == 0

@@ -328,7 +328,7 @@ class MsxaiApp(MONAILabelApp):
                         raise UnknownImageError(f"image {image!r} has no saved label with tag {tag!r}")
                     request["lesions_label"] = luri
                 job = self.jobs.create(user, model, image, {k: request.get(k) for k in (
-                    "explain_model", "lesion", "lesions_from", "samples", "aggregation", "sigma", "seed", "layer")
+                    "network", "explain_model", "lesion", "lesions_from", "samples", "aggregation", "sigma", "seed", "layer")
                     if request.get(k) not in (None, "")})
                 request["msxai_job"] = job.id
             res = super().infer(request, datastore)

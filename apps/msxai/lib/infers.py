@@ -81,7 +81,7 @@ class ExplainTask(_MsxaiTask):
         self.jobs = jobs  # lib.jobs.JobRegistry: cost budget, progress, cancel (None: run unbounded)
         models = service.models
         defaults = EXPLAIN_DEFAULTS[method]
-        config = {"model": list(models), "device": device_list()}
+        config = {"network": list(models), "device": device_list()}
         config.update({k: v for k, v in defaults.items()})
         config["lesions_from"] = ["model", "final"]
         if method == "smoothgrad":

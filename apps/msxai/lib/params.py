@@ -1,13 +1,18 @@
 """Explain request parameters as clients send them (MONAI Label, the Slicer module, the OHIF plugin): lists of
 choices whose first entry is the selection, strings for numbers, the task key ``model`` of MONAI Label's request
-dict; every refusal names the parameter and its valid range."""
+dict; every refusal names the parameter and its valid range.
+
+The bundle to explain is the parameter ``network`` (``unet``, ``dynunet``, ``swinunetr``). Its former name ``model``
+collided with MONAI Label's task key ``model`` (the app's infer route moved it to ``explain_model``); both old
+names are still accepted in the 0.1 releases, with a note in the result's ``deprecated`` list and a log warning."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -15,6 +20,9 @@ import numpy as np
 from msxai import SEQUENCES
 from msxai.errors import InputError
 from msxai.lesions import parse_lesion_ids
+
+logger = logging.getLogger(__name__)
+DEPRECATED_MODEL_PARAM = "parameter 'model' is now 'network'; the old name is accepted until 0.2.0"
 
 MAX_SAMPLES_DEFAULT = 200
 EXPLAIN_DEFAULTS = {
@@ -73,6 +81,7 @@ class ExplainParams:
     label_value: int | None
     ignored: list[str]
     lesions_from: str = "model"
+    deprecated: list[str] = field(default_factory=list)  # notes on deprecated parameter names the request used
 
     def run_key(self, domain_key: str) -> str:
         """A stable folder name for this request's artefacts (same request -> same folder)."""
@@ -90,13 +99,18 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
         raise InputError(f"method must be one of {EXPLAIN_METHODS}, got {method!r}")
     d = dict(EXPLAIN_DEFAULTS[method])
     d.update({k: v for k, v in params.items() if v is not None})
-    # MONAI Label's request dict holds the task name under "model"; the app's infer route moves a client's
-    # "model" parameter to "explain_model" (library callers may pass "model" directly)
-    model = _first(d.get("explain_model")) or _first(d.get("model")) or (models[0] if models else None)
-    if isinstance(model, str) and model.startswith("explain_"):
-        model = models[0] if models else None
+    # the bundle: "network"; the deprecated "model" reaches here as "explain_model" (moved there by the app's infer
+    # route, as MONAI Label's request dict holds the task name under "model") or as "model" (direct callers)
+    old = _first(d.get("explain_model")) or _first(d.get("model"))
+    if isinstance(old, str) and old.startswith("explain_"):  # MONAI Label's task key, not a client's parameter
+        old = None
+    deprecated = []
+    if old not in (None, ""):
+        deprecated.append(DEPRECATED_MODEL_PARAM)
+        logger.warning(f"explain request: {DEPRECATED_MODEL_PARAM} (got model={old!r})")
+    model = _first(d.get("network")) or old or (models[0] if models else None)
     if model not in models:
-        raise InputError(f"model must be one of {list(models)}, got {model!r}")
+        raise InputError(f"network must be one of {list(models)}, got {model!r}")
     ignored = []
     if method == "smoothgrad":
         samples = _as_int(d.get("samples"), "samples", 1, int(max_samples))
@@ -146,7 +160,8 @@ def parse_explain_params(method: str, params: Mapping[str, Any], models: Sequenc
     if lesions_from != "model" and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", lesions_from):
         raise InputError(f"lesions_from must be 'model' or a datastore label tag (e.g. 'final'), got {lesions_from!r}")
     return ExplainParams(method, model, lesion, samples, sigma, aggregation, layer, seed, sequence,
-                         (strong, medium), foreground, domain_mode, radius_mm, label_value, ignored, lesions_from)
+                         (strong, medium), foreground, domain_mode, radius_mm, label_value, ignored, lesions_from,
+                         deprecated)
 
 
 def _result_dtype(value):

@@ -2,10 +2,11 @@
 
 ``POST /infer/{task}`` (same signature as MONAI Label's, registered in front of it):
 
-* the explain tasks take a parameter ``model`` (which bundle to explain), but MONAI Label 0.8.5 merges the request
-  parameters into a dict whose ``model`` key is the *task* name, so a ``model`` parameter would replace the task
-  and the request would fail; this route moves it to ``explain_model`` and then runs MONAI Label's own
-  ``run_inference`` (nothing else changes, the answer is MONAI Label's);
+* the explain tasks take a parameter ``network`` (which bundle to explain). Its former name ``model`` is still
+  accepted (deprecated, until 0.2.0): MONAI Label 0.8.5 merges the request parameters into a dict whose ``model``
+  key is the *task* name, so a ``model`` parameter would replace the task and the request would fail; this route
+  moves it to ``explain_model`` (answered with a ``deprecated`` note, :mod:`lib.params`) and then runs MONAI
+  Label's own ``run_inference`` (nothing else changes, the answer is MONAI Label's);
 * it is a plain (synchronous) route, so FastAPI runs it in its worker threads: the event loop keeps answering
   ``/info``, the datastore and the other routes while a model runs (MONAI Label's ``async`` infer route blocks the
   whole server); model runs are serialised by the app (:class:`lib.service.StudyService`), so queued requests
@@ -106,7 +107,7 @@ def build_infer_router():
     router = APIRouter(prefix="/infer", tags=["Infer"])
 
     @router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model (msxai: non-blocking, "
-                                     "explain parameter 'model' kept)")
+                                     "deprecated explain parameter 'model' kept)")
     def msxai_run_inference(
         background_tasks: BackgroundTasks,
         model: str,
@@ -124,7 +125,7 @@ def build_infer_router():
             raise HTTPException(status_code=400, detail="params must be a JSON object") from None
         if not isinstance(p, dict):
             raise HTTPException(status_code=400, detail="params must be a JSON object")
-        if "model" in p:
+        if "model" in p:  # the deprecated name of "network" (lib.params), which would replace the task name
             p["explain_model"] = p.pop("model")
         # paths and ids only the server sets: MONAI Label merges params over its request, so a "label" or
         # "lesions_label" parameter would make the server read a file of the client's choosing

@@ -367,6 +367,8 @@ class StudyService:
         }
         if p.ignored:
             result["ignored_params"] = p.ignored
+        if p.deprecated:
+            result["deprecated"] = p.deprecated
         (tmp_dir / "summary.json").write_text(json.dumps(to_jsonable(result), indent=1))
         result["files"].append(f"explain/{key}/summary.json")
         result["urls"].append(f"{ARTIFACTS_URL}/{pair.image_id}/explain/{key}/summary.json")
