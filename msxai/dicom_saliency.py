@@ -1,7 +1,7 @@
 """An explanation (the output of an explain request) as DICOM objects for a PACS: the float saliency maps as
 Parametric Maps (:mod:`msxai.dicom_pmap`) and the per-lesion summary as a TID 1500 SR (:mod:`msxai.dicom_sr`).
 
-Inputs are what :meth:`msxai.studies.StudyService.explain_request` saves beside the study: the float32 maps
+Inputs are what the MONAI Label app's ``StudyService.explain_request`` (``apps/msxai/lib/service.py``) saves beside the study: the float32 maps
 ``<domain>_FLAIR.nii.gz`` / ``<domain>_MPRAGE.nii.gz`` (SmoothGrad) or ``<domain>_gradcampp.nii.gz`` (Grad-CAM++),
 the domain masks ``<domain>_domain.nii.gz`` and the result JSON (its ``summary`` per domain).
 

@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         k = les["id"]
         t0 = time.time()
         exp_file, exp = client.infer("explain_smoothgrad", args.image,
-                                     {"model": args.model, "lesion": k, "samples": args.samples, "seed": args.seed,
+                                     {"network": args.model, "lesion": k, "samples": args.samples, "seed": args.seed,
                                       "aggregation": args.aggregation})
         t_exp = time.time() - t0
         bins = np.asarray(nib.load(exp_file).dataobj)

@@ -3,7 +3,7 @@ Parametric Maps and the NIfTI float maps of an explanation of the synthetic 2 mm
 
     PYTHONPATH=. .venv/bin/python scripts/slicer_renderings.py [--out docs] [--work out/slicer_renderings]
 
-Runs, on the CPU, what the app runs for an explain request (msxai.studies.StudyService: segmentation, Grad-CAM++ of
+Runs, on the CPU, what the app runs for an explain request (the app's lib.service.StudyService: segmentation, Grad-CAM++ of
 the largest lesion, SmoothGrad N=4 of a small one), writes the Parametric Maps as the DICOMweb path stores them
 (msxai.dicom_saliency on the FLAIR converted by msxai.dicom), reads them back from the files and draws them over
 the FLAIR in three planes through the lesion's saliency peak; the SmoothGrad figure puts the NIfTI map the local
@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     from msxai.dicom_pmap import read_parametric_map
     from msxai.dicom_saliency import explain_dicom
     from msxai.io import load_volume
-    from msxai.studies import StudyService
+    sys.path.insert(0, str(REPO / "apps" / "msxai"))  # the app's own modules, as the app imports them
+    from lib.service import StudyService
 
     work, out = Path(args.work), Path(args.out)
     studies = work / "studies"
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     flair = load_volume(flair_path, "FLAIR")
     series = volume_to_mr_series(flair.array, flair.affine, StudyInfo(), "FLAIR", 1)
     service = StudyService(studies, {"unet": REPO / "bundles" / "msxai_unet"})
-    base = {"image": str(flair_path), "image_id": "synth000_FLAIR", "model": "unet", "device": "cpu"}
+    base = {"image": str(flair_path), "image_id": "synth000_FLAIR", "network": "unet", "device": "cpu"}
     seg = service.segment_request("unet", dict(base), str(work / "seg.nii.gz"))
     table = sorted(seg["lesions"], key=lambda r: (-r["voxels"], r["id"]))
     big = table[0]["id"]

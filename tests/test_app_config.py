@@ -42,7 +42,7 @@ def test_models_subset_and_listing(studies):
     info = app.info()
     assert set(info["models"]) == {"segmentation_unet", "segmentation_dynunet", "explain_smoothgrad",
                                    "explain_gradcampp"}
-    assert info["models"]["explain_gradcampp"]["config"]["model"] == ["unet", "dynunet"]
+    assert info["models"]["explain_gradcampp"]["config"]["network"] == ["unet", "dynunet"]
     assert info["labels"] == ["lesion"]
     assert sorted(app.datastore().list_images()) == ["a_FLAIR", "b_FLAIR"]
     assert info["trainers"] == {} and "random" in info["strategies"]
@@ -51,9 +51,8 @@ def test_models_subset_and_listing(studies):
 
 
 def test_unknown_model_and_missing_weights_stop_startup(studies, tmp_path):
-    from msxai.studies import BundleLoadError
-
     cls = _app_class()
+    from lib.service import BundleLoadError  # after loading the app: MONAI Label's loader reloads its lib package
     with pytest.raises(BundleLoadError, match="unknown model.*resnet"):
         cls(app_dir=str(APP), studies=str(studies), conf={"models": "unet,resnet"})
     bad = tmp_path / "bundles"

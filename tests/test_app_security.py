@@ -392,7 +392,7 @@ def _job(url, token, task, image, known: set):
     raise AssertionError("no admitted job")
 
 
-SMALL = {"model": "unet", "foreground": [[30, 36, 30]], "radius_mm": 1.0, "samples": 24, "aggregation": "max",
+SMALL = {"network": "unet", "foreground": [[30, 36, 30]], "radius_mm": 1.0, "samples": 24, "aggregation": "max",
          "seed": 1}  # one voxel, three noise batches of 8: three chunks
 
 
@@ -408,7 +408,7 @@ def test_explain_too_expensive_is_refused_with_the_way_to_narrow_it(server, worl
     nib.save(nib.Nifti1Image(lab, img.affine), str(p))
     _client(server, tokens["ann1"], tmp_path).save_label("synth000_FLAIR", str(p), tag="final")
     code, r = _post_infer(server["url"], tokens["user1"], "explain_smoothgrad", "synth000_FLAIR",
-                          {"model": "unet", "lesion": "all", "samples": 50, "aggregation": ["max", "mean"],
+                          {"network": "unet", "lesion": "all", "samples": 50, "aggregation": ["max", "mean"],
                            "lesions_from": "final"})
     detail = r.json()["detail"]
     assert code == 422, detail

@@ -137,7 +137,7 @@ def test_info_lists_tasks_and_only_study_images(client, studies):
     assert models["segmentation_unet"]["labels"] == {"lesion": 1}
     assert info["labels"] == ["lesion"]  # the Slicer module makes one empty segment per app label
     assert sorted(models["explain_smoothgrad"]["labels"].values()) == [1, 2, 3, 4, 5]
-    assert models["explain_smoothgrad"]["config"]["model"] == ["unet", "dynunet", "swinunetr"]
+    assert models["explain_smoothgrad"]["config"]["network"] == ["unet", "dynunet", "swinunetr"]
     assert models["explain_gradcampp"]["config"]["layer"] == ""  # "" = the chosen bundle's own layer
     ds = client.datastore()
     ids = sorted(ds["objects"])
@@ -247,7 +247,10 @@ def test_explain_matches_cli(client, studies, bundles, target, tmp_path, method)
     from msxai.labelmaps import saliency_bins
 
     voxels = int(target["mask"].sum())
-    params = {"model": "unet", **target["params"]}
+    # the bundle parameter "network"; Grad-CAM++ sends its deprecated name "model" (moved off MONAI Label's task key by
+    # the app's infer route): same answer plus a deprecation note
+    old_name = method == "gradcampp"
+    params = {"model" if old_name else "network": "unet", **target["params"]}
     cli_kw = {}
     if method == "smoothgrad":
         # Eq. 3 (max) costs one vector-Jacobian product per domain voxel and noise copy: keep it for small domains
@@ -255,6 +258,9 @@ def test_explain_matches_cli(client, studies, bundles, target, tmp_path, method)
         params.update(samples=2, seed=7, aggregation=agg, sigma=0.05)
         cli_kw = {"samples": 2, "seed": 7, "aggregation": agg, "sigma": 0.05}
     f, res = client.infer(f"explain_{method}", "synth000_FLAIR", params, label_in=target["label_in"])
+    assert res["model"] == "unet"
+    assert res.get("deprecated") == (["parameter 'model' is now 'network'; the old name is accepted until 0.2.0"]
+                                     if old_name else None)
     ref_dir = _explain_cli(studies, bundles, target, tmp_path / "cli", method, **cli_kw)
     ref_json = json.loads((ref_dir / "saliency.json").read_text())["domains"][target["cli_name"]]
     name = target["app_name"]
@@ -315,7 +321,7 @@ def test_explain_client_domain_label_and_points(client, studies, cli_seg, tmp_pa
     lab_path = tmp_path / "drawn.nii.gz"
     nib.save(nib.Nifti1Image(spot.astype(np.uint8), img.affine), str(lab_path))
     f, res = client.infer("explain_smoothgrad", "synth000_FLAIR",
-                          {"model": "unet", "samples": 1, "seed": 3, "aggregation": "mean"}, label_in=str(lab_path))
+                          {"network": "unet", "samples": 1, "seed": 3, "aggregation": "mean"}, label_in=str(lab_path))
     assert res["domain_source"] == "uploaded label" and res["domains"] == {"client_label": int(spot.sum())}
     lab = np.asarray(nib.load(f).dataobj)
     outline = domain_outline(spot)
@@ -328,7 +334,7 @@ def test_explain_client_domain_label_and_points(client, studies, cli_seg, tmp_pa
     # the same question with a click point: a ball of radius_mm around it
     c = [int(round(x)) for x in np.argwhere(spot).mean(axis=0)]
     f2, res2 = client.infer("explain_gradcampp", "synth000_FLAIR",
-                            {"model": "unet", "foreground": [c], "radius_mm": 4.5})
+                            {"network": "unet", "foreground": [c], "radius_mm": 4.5})
     expected = ball(pred.shape, c, 4.5, img.affine)
     assert res2["domains"] == {"client_points": int(expected.sum())}
     assert res2["domain_source"].startswith("foreground points")
@@ -367,7 +373,7 @@ def test_bad_input_answers_4xx_keeps_serving_and_keeps_labels(client, server, st
         (sg, "synth000_FLAIR", {"samples": 10**9}, None, 400, "samples must be an integer in [1, 200]"),
         (sg, "synth000_FLAIR", {"samples": -1}, None, 400, "samples"),
         (sg, "synth000_FLAIR", {"sigma": "loud"}, None, 400, "sigma"),
-        (sg, "synth000_FLAIR", {"model": "resnet"}, None, 400, "model must be one of"),
+        (sg, "synth000_FLAIR", {"network": "resnet"}, None, 400, "network must be one of"),
         (sg, "synth000_FLAIR", {"samples": 1}, {"label": empty}, 422, "empty"),
         (sg, "synth000_FLAIR", {"samples": 1}, {"label": wrong}, 422, "shape"),
         (sg, "synth000_FLAIR", {"foreground": [[999, 0, 0]]}, None, 400, "outside the image"),
@@ -406,10 +412,10 @@ def test_eight_concurrent_explain_requests(client, server, target):
     reqs = []
     for i in range(8):
         if i % 2 == 0:
-            reqs.append(("explain_smoothgrad", {"model": "unet", **target["params"], "samples": 1,
+            reqs.append(("explain_smoothgrad", {"network": "unet", **target["params"], "samples": 1,
                                                 "aggregation": "mean", "seed": 11 + (i % 4 == 0)}))
         else:
-            reqs.append(("explain_gradcampp", {"model": "unet", **target["params"]}))
+            reqs.append(("explain_gradcampp", {"network": "unet", **target["params"]}))
     results: dict[int, tuple] = {}
     errors: list = []
 
@@ -496,7 +502,7 @@ def test_saved_label_and_cache_survive_restart(client, server, studies, bundles,
         f, res = c2.infer("segmentation_unet", "synth000_FLAIR", {})
         assert res["cache"] == "disk"
         # explain a lesion of the corrected label (e.g. one the model missed)
-        f, res = c2.infer("explain_gradcampp", "synth000_FLAIR", {"model": "unet", "lesions_from": "final",
+        f, res = c2.infer("explain_gradcampp", "synth000_FLAIR", {"network": "unet", "lesions_from": "final",
                                                                   "lesion": "all"})
         assert res["domains"] == {"lesion_1": int(lab.sum())}
         assert res["domain_source"] == "lesion 1 of the saved 'final' label"

@@ -226,10 +226,10 @@ def test_a_flag_whose_auc_interval_reaches_half_is_not_validated(tmp_path):
 
 
 def test_monai_label_explain_json_carries_the_same_scores(setup, tmp_path):
-    """The MONAI Label explain task's service (msxai.studies.StudyService, in process): the result JSON holds the
+    """The MONAI Label explain task's service (lib.service.StudyService, in process): the result JSON holds the
     error score of each lesion (same as `msxai explain`), the model's provenance, and null + reason for drawn
     domains and for lesions of a saved label."""
-    from msxai.studies import StudyService
+    from lib.service import StudyService  # the app's (apps/msxai on sys.path: tests/conftest.py)
 
     s = setup
     studies = tmp_path / "studies"
@@ -238,7 +238,7 @@ def test_monai_label_explain_json_carries_the_same_scores(setup, tmp_path):
     shutil.copy(s["subj"]["flair"], flair)
     shutil.copy(s["subj"]["t1"], studies / "tiny00_T1.nii.gz")
     svc = StudyService(studies, {"tiny": s["bundle"]})
-    req = {"image": str(flair), "image_id": "tiny00_FLAIR", "model": "tiny", "lesion": "all", "samples": 2,
+    req = {"image": str(flair), "image_id": "tiny00_FLAIR", "network": "tiny", "lesion": "all", "samples": 2,
            "seed": 0, "aggregation": "max", "sigma": 0.05}
     res = svc.explain_request("smoothgrad", req, tmp_path / "out.nii.gz")
     assert _explain(s, tmp_path / "cli", "--lesions", str(s["lesions"]), "--samples", "2") == 0

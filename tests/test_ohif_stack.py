@@ -313,8 +313,7 @@ def test_four_paths_one_chain(stack, segmentation, tmp_path):
                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from lib.infers import SegmentationTask  # the app's task (apps/msxai on sys.path: tests/conftest.py)
-
-    from msxai.studies import StudyService
+    from lib.service import StudyService
 
     task = SegmentationTask(StudyService(studies, {"unet": bundle}), "unet")
     label_file, res = task({"image": str(flair), "image_id": "re_FLAIR", "label_mode": "instances"})
@@ -470,7 +469,7 @@ def test_final_label_saved_as_seg(stack, dw, segmentation):
     np.testing.assert_array_equal(_seg_volume_independent(seg, lab.affine, mask.shape), mask)
     assert _get_json(cfg.server_url + "/datastore/?output=stats")["completed"] == 1
     # a lesion of the saved label can be explained (the clinician's label, e.g. a lesion the model missed)
-    code, res = _infer(cfg, "explain_gradcampp", flair, {"model": "unet", "lesions_from": "final", "lesion": 1})
+    code, res = _infer(cfg, "explain_gradcampp", flair, {"network": "unet", "lesions_from": "final", "lesion": 1})
     assert code == 200, res
     assert "saved 'final' label" in res["domain_source"] and "error" not in res["dicom_seg"]
 

@@ -12,7 +12,6 @@ from msxai.studies import (
     AmbiguousSequenceError,
     InvalidImageIdError,
     MissingSequenceError,
-    SegmentationCache,
     artifact_dir,
     dicom_sequence_of,
     find_t1,
@@ -23,6 +22,9 @@ from msxai.studies import (
     study_pair,
     validate_image_id,
 )
+
+from lib.params import parse_explain_params  # the app's (apps/msxai on sys.path: tests/conftest.py)
+from lib.seg_cache import SegmentationCache
 
 
 def _touch(path):
@@ -159,7 +161,6 @@ def test_segmentation_cache_memory_disk_and_invalidation(tmp_path):
 
 # ------------------------------------------------------------------------------------------ request parameters
 from msxai.lesions import parse_lesion_ids  # noqa: E402
-from msxai.studies import parse_explain_params  # noqa: E402
 
 
 def test_parse_lesion_ids():
@@ -178,13 +179,13 @@ def test_parse_explain_params_defaults_and_ranges():
     assert (p.model, p.samples, p.sigma, p.aggregation, p.seed, p.sequence) == ("unet", 50, 0.05, "max", 0, "FLAIR")
     assert p.lesion == "all" and p.fractions == (0.5, 0.2)
     # client configs send lists of choices: the first is the selection
-    p = parse_explain_params("smoothgrad", {"model": ["dynunet", "unet"], "aggregation": ["mean", "max"],
+    p = parse_explain_params("smoothgrad", {"network": ["dynunet", "unet"], "aggregation": ["mean", "max"],
                                             "sequence": "t1", "samples": "4"}, ["unet", "dynunet"])
     assert (p.model, p.aggregation, p.sequence, p.samples) == ("dynunet", "mean", "MPRAGE", 4)
     for bad, match in [({"samples": 10**9}, "samples must be an integer in \\[1, 200\\]"),
                        ({"samples": 0}, "samples"), ({"samples": "lots"}, "samples"), ({"samples": 2.5}, "samples"),
                        ({"sigma": -1}, "sigma"), ({"sigma": float("nan")}, "sigma"),
-                       ({"aggregation": "median"}, "aggregation"), ({"model": "resnet"}, "model must be one of"),
+                       ({"aggregation": "median"}, "aggregation"), ({"network": "resnet"}, "network must be one of"),
                        ({"seed": -3}, "seed"), ({"sequence": "T2"}, "sequence"),
                        ({"strong": 0.1, "medium": 0.3}, "medium"), ({"foreground": "[[1,2"}, "foreground"),
                        ({"domain_mode": "cube"}, "domain_mode"), ({"radius_mm": 0}, "radius_mm")]:
@@ -192,6 +193,27 @@ def test_parse_explain_params_defaults_and_ranges():
             parse_explain_params("smoothgrad", bad, ["unet", "dynunet"])
     with pytest.raises(InputError, match="samples must be an integer in \\[1, 8\\]"):
         parse_explain_params("smoothgrad", {"samples": 9}, ["unet"], max_samples=8)
+
+
+def test_explain_network_parameter_and_its_deprecated_name_model(caplog):
+    """``network`` names the bundle; the old ``model`` (as a direct caller sends it, or as ``explain_model`` after
+    the app's infer route moved it away from MONAI Label's task key) selects the same bundle, with a deprecation
+    note and a log warning; MONAI Label's own task key (``model: explain_...``) is not a client's parameter."""
+    models = ["unet", "dynunet"]
+    new = parse_explain_params("smoothgrad", {"network": "dynunet", "model": "explain_smoothgrad"}, models)
+    assert new.model == "dynunet" and new.deprecated == []
+    assert parse_explain_params("smoothgrad", {"model": "explain_smoothgrad"}, models).model == "unet"
+    for old in ({"model": "dynunet"}, {"explain_model": ["dynunet", "unet"], "model": "explain_smoothgrad"}):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            p = parse_explain_params("smoothgrad", old, models)
+        assert p.model == "dynunet" and p.run_key("lesion3") == new.run_key("lesion3")  # the same request
+        assert len(p.deprecated) == 1 and "'model' is now 'network'" in p.deprecated[0]
+        assert any("'model' is now 'network'" in r.getMessage() for r in caplog.records)
+    both = parse_explain_params("smoothgrad", {"network": "unet", "explain_model": "dynunet"}, models)
+    assert both.model == "unet" and both.deprecated  # the new name wins
+    with pytest.raises(InputError, match="network must be one of"):
+        parse_explain_params("smoothgrad", {"model": "resnet"}, models)
 
 
 def test_parse_explain_params_gradcampp():

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, os, sys, time
 import numpy as np
-from msxai.studies import SegmentationCache
+from lib.seg_cache import SegmentationCache
 studies, log, tag = sys.argv[1], sys.argv[2], sys.argv[3]
 def compute():
     with open(log, "a") as fh:
@@ -31,7 +31,7 @@ print(json.dumps({"tag": tag, "from_cache": e["from_cache"], "sum": int(e["label
 
 def test_two_processes_compute_one_entry_once(tmp_path):
     log = tmp_path / "compute.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "apps" / "msxai")]), OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), str(log), t], env=env,
                               stdout=subprocess.PIPE, text=True) for t in ("a", "b")]
     outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]

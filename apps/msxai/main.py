@@ -55,14 +55,7 @@ from monailabel.utils.others.generic import strtobool  # noqa: E402
 
 import msxai as _msxai  # noqa: E402
 from msxai.errors import InputError  # noqa: E402
-from msxai.studies import (  # noqa: E402
-    MAX_SAMPLES_DEFAULT,
-    BundleLoadError,
-    InvalidImageIdError,
-    StudyService,
-    UnknownImageError,
-    validate_image_id,
-)
+from msxai.studies import InvalidImageIdError, UnknownImageError, validate_image_id  # noqa: E402
 
 from lib.auth import AuthPolicy, SecurityConfigError, check_exposure, served_host  # noqa: E402
 from lib.batch import batch_request, install_batch_route  # noqa: E402
@@ -70,7 +63,9 @@ from lib.datastore import DicomWebAccessError, MsxaiDatastore, MsxaiDICOMwebData
 from lib.infers import ExplainTask, SegmentationTask  # noqa: E402
 from lib.jobs import JobRegistry, ModelWorker, build_jobs_router, install_signal_handlers  # noqa: E402
 from lib.ohif_fixes import install_ohif_fixes  # noqa: E402
+from lib.params import MAX_SAMPLES_DEFAULT  # noqa: E402
 from lib.routes import install_routes  # noqa: E402
+from lib.service import BundleLoadError, StudyService  # noqa: E402
 from lib.validation import JobCancelledError, TooExpensiveError, status_for  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -333,7 +328,7 @@ class MsxaiApp(MONAILabelApp):
                         raise UnknownImageError(f"image {image!r} has no saved label with tag {tag!r}")
                     request["lesions_label"] = luri
                 job = self.jobs.create(user, model, image, {k: request.get(k) for k in (
-                    "explain_model", "lesion", "lesions_from", "samples", "aggregation", "sigma", "seed", "layer")
+                    "network", "explain_model", "lesion", "lesions_from", "samples", "aggregation", "sigma", "seed", "layer")
                     if request.get(k) not in (None, "")})
                 request["msxai_job"] = job.id
             res = super().infer(request, datastore)

@@ -165,6 +165,41 @@ def explain(
         yield Explanation(name, method, maps, checked[name], lesion_summary(maps, checked[name], p, affine, ring_mm))
 
 
+def explain_maps(model, prepared, domains: Mapping[str, np.ndarray], method: str = "smoothgrad",
+                 aggregation: str = "max", n_samples: int = 50, sigma_fraction: float = 0.05,
+                 layer: str | None = None, seed: int = 0, prob: np.ndarray | None = None,
+                 checkpoint=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
+    """:func:`explain` for every domain of a prepared study (``prepared.image`` / ``prepared.affine``, domains on
+    the network grid), maps stacked per domain: returns ``({name: [2, X, Y, Z] (SmoothGrad: FLAIR, MPRAGE) or
+    [X, Y, Z] (Grad-CAM++)}, {name: summary})`` in the order of ``domains``. The model's network is already on its
+    device.
+
+    ``checkpoint(info)`` is called after every chunk: with it, SmoothGrad explains one domain per engine call, so a
+    chunk is one domain x one noise batch (each domain's map is the same as in a shared call: same noise copies);
+    Grad-CAM++ after each domain (its first chunk includes the full-image pass)."""
+    kwargs: dict = {"method": method, "seed": seed, "prob": prob, "affine": prepared.affine}
+    if method == "smoothgrad":
+        kwargs.update(aggregation=aggregation, n_samples=n_samples, sigma_fraction=sigma_fraction)
+    else:
+        kwargs.update(layer=layer)
+    calls = [dict(domains)]
+    if checkpoint is not None and method == "smoothgrad":
+        kwargs["checkpoint"] = checkpoint
+        calls = [{n: d} for n, d in domains.items()]
+    maps: dict[str, np.ndarray] = {}
+    summaries: dict[str, dict] = {}
+    for e in (e for call in calls for e in explain(model, prepared.image, call, **kwargs)):
+        if method == "smoothgrad":
+            maps[e.name] = np.stack([e.maps[f"smoothgrad_{k}"] for k in SEQUENCE_KEYS]).astype(np.float32)
+        else:
+            maps[e.name] = np.asarray(e.maps["gradcampp"], dtype=np.float32)
+            if checkpoint is not None:
+                checkpoint({"domains": [e.name]})
+        summaries[e.name] = e.summary
+    order = [n for n in domains if n in maps]
+    return {n: maps[n] for n in order}, {n: summaries[n] for n in order}
+
+
 # ----------------------------------------------------------------------------------------------- writing
 def write_summaries(explanations: Sequence[Explanation] | Mapping[str, dict], out_dir: str | Path,
                     settings: dict | None = None) -> tuple[Path, Path]:

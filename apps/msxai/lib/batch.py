@@ -14,7 +14,7 @@ process; each result is saved with ``datastore.save_label`` under the request's 
 * :func:`build_batch_router`: the same checks in front of MONAI Label's route, so a bad request gets a 4xx with the
   reason before any subprocess starts (MONAI Label would start it and report only ``ERROR``).
 
-The server and the subprocess share the segmentation cache (``msxai.studies.SegmentationCache``: per-key file lock,
+The server and the subprocess share the segmentation cache (``lib.seg_cache.SegmentationCache``: per-key file lock,
 entries renamed into place complete) and the datastore file (the app re-reads it when another process has written
 it: ``MsxaiApp.datastore``).
 """

@@ -32,6 +32,7 @@ from monailabel.interfaces.exception import MONAILabelException
 
 from msxai.errors import InputError
 
+from lib.service import ARTIFACTS_URL
 from lib.validation import LABEL_EXTENSIONS, UnsupportedFormatError, copy_upload, extension_of, status_for, \
     validate_tag
 
@@ -179,7 +180,7 @@ def build_label_history_router(app) -> APIRouter:
             ds._existing_image(image)
             rows = ds.label_history(image, tag)
         for r in rows:
-            r["url"] = f"/msxai/artifacts/{image}/{r['file']}"
+            r["url"] = f"{ARTIFACTS_URL}/{image}/{r['file']}"
         return {"image": image, "tag": tag, "versions": rows}
 
     @router.post("/{image}/{tag}/restore", summary=f"{RBAC_ANNOTATOR}Make a kept version the current label "

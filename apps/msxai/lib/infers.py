@@ -1,4 +1,4 @@
-"""MONAI Label infer tasks of the msxai app: thin wrappers around :mod:`msxai.studies` / :mod:`msxai.labelmaps`.
+"""MONAI Label infer tasks of the msxai app: thin wrappers around :mod:`lib.service` / :mod:`msxai.labelmaps`.
 
 The tasks implement :class:`monailabel.interfaces.tasks.infer_v2.InferTask` directly instead of deriving from
 ``BasicInferTask``: every step (pre-processing, sliding-window inference, lesion extraction) already lives in the
@@ -18,8 +18,11 @@ from typing import Any, Dict, Tuple
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel.utils.others.generic import device_list
 
+from msxai.io import to_jsonable
 from msxai.labelmaps import static_saliency_names
-from msxai.studies import EXPLAIN_DEFAULTS, StudyService, to_jsonable
+
+from lib.params import EXPLAIN_DEFAULTS
+from lib.service import StudyService
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +81,7 @@ class ExplainTask(_MsxaiTask):
         self.jobs = jobs  # lib.jobs.JobRegistry: cost budget, progress, cancel (None: run unbounded)
         models = service.models
         defaults = EXPLAIN_DEFAULTS[method]
-        config = {"model": list(models), "device": device_list()}
+        config = {"network": list(models), "device": device_list()}
         config.update({k: v for k, v in defaults.items()})
         config["lesions_from"] = ["model", "final"]
         if method == "smoothgrad":

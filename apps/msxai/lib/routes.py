@@ -2,13 +2,14 @@
 
 ``POST /infer/{task}`` (same signature as MONAI Label's, registered in front of it):
 
-* the explain tasks take a parameter ``model`` (which bundle to explain), but MONAI Label 0.8.5 merges the request
-  parameters into a dict whose ``model`` key is the *task* name, so a ``model`` parameter would replace the task
-  and the request would fail; this route moves it to ``explain_model`` and then runs MONAI Label's own
-  ``run_inference`` (nothing else changes, the answer is MONAI Label's);
+* the explain tasks take a parameter ``network`` (which bundle to explain). Its former name ``model`` is still
+  accepted (deprecated, until 0.2.0): MONAI Label 0.8.5 merges the request parameters into a dict whose ``model``
+  key is the *task* name, so a ``model`` parameter would replace the task and the request would fail; this route
+  moves it to ``explain_model`` (answered with a ``deprecated`` note, :mod:`lib.params`) and then runs MONAI
+  Label's own ``run_inference`` (nothing else changes, the answer is MONAI Label's);
 * it is a plain (synchronous) route, so FastAPI runs it in its worker threads: the event loop keeps answering
   ``/info``, the datastore and the other routes while a model runs (MONAI Label's ``async`` infer route blocks the
-  whole server); model runs are serialised by the app (:class:`msxai.studies.StudyService`), so queued requests
+  whole server); model runs are serialised by the app (:class:`lib.service.StudyService`), so queued requests
   only wait, and memory stays that of one run.
 
 Read-only routes for what MONAI Label's datastore API cannot serve: the exact float saliency maps and cached
@@ -44,8 +45,11 @@ from starlette.requests import Request  # noqa: F401
 from msxai.errors import InputError
 from msxai.studies import find_t1, list_artifacts, safe_artifact_path, validate_image_id
 
+from lib.service import ARTIFACTS_URL, URL_PREFIX
+
 logger = logging.getLogger(__name__)
-PREFIX = "/msxai"
+PREFIX = URL_PREFIX
+ARTIFACTS = ARTIFACTS_URL[len(PREFIX):]  # "/artifacts", under PREFIX
 
 
 def build_router(app) -> APIRouter:
@@ -71,7 +75,7 @@ def build_router(app) -> APIRouter:
             out.append(row)
         return out
 
-    @router.get("/artifacts/{image_id}", summary="Files the app keeps for a study (saliency maps, segmentations)")
+    @router.get(ARTIFACTS + "/{image_id}", summary="Files the app keeps for a study (saliency maps, segmentations)")
     def msxai_artifacts(image_id: str, user: User = Depends(RBAC(role_user))):
         try:
             validate_image_id(image_id)
@@ -81,7 +85,7 @@ def build_router(app) -> APIRouter:
             raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the datastore")
         return {"image": image_id, "files": list_artifacts(app.service.studies, image_id)}
 
-    @router.get("/artifacts/{image_id}/{relpath:path}", summary="Download one file kept for a study")
+    @router.get(ARTIFACTS + "/{image_id}/{relpath:path}", summary="Download one file kept for a study")
     def msxai_artifact(image_id: str, relpath: str, user: User = Depends(RBAC(role_user))):
         try:
             path = safe_artifact_path(app.service.studies, image_id, relpath)
@@ -103,7 +107,7 @@ def build_infer_router():
     router = APIRouter(prefix="/infer", tags=["Infer"])
 
     @router.post("/{model}", summary=f"{RBAC_USER}Run Inference for supported model (msxai: non-blocking, "
-                                     "explain parameter 'model' kept)")
+                                     "deprecated explain parameter 'model' kept)")
     def msxai_run_inference(
         background_tasks: BackgroundTasks,
         model: str,
@@ -121,7 +125,7 @@ def build_infer_router():
             raise HTTPException(status_code=400, detail="params must be a JSON object") from None
         if not isinstance(p, dict):
             raise HTTPException(status_code=400, detail="params must be a JSON object")
-        if "model" in p:
+        if "model" in p:  # the deprecated name of "network" (lib.params), which would replace the task name
             p["explain_model"] = p.pop("model")
         # paths and ids only the server sets: MONAI Label merges params over its request, so a "label" or
         # "lesions_label" parameter would make the server read a file of the client's choosing

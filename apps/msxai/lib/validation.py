@@ -29,7 +29,7 @@ from msxai.studies import (
 TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".seg.nrrd", ".nrrd")
 IMAGE_EXTENSIONS = (".nii.gz", ".nii")
-LABEL_AFFINE_ATOL = 1e-2  # mm: what explain accepts for an uploaded label (msxai.studies._read_label_on_grid)
+LABEL_AFFINE_ATOL = 1e-2  # mm: what explain accepts for an uploaded label (lib.service._read_label_on_grid)
 MAX_UPLOAD_BYTES = 1 << 30  # 1 GiB: a 1 mm brain label map is a few MB, a FLAIR a few tens
 MAX_IMAGE_VOXELS = 1024**3 // 2
 MAX_IMAGE_DIM = 2048
