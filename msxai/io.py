@@ -272,3 +272,20 @@ def fov_coverage(affine_a: np.ndarray, shape_a, affine_b: np.ndarray, shape_b, m
     idx = ijk @ to_b[:3, :3].T + to_b[:3, 3]
     inside = np.all((idx >= -0.5) & (idx <= np.asarray(shape_b, np.float64) - 0.5), axis=1)
     return float(inside.mean())
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> None:
+    """Put the complete folder ``tmp`` in place of ``final``: a reader never sees a half-written folder, and an older
+    ``final`` is replaced only once the new one is complete (renamed aside, then removed)."""
+    import shutil
+    import socket
+    import threading
+
+    tmp, final = Path(tmp), Path(final)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}~old~{socket.gethostname()}~{os.getpid()}~{threading.get_ident()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

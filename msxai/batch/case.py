@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from msxai.errors import InputError
-from msxai.io import file_sha256, json_default
+from msxai.io import file_sha256, json_default, publish_dir
 
 SCHEMA = "msxai.batch.case/1"
 EXPLAIN_MODES = ("none", "lesions", "domains")
@@ -175,17 +175,6 @@ def write_json_atomic(path: Path, obj) -> Path:
     tmp.write_text(json.dumps(obj, indent=1, default=json_default))
     os.replace(tmp, path)
     return path
-
-
-def publish_dir(tmp: Path, final: Path) -> None:
-    """Put a complete case folder in place: rename, replacing an older result only once the new one is complete."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}~old~{socket.gethostname()}~{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_marker(folder: Path) -> dict | None:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from msxai.io import file_sha256, json_default
+from msxai.io import file_sha256, json_default, publish_dir
 from msxai.studies import artifact_dir
 
 
@@ -122,7 +122,7 @@ class SegmentationCache:
                             dtype=np.float32)
             (tmp / "meta.json").write_text(json.dumps({"fingerprint": fingerprint, "model": model,
                                                        "table": entry["table"]}, default=json_default, indent=1))
-            replace_dir(tmp, d)
+            publish_dir(tmp, d)
             self._remember(key, fingerprint, entry)
             return dict(entry, from_cache=None)
 
@@ -155,18 +155,3 @@ class _process_lock:
         fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
         self.fh.close()
         return False
-
-
-def replace_dir(src: Path, dst: Path) -> None:
-    """Put the complete folder ``src`` in place of ``dst`` (a reader never sees a half-written folder)."""
-    import shutil
-
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old.{os.getpid()}.{threading.get_ident()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-

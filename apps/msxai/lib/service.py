@@ -17,7 +17,7 @@ import numpy as np
 from msxai import SEQUENCES
 from msxai.device import resolve_device
 from msxai.errors import InputError
-from msxai.io import to_jsonable
+from msxai.io import publish_dir, to_jsonable
 from msxai.studies import (
     ARTIFACTS_DIRNAME,
     StudyPair,
@@ -28,7 +28,7 @@ from msxai.studies import (
 )
 
 from lib.params import MAX_SAMPLES_DEFAULT, _first, _result_dtype, parse_explain_params
-from lib.seg_cache import SegmentationCache, file_fingerprint, replace_dir, weights_fingerprint
+from lib.seg_cache import SegmentationCache, file_fingerprint, weights_fingerprint
 
 URL_PREFIX = "/msxai"  # the app's own routes (lib.routes)
 ARTIFACTS_URL = f"{URL_PREFIX}/artifacts"  # GET {ARTIFACTS_URL}/{image_id}/{path}: a file of artifact_dir
@@ -372,7 +372,7 @@ class StudyService:
         (tmp_dir / "summary.json").write_text(json.dumps(to_jsonable(result), indent=1))
         result["files"].append(f"explain/{key}/summary.json")
         result["urls"].append(f"{ARTIFACTS_URL}/{pair.image_id}/explain/{key}/summary.json")
-        replace_dir(tmp_dir, run_dir)
+        publish_dir(tmp_dir, run_dir)
         return result
 
 
