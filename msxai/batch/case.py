@@ -375,7 +375,8 @@ class CaseRunner:
         out = explain_to_files(
             self.bundle, case.flair, case.t1, tmp / "saliency", lesions_path=lesions_path, lesion_ids=list(ids),
             domains=extra, method=s.method, aggregation=s.aggregation, n_samples=s.samples,
-            sigma_fraction=s.sigma_fraction, layer=s.layer, seed=s.seed, progress=False, prob=result.prob,
+            sigma_fraction=s.sigma_fraction, layer=s.layer, seed=s.seed, progress=False,
+            prob=result.prob if result.prob_network is None else result.prob_network,  # the grid the maps are made on
             max_batch=s.max_batch, noise_batch=s.noise_batch)
         for name, summ in out["summaries"].items():
             for m, v in summ["maps"].items():
@@ -396,7 +397,7 @@ class CaseRunner:
         from msxai.experiments.runner import sample_tn_as_many
         from msxai.io import load_volume
 
-        brain = prep.brain_mask
+        brain = prep.to_native(np.asarray(prep.brain_mask, np.float32), nearest=True) > 0.5  # the FLAIR's grid
         if case.brain_mask:
             brain = load_volume(case.brain_mask, "brain mask").array > 0
         return sample_tn_as_many(np.asarray(brain, bool), truth > 0, result.labels > 0, result.affine,
