@@ -47,6 +47,11 @@ def bundle(tmp_path):
     meta = json.loads((dst / "configs" / "metadata.json").read_text())
     meta["weights_sha256"][meta["version"]] = hashlib.sha256(b"weights one").hexdigest()
     (dst / "configs" / "metadata.json").write_text(json.dumps(meta))
+    for f in (dst / "eval").glob("metrics_*.json"):  # evaluated with these weights
+        ev = json.loads(f.read_text())
+        if "weights_sha256" in ev:
+            ev["weights_sha256"] = hashlib.sha256(b"weights one").hexdigest()
+            f.write_text(json.dumps(ev))
     assert metadata_problems(dst) == []
     return dst
 
@@ -91,10 +96,12 @@ def test_refresh_from_new_weights_and_eval_files(bundle):
     from msxai.cli import main
 
     (bundle / "models" / "model.pt").write_bytes(b"weights two")
-    ev = json.loads((bundle / "eval" / "metrics_patient26.json").read_text())
-    ev["mean"]["dice"] = 0.123456
-    ev["weights_sha256"] = hashlib.sha256(b"weights two").hexdigest()
-    (bundle / "eval" / "metrics_patient26.json").write_text(json.dumps(ev))
+    for f in (bundle / "eval").glob("metrics_*.json"):  # both evaluations re-run with the new weights
+        ev = json.loads(f.read_text())
+        if f.name == "metrics_patient26.json":
+            ev["mean"]["dice"] = 0.123456
+        ev["weights_sha256"] = hashlib.sha256(b"weights two").hexdigest()
+        f.write_text(json.dumps(ev))
     old = _meta(bundle)
     with pytest.raises(InputError, match="give --version"):
         refresh_metadata(bundle)
