@@ -30,6 +30,7 @@ def write_tiny_bundle(root: Path) -> Path:
     inf.update({"bundle_name": "tiny_bundle", "bundle_root": str(root), "network_def": NETWORK_EXPR,
                 "gradcam_layer": "0"})
     inf["inferer"]["roi_size"] = [16, 16, 16]
+    inf["pixdim"] = [2.0, 2.0, 2.0]  # the phantoms' own 2 mm grid: the network grid is the native one (cheap Eq. 3)
     (root / "configs" / "inference.json").write_text(json.dumps(inf, indent=1))
     for name in ("batch_inference.json", "multi_gpu_inference.json"):
         shutil.copy(BUNDLES_DIR / "msxai_unet" / "configs" / name, root / "configs" / name)
