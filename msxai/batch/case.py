@@ -397,9 +397,10 @@ class CaseRunner:
         from msxai.experiments.runner import sample_tn_as_many
         from msxai.io import load_volume
 
-        brain = prep.to_native(np.asarray(prep.brain_mask, np.float32), nearest=True) > 0.5  # the FLAIR's grid
         if case.brain_mask:
             brain = load_volume(case.brain_mask, "brain mask").array > 0
+        else:  # the chain's brain mask, brought back to the FLAIR's grid
+            brain = prep.to_native(np.asarray(prep.brain_mask, np.float32), nearest=True) > 0.5
         return sample_tn_as_many(np.asarray(brain, bool), truth > 0, result.labels > 0, result.affine,
                                  int(self.settings.n_tn), tn_seed(self.settings.seed, case.id), case.id,
                                  float(self.settings.tn_mm3))
