@@ -172,16 +172,19 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
 
 
 def saliency_parametric_maps(saliency: np.ndarray, affine: np.ndarray, source: Sequence, *, name: str, map_name: str,
-                             method: str, series_number: int = 400, margin: int = 2) -> list:
+                             method: str, series_number: int = 400, margin: int = 2, layer: str | None = None) -> list:
     """The positive and the negative part of a saliency map ``[X, Y, Z]`` as Parametric Maps (see the module
     docstring): ``[(part, dataset)]`` with ``part`` in ``"positive"``/``"negative"``, leaving out a part that is
-    zero everywhere. ``name``: the domain (e.g. ``lesion 3``); ``map_name``: the map (``FLAIR``, ``MPRAGE``, ``CAM``)."""
+    zero everywhere. ``name``: the domain (e.g. ``lesion 3``); ``map_name``: the map (``FLAIR``, ``MPRAGE``, ``CAM``);
+    ``layer``: Grad-CAM++'s layer, named in the series description (``msxai CAM++ CAM+ lesion 3 [model.2.0]``): maps
+    of one lesion at two layers are two different series."""
     m = np.asarray(saliency, dtype=np.float64)
     if not np.all(np.isfinite(m)):
         raise InputError(f"saliency map {name} {map_name} has NaN/inf values")
     if method not in SALIENCY_QUANTITY:
         raise InputError(f"method must be one of {sorted(SALIENCY_QUANTITY)}, got {method!r}")
     short = {"smoothgrad": "SG", "gradcampp": "CAM++"}[method]
+    at = f" [{layer}]" if layer else ""
     out = []
     for part, sign in (("positive", 1.0), ("negative", -1.0)):
         values = np.maximum(sign * m, 0.0)
@@ -191,9 +194,9 @@ def saliency_parametric_maps(saliency: np.ndarray, affine: np.ndarray, source: S
         stored = (values / peak).astype(np.float32)
         tag = f"{map_name}{'+' if sign > 0 else '-'}"
         ds = write_parametric_map(
-            stored, affine, source, slope=sign * peak, series_description=f"msxai {short} {tag} {name}",
+            stored, affine, source, slope=sign * peak, series_description=f"msxai {short} {tag} {name}{at}",
             lut_label=f"{map_name[:6]}_{part[:3].upper()}", quantity=SALIENCY_QUANTITY[method],
-            lut_explanation=f"{short} {map_name} {part} part of {name}, peak {peak:.4g}",
+            lut_explanation=f"{short}{at} {map_name} {part} part of {name}, peak {peak:.4g}",
             series_number=series_number + len(out), margin=margin)
         out.append((part, ds))
     return out

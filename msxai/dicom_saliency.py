@@ -116,6 +116,8 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
     # lesions of a saved label (lesions_from=final) are named after it: "final lesion 1" is not the model's lesion 1
     saved = re.search(r"the saved '([^']+)' label", str(result.get("domain_source", "")))
     prefix = f"{saved.group(1)} " if saved else ""
+    # Grad-CAM++'s layer: top level in the CLI's saliency.json, under "params" in the app's result
+    layer = str(result.get("layer") or (result.get("params") or {}).get("layer") or "") if method == "gradcampp" else ""
     pms, groups, skipped = [], [], []
     for d, name in enumerate(domains):
         maps = {}
@@ -130,7 +132,7 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
         if d < max_pm_domains:
             for short, m in maps.items():
                 for part, ds in saliency_parametric_maps(m, affine, source, name=display, map_name=short,
-                                                         method=method, margin=margin,
+                                                         method=method, margin=margin, layer=layer,
                                                          series_number=series_number + len(pms)):
                     rwv = ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
                     pms.append({"domain": name, "map": short, "part": part,

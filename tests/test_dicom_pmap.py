@@ -153,6 +153,16 @@ def test_refusals():
         saliency_parametric_maps(m, aff, src, name="x", map_name="CAM", method="lime")
 
 
+def test_gradcampp_series_name_their_layer():
+    """Two Grad-CAM++ maps of one lesion at two layers are two series a user tells apart by name."""
+    aff, src = _study("ras")
+    m = np.abs(_saliency(np.random.default_rng(6)))
+    names = {layer: [str(ds.SeriesDescription) for _, ds in saliency_parametric_maps(
+        m, aff, src, name="lesion 1", map_name="CAM", method="gradcampp", layer=layer)] for layer in ("model.1", "model.2.0", None)}
+    assert names == {"model.1": ["msxai CAM++ CAM+ lesion 1 [model.1]"],
+                     "model.2.0": ["msxai CAM++ CAM+ lesion 1 [model.2.0]"], None: ["msxai CAM++ CAM+ lesion 1"]}
+
+
 def test_ohif_build_fix_found_and_applied(tmp_path):
     """The app's fix of OHIF 3.10's PM loader applies to the OHIF build of the installed monailabel wheel: exactly
     one bundle holds both buggy texts; the served copy has the fixed ones instead. A build without them is left
