@@ -3,13 +3,16 @@
     python scripts/eval_halves.py --half right --normalization median_iqr \
         --checkpoint runs/foldA/ckpt/model_epoch=8.pt [--checkpoint ...] [--average] \
         [--tta-flips '[[0]]'] [--thresholds 0.2 0.3 0.4] --out runs/foldA/eval_right.json [--save-prob DIR]
+    python scripts/eval_halves.py --half right --bundle bundles/msxai_dynunet --out ... --save-prob DIR  # own weights
+    python scripts/eval_halves.py --half right --mean-of DIR/a.npy --mean-of DIR/b.npy --tag ensemble --out ...
 
 Each checkpoint (or, with --average, the uniform average of all given checkpoints) is loaded into the bundle's own
-inference pipeline (configs/inference.json, with the checkpoint, normalization and tta_flips overridden), run on
-the whole patient26 image, and scored on the given half only (msxai.realtissue.evaluate_half: lesions by centroid,
+inference pipeline (configs/inference.json, with the checkpoint, normalization and tta_flips overridden; without
+--checkpoint the bundle's own weights and normalization), run on the whole patient26 image, and scored on the given half only (msxai.realtissue.evaluate_half: lesions by centroid,
 voxels inside the half, unit-bootstrap 95 % CIs). Only the named half is printed or written: in fold A that is the
 selection half, in fold B the report half. --baseline adds the FLAIR-threshold baseline with z chosen on the other
-half (the training half). Results are appended as one JSON object per line to --out."""
+half (the training half). --mean-of scores the mean of probability maps saved by earlier runs (--save-prob): the
+ensemble of ``msxai segment --ensemble``. Results are appended as one JSON object per line to --out."""
 
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ def main() -> None:
     p.add_argument("--bundle", default="bundles/msxai_unet")
     p.add_argument("--checkpoint", action="append", default=[], help="model .pt (repeatable)")
     p.add_argument("--average", action="store_true", help="score the uniform average of the given checkpoints")
-    p.add_argument("--normalization", default="zscore_brain")
+    p.add_argument("--normalization", default=None, help="override (default: the bundle's own)")
+    p.add_argument("--mean-of", action="append", default=[], help="saved probability .npy to average (repeatable)")
     p.add_argument("--tta-flips", default="[]", help="JSON list of axis lists, e.g. '[[0]]'")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.3])
     p.add_argument("--threads", type=int, default=2)
@@ -71,17 +75,33 @@ def main() -> None:
                "z_curve": rows, "metrics": {"0.3": evaluate_half(mask, truth.array, truth.affine, a.half,
                                                                  n_boot=a.n_boot)}})
 
+    if a.mean_of:
+        prob = np.mean([np.load(x).astype(np.float32) for x in a.mean_of], axis=0)
+        metrics = {str(t): evaluate_half(prob, truth.array, truth.affine, a.half, threshold=t, n_boot=a.n_boot)
+                   for t in a.thresholds}
+        write({"tag": a.tag or "mean(" + ",".join(Path(x).stem for x in a.mean_of) + ")", "half": a.half,
+               "mean_of": list(a.mean_of), "metrics": metrics})
+        return
     groups = [a.checkpoint] if a.average else [[c] for c in a.checkpoint]
+    if not groups:
+        groups = [[]]  # the bundle's own weights
     for paths in groups:
-        if len(paths) > 1:
+        if not paths:
+            ckpt = None
+        elif len(paths) > 1:
             ckpt = Path(a.save_prob or out.parent) / f"avg_{abs(hash(tuple(paths))) % 10**8}.pt"
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             torch.save(average_checkpoints(paths), ckpt)
         else:
             ckpt = Path(paths[0])
-        tag = a.tag or ("avg(" + ",".join(Path(x).stem for x in paths) + ")" if len(paths) > 1 else Path(paths[0]).stem)
-        b = load_bundle(a.bundle, checkpoint=str(Path(ckpt).resolve()), normalization=a.normalization,
-                        tta_flips=json.loads(a.tta_flips))
+        tag = a.tag or ("avg(" + ",".join(Path(x).stem for x in paths) + ")" if len(paths) > 1
+                        else Path(paths[0]).stem if paths else Path(a.bundle).name)
+        overrides = {"tta_flips": json.loads(a.tta_flips)}
+        if ckpt is not None:
+            overrides["checkpoint"] = str(Path(ckpt).resolve())
+        if a.normalization:
+            overrides["normalization"] = a.normalization
+        b = load_bundle(a.bundle, **overrides)
         t0 = time.time()
         prepared = b.prepare(case["flair"], case["t1"])
         prob = b.probability(prepared.image)
@@ -91,7 +111,8 @@ def main() -> None:
             np.save(Path(a.save_prob) / f"{tag}.npy", prob.astype(np.float16))
         metrics = {str(t): evaluate_half(prob, truth.array, truth.affine, a.half, threshold=t, n_boot=a.n_boot)
                    for t in a.thresholds}
-        write({"tag": tag, "half": a.half, "checkpoints": [str(x) for x in paths], "normalization": a.normalization,
+        write({"tag": tag, "half": a.half, "bundle": b.name, "checkpoints": [str(x) for x in paths],
+               "normalization": b.normalization,
                "tta_flips": json.loads(a.tta_flips), "seconds": round(seconds, 1), "metrics": metrics})
 
 
