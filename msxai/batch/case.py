@@ -6,7 +6,7 @@ when complete; a previous result is replaced only then):
 - ``probability.nii.gz``, ``mask.nii.gz``, ``lesions.nii.gz``, ``lesions.json``, ``lesions.csv``: ``msxai segment``'s
   outputs (:func:`msxai.inference.write_result`);
 - with the truth: ``truth_lesions.nii.gz`` (the true lesion instances compared with) and ``metrics.json``;
-- with explanations: ``saliency/`` as ``msxai explain`` writes it (:func:`msxai.saliency.engine.explain_to_files`:
+- with explanations: ``saliency/`` as ``msxai explain`` writes it (:func:`msxai.saliency.engine.write_explanation`:
   ``lesion_<K>_smoothgrad_flair.nii.gz``, ``..._mprage.nii.gz``, ``saliency.json``, ``saliency.csv``; FN lesions as
   ``fn_<J>_...`` (``J`` = id in ``truth_lesions.nii.gz``), TN balls as ``tn_<I>_...`` (``I`` = value in
   ``tn_spheres.nii.gz``)), and ``domains.json`` (one row per explained domain, see :func:`domain_rows`);
