@@ -325,10 +325,11 @@ def write_explanation(
     kept: dict[str, dict[str, np.ndarray]] = {}
     bar = tqdm(total=len(domains), desc=f"{method} ({aggregation})" if method == "smoothgrad" else method,
                unit=unit, disable=not progress)
+    kwargs: dict = {"method": method, "seed": seed, "layer": layer, "affine": prep.affine, "prob": prob}
+    if method == "smoothgrad":  # the SmoothGrad options (Grad-CAM++ has none; the app sends aggregation 'none')
+        kwargs.update(aggregation=aggregation, n_samples=n_samples, sigma_fraction=sigma_fraction, sigma=sigma)
     try:
-        for e in _explanations(model, prep.image, domains, checkpoint, method=method, aggregation=aggregation,
-                               n_samples=n_samples, sigma_fraction=sigma_fraction, sigma=sigma, seed=seed,
-                               layer=layer, affine=prep.affine, prob=prob, **performance):
+        for e in _explanations(model, prep.image, domains, checkpoint, **kwargs, **performance):
             summary = {"lesion_id": lesion_id(e.name), **e.summary}
             if flag is not None:
                 drawn = None if summary["lesion_id"] is not None else \
