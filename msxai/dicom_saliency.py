@@ -1,9 +1,11 @@
 """An explanation (the output of an explain request) as DICOM objects for a PACS: the float saliency maps as
 Parametric Maps (:mod:`msxai.dicom_pmap`) and the per-lesion summary as a TID 1500 SR (:mod:`msxai.dicom_sr`).
 
-Inputs are what the MONAI Label app's ``StudyService.explain_request`` (``apps/msxai/lib/service.py``) saves beside the study: the float32 maps
-``<domain>_FLAIR.nii.gz`` / ``<domain>_MPRAGE.nii.gz`` (SmoothGrad) or ``<domain>_gradcampp.nii.gz`` (Grad-CAM++),
-the domain masks ``<domain>_domain.nii.gz`` and the result JSON (its ``summary`` per domain).
+Inputs are what the MONAI Label app's ``StudyService.explain_request`` (``apps/msxai/lib/service.py``) saves beside the
+study: the float32 maps
+``<domain>_smoothgrad_flair.nii.gz`` / ``<domain>_smoothgrad_mprage.nii.gz`` (SmoothGrad) or
+``<domain>_gradcampp.nii.gz`` (Grad-CAM++), as :func:`msxai.saliency.engine.write_explanation` writes them, the app's
+domain masks ``<domain>_domain.nii.gz`` and the result JSON (its ``summary`` per domain).
 
 * Parametric Maps: per domain, per map (FLAIR, MPRAGE or CAM), the positive and the negative part (each its own
   series, see :mod:`msxai.dicom_pmap`); for at most ``max_pm_domains`` domains per request (a request for all
@@ -30,10 +32,10 @@ from msxai.dicom_sr import MM3, VOLUME, Measurement, MeasurementGroup, SegmentRe
 from msxai.errors import InputError
 
 MAX_PM_DOMAINS = 8
-# map files of each method: (file suffix, summary key, short name, code prefix)
+# maps of each method: (map name = summary key and file suffix ``<domain>_<map>.nii.gz``, short name, code prefix)
 METHOD_MAPS = {
-    "smoothgrad": (("FLAIR", "smoothgrad_flair", "FLAIR", "F"), ("MPRAGE", "smoothgrad_mprage", "MPRAGE", "M")),
-    "gradcampp": (("gradcampp", "gradcampp", "CAM", "C"),),
+    "smoothgrad": (("smoothgrad_flair", "FLAIR", "F"), ("smoothgrad_mprage", "MPRAGE", "M")),
+    "gradcampp": (("gradcampp", "CAM", "C"),),
 }
 METHOD_NAMES = {"smoothgrad": "SmoothGrad", "gradcampp": "Grad-CAM++"}
 PEAK = ("SALPEAK", MSXAI_SCHEME, "Saliency peak in the lesion")
@@ -53,7 +55,7 @@ def summary_measurements(summary: Mapping, method: str) -> list[Measurement]:
         out.append(Measurement(_private("ERRSCORE", "Segmentation error score (error flag)"),
                                float(summary["error_score"])))
     label = METHOD_NAMES[method]
-    maps = [(short, c, (summary.get("maps") or {}).get(key)) for _, key, short, c in METHOD_MAPS[method]]
+    maps = [(short, c, (summary.get("maps") or {}).get(key)) for key, short, c in METHOD_MAPS[method]]
     maps = [(short, c, s) for short, c, s in maps if s is not None]
     for short, c, s in maps:  # masses first: OHIF's SR viewport shows the first five numbers beside the point
         out += [Measurement(_private(f"{c}.POSMASS", f"{short} {label} positive mass in the lesion"),
@@ -122,8 +124,8 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
     for d, name in enumerate(domains):
         maps = {}
         affine = None
-        for suffix, _, short, _ in METHOD_MAPS[method]:
-            maps[short], affine = _load(run_dir / f"{name}_{suffix}.nii.gz", f"{short} map of {name}")
+        for key, short, _ in METHOD_MAPS[method]:
+            maps[short], affine = _load(run_dir / f"{name}_{key}.nii.gz", f"{short} map of {name}")
         domain, _ = _load(run_dir / f"{name}_domain.nii.gz", f"domain of {name}")
         domain = domain > 0
         if not domain.any():

@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                                       "aggregation": args.aggregation})
         t_exp = time.time() - t0
         bins = np.asarray(nib.load(exp_file).dataobj)
-        url_map = next(u for u in exp["urls"] if u.endswith(f"lesion_{k}_FLAIR.nii.gz"))
+        url_map = next(u for u in exp["urls"] if u.endswith(f"lesion_{k}_smoothgrad_flair.nii.gz"))
         with urllib.request.urlopen(url + url_map) as r:
             (tmp / "sal.nii.gz").write_bytes(r.read())
         sal = np.asarray(nib.load(str(tmp / "sal.nii.gz")).dataobj, dtype=np.float32)

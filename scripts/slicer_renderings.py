@@ -115,7 +115,7 @@ def main(argv=None) -> int:
     signed = np.zeros(flair.array.shape)
     for part, v in parts.items():
         signed += np.nan_to_num(v)  # the negative PM's real-world values are negative (slope < 0)
-    nifti = load_volume(run_dir / f"lesion_{lesion}_FLAIR.nii.gz", "map").array
+    nifti = load_volume(run_dir / f"lesion_{lesion}_smoothgrad_flair.nii.gz", "map").array
     dom = load_volume(run_dir / f"lesion_{lesion}_domain.nii.gz", "domain").array > 0
     a = np.abs(nifti) * dom
     peak = np.unravel_index(int(np.argmax(a)), a.shape)

@@ -53,8 +53,8 @@ def explained(tmp_path_factory):
         m[:, max(0, 3 * i - 2):3 * i + 6, 1:11, 1:9] = rng.normal(0, 1e-3, m[:, max(0, 3 * i - 2):3 * i + 6, 1:11, 1:9].shape)
         maps[name] = m
         dom = labels == i
-        save_volume(d / f"{name}_FLAIR.nii.gz", m[0], aff, dtype=np.float32)
-        save_volume(d / f"{name}_MPRAGE.nii.gz", m[1], aff, dtype=np.float32)
+        save_volume(d / f"{name}_smoothgrad_flair.nii.gz", m[0], aff, dtype=np.float32)
+        save_volume(d / f"{name}_smoothgrad_mprage.nii.gz", m[1], aff, dtype=np.float32)
         save_volume(d / f"{name}_domain.nii.gz", dom.astype(np.uint8), aff, dtype=np.uint8)
         s = lesion_summary({"smoothgrad_flair": m[0], "smoothgrad_mprage": m[1]}, dom, prob, aff)
         s.update(lesion_id=i, error_score=0.71 if i == 1 else None, error_flag=None)

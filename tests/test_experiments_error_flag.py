@@ -6,6 +6,7 @@ reason (never a silently mismatched score)."""
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -251,6 +252,14 @@ def test_monai_label_explain_json_carries_the_same_scores(setup, tmp_path):
         assert d["error_flag"] == ref["error_flag"] and d["error_flag_reason"] is None
     summary_file = studies / res["artifacts_dir"] / "summary.json"
     assert json.loads(summary_file.read_text())["error_flag"]["loaded"]
+    # one explain-and-write path: the app's run folder holds the CLI's map files, byte for byte
+    cli_maps = sorted(f.name for f in (tmp_path / "cli").glob("*.nii.gz"))
+    assert cli_maps == sorted(f"{n}_smoothgrad_{k}.nii.gz" for n in cli_doc["domains"] for k in ("flair", "mprage"))
+    app_maps = sorted(Path(f).name for f in res["files"] if not f.endswith(("_domain.nii.gz", "labelmap.nii.gz"))
+                      and f.endswith(".nii.gz"))
+    assert app_maps == cli_maps
+    for f in cli_maps:
+        assert (summary_file.parent / f).read_bytes() == (tmp_path / "cli" / f).read_bytes(), f
     # N differs from the fitted model: null + reason, the maps are still served
     res = svc.explain_request("smoothgrad", {**req, "samples": 1}, tmp_path / "out1.nii.gz")
     assert all(d["error_score"] is None and "N = 2" in d["error_flag_reason"] for d in res["summary"].values())

@@ -381,7 +381,7 @@ def _check_saliency_dicom(cfg, dw, res, summary, study, flair, metas, segmentati
     assert "error" not in info, info
     assert info["viewer"] == f"/ohif/viewer?StudyInstanceUIDs={study}"
     name = f"lesion_{lesion}"
-    files = {"smoothgrad": {"FLAIR": f"{name}_FLAIR.nii.gz", "MPRAGE": f"{name}_MPRAGE.nii.gz"},
+    files = {"smoothgrad": {"FLAIR": f"{name}_smoothgrad_flair.nii.gz", "MPRAGE": f"{name}_smoothgrad_mprage.nii.gz"},
              "gradcampp": {"CAM": f"{name}_gradcampp.nii.gz"}}[res["method"]]
     expected = []
     for short, fname in files.items():

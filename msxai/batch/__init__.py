@@ -3,7 +3,8 @@
 ``msxai batch`` and the bundles' ``configs/batch_inference.json`` run :func:`msxai.batch.run.run_batch`: every case
 of a cohort (a folder, a ``dataset.json`` or a MONAI datalist; :mod:`msxai.batch.cases`) is segmented with the
 bundle and, optionally, its lesions (or, with the truth, its TP/FP/FN/TN lesion domains) are explained with the
-one explain-and-write function (:func:`msxai.saliency.engine.explain_to_files`).
+one explain-and-write function (:func:`msxai.saliency.engine.write_explanation`, from the case's files through
+:func:`msxai.saliency.engine.explain_to_files`).
 
 - one process, or one per GPU under ``torchrun`` (gloo on CPU, nccl on GPU; :mod:`msxai.batch.dist`);
 - work is claimed one case at a time through torch.distributed's key-value store (an atomic counter), so a heavy

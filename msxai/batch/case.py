@@ -6,7 +6,7 @@ when complete; a previous result is replaced only then):
 - ``probability.nii.gz``, ``mask.nii.gz``, ``lesions.nii.gz``, ``lesions.json``, ``lesions.csv``: ``msxai segment``'s
   outputs (:func:`msxai.inference.write_result`);
 - with the truth: ``truth_lesions.nii.gz`` (the true lesion instances compared with) and ``metrics.json``;
-- with explanations: ``saliency/`` as ``msxai explain`` writes it (:func:`msxai.saliency.engine.explain_to_files`:
+- with explanations: ``saliency/`` as ``msxai explain`` writes it (:func:`msxai.saliency.engine.write_explanation`:
   ``lesion_<K>_smoothgrad_flair.nii.gz``, ``..._mprage.nii.gz``, ``saliency.json``, ``saliency.csv``; FN lesions as
   ``fn_<J>_...`` (``J`` = id in ``truth_lesions.nii.gz``), TN balls as ``tn_<I>_...`` (``I`` = value in
   ``tn_spheres.nii.gz``)), and ``domains.json`` (one row per explained domain, see :func:`domain_rows`);
@@ -371,21 +371,19 @@ class CaseRunner:
         if not kinds:
             return info
         lesions_path = tmp / "lesions.nii.gz" if ids else None
-        flag_file = None if s.error_flag in ("auto", "none") else s.error_flag
+        scored = s.error_flag != "none" and s.method == "smoothgrad" and lesions_path is not None
         out = explain_to_files(
             self.bundle, case.flair, case.t1, tmp / "saliency", lesions_path=lesions_path, lesion_ids=list(ids),
             domains=extra, method=s.method, aggregation=s.aggregation, n_samples=s.samples,
             sigma_fraction=s.sigma_fraction, layer=s.layer, seed=s.seed, progress=False,
             prob=result.prob if result.prob_network is None else result.prob_network,  # the grid the maps are made on
+            error_flag=s.error_flag if scored else None,  # auto (the bundle's flag) or a FILE
             max_batch=s.max_batch, noise_batch=s.noise_batch)
         for name, summ in out["summaries"].items():
             for m, v in summ["maps"].items():
                 if not all(np.isfinite([v["peak_max"], v["peak_min"]])):
                     raise NonFiniteOutputError(f"{case.id}: the {m} map of {name} holds NaN or infinite values")
-        if s.error_flag != "none" and s.method == "smoothgrad" and lesions_path is not None:
-            from msxai.experiments.error_flag import annotate_explain_output
-
-            annotate_explain_output(out, self.bundle.path, case.flair, lesions_path, flag_file)
+        if scored:
             info["error_flag"] = out["settings"].get("error_flag")
         rows = domain_rows(case.id, out["summaries"], kinds)
         write_json_atomic(tmp / "domains.json", rows)

@@ -1,6 +1,7 @@
 """``msxai explain``: instance-level saliency (SmoothGrad Eq. 2/3 or Grad-CAM++) of lesions or of a drawn region.
 
-Thin wrapper around :func:`msxai.saliency.engine.explain_to_files`."""
+Thin wrapper around :func:`msxai.saliency.engine.explain_to_files` (which writes with the one
+explain-and-write path, :func:`msxai.saliency.engine.write_explanation`)."""
 
 from __future__ import annotations
 
@@ -46,25 +47,26 @@ def run(args: argparse.Namespace) -> int:
     from msxai.bundle import load_bundle
     from msxai.device import resolve_device
     from msxai.errors import InputError
-    from msxai.experiments.error_flag import annotate_explain_output, load_bundle_flag
+    from msxai.experiments.error_flag import load_bundle_flag
     from msxai.saliency.engine import explain_to_files
 
     if args.samples < 1:
         raise InputError(f"--samples must be >= 1, got {args.samples}")
     device = resolve_device(args.device)
     bundle = load_bundle(args.bundle, device=device)
-    bundle_dir = getattr(bundle, "path", None)
     flag_file = None if args.error_flag in ("auto", "none") else args.error_flag
     if flag_file is not None:
-        load_bundle_flag(bundle_dir, flag_file)  # a bad --error-flag FILE is refused before the maps are computed
+        # a bad --error-flag FILE is refused before the maps are computed
+        load_bundle_flag(getattr(bundle, "path", None), flag_file)
     result = explain_to_files(
         bundle, args.flair, args.t1, args.out, lesions_path=args.lesions, lesion_ids=args.lesion_id,
         domain_path=args.domain, method=args.method, aggregation=args.aggregation, n_samples=args.samples,
         sigma_fraction=args.sigma, sigma=args.sigma_abs, layer=args.layer, seed=args.seed,
+        error_flag=None if args.error_flag == "none" else (flag_file or "auto"),
         progress=not args.no_progress, max_batch=args.max_batch, noise_batch=args.noise_batch,
     )
     if args.error_flag != "none":
-        scores = annotate_explain_output(result, bundle_dir, args.flair, args.lesions, flag_file)
+        scores = result["summaries"]
         for name, s in scores.items():
             if s["error_score"] is not None:
                 print(f"{name}: error score (P false positive) {s['error_score']:.3f}"

@@ -352,121 +352,46 @@ def incompatibility(model: ErrorFlagModel, method: str, aggregation: str | None,
     return None
 
 
-def score_lesions(flag: LoadedFlag, maps: dict, domains: dict, affine, settings_reason: str | None,
-                  lesion_reasons: dict | None = None) -> dict[str, dict]:
-    """Per domain name: ``{"error_score": P(FP) or None, "error_flag": bool or None, "error_flag_reason": str or
-    None}``. ``maps``: name -> instance SmoothGrad ``[2, X, Y, Z]``; ``settings_reason``: the
-    :func:`incompatibility` of the maps' settings (or None); ``lesion_reasons``: name -> why this domain is not a
-    lesion the bundle predicted (drawn domains, lesions of a saved label, ...)."""
-    lesion_reasons = lesion_reasons or {}
-    out = {}
-    for name in domains:
-        reason = flag.reason if flag.model is None else (settings_reason or lesion_reasons.get(name))
+@dataclass
+class ExplanationFlag:
+    """The one error-flag annotation of an explanation (``msxai explain``, the app's explain tasks, cohort runs: all
+    through :func:`msxai.saliency.engine.write_explanation`): the bundle's fitted flag (or ``--error-flag FILE``),
+    checked once against the settings the maps were made with (:func:`incompatibility`, the bundle's weights
+    included); :meth:`score` gives each explained domain its ``error_score`` (P false positive), ``error_flag`` and
+    ``error_flag_reason`` (why there is no score), from its instance SmoothGrad maps on the network grid."""
+
+    flag: LoadedFlag
+    settings_reason: str | None
+    threshold: float = 0.3
+
+    @classmethod
+    def for_maps(cls, bundle_dir, method: str, aggregation: str | None, n_samples: int | None,
+                 sigma_fraction: float | None, sigma_abs: float | None = None, threshold: float = 0.3,
+                 error_flag_path=None) -> "ExplanationFlag":
+        flag = load_bundle_flag(bundle_dir, error_flag_path)
+        reason = None
+        if flag.model is not None:
+            reason = incompatibility(flag.model, method, aggregation, n_samples, sigma_fraction, sigma_abs,
+                                     bundle_weights_sha256(bundle_dir) if bundle_dir else None)
+        return cls(flag, reason, float(threshold))
+
+    def score(self, maps, domain, affine, mean_probability: float | None = None,
+              not_predicted: str | None = None) -> dict:
+        """``maps``: the domain's instance SmoothGrad ``[2, X, Y, Z]``; ``mean_probability``: the bundle's mean
+        lesion softmax in it (a domain not above the threshold is not one of its lesions); ``not_predicted``: why
+        the domain is not a lesion the bundle predicted (a drawn domain, a lesion of a saved label)."""
+        if self.flag.model is None:
+            reason = self.flag.reason
+        else:
+            reason = self.settings_reason or not_predicted
+            if reason is None and mean_probability is not None and mean_probability <= self.threshold:
+                reason = (f"mean softmax in the domain {mean_probability:.3f} <= threshold {self.threshold}: not a "
+                          "lesion this bundle predicts")
         if reason is not None:
-            out[name] = {"error_score": None, "error_flag": None, "error_flag_reason": reason}
-            continue
-        s = error_score_from_maps(flag.model, maps[name], domains[name], None, affine)
-        out[name] = {"error_score": s, "error_flag": bool(s > flag.model.threshold), "error_flag_reason": None}
-    return out
+            return {"error_score": None, "error_flag": None, "error_flag_reason": reason}
+        s = error_score_from_maps(self.flag.model, maps, domain, None, affine)
+        return {"error_score": s, "error_flag": bool(s > self.flag.model.threshold), "error_flag_reason": None}
 
-
-def score_for_bundle(bundle_dir, method: str, aggregation: str | None, n_samples: int | None,
-                     sigma_fraction: float | None, maps: dict, domains: dict, affine, prob=None,
-                     threshold: float = 0.3, not_predicted: dict | None = None, sigma_abs: float | None = None,
-                     on_network_grid: bool = True, error_flag_path=None) -> tuple[dict, dict]:
-    """Error scores of explained domains with the bundle's fitted error flag: ``({name: {"error_score",
-    "error_flag", "error_flag_reason"}}, provenance)``.
-
-    ``maps``: name -> instance SmoothGrad ``[2, X, Y, Z]`` on the network grid; ``domains``: name -> Ω;
-    ``prob``: the bundle's lesion softmax (a domain whose mean softmax is not above ``threshold`` is not one of its
-    lesions); ``not_predicted``: name -> why a domain is not a lesion the bundle predicted (drawn domains, lesions
-    of a saved label). A score is given only when the model exists and the maps' settings match its training
-    (:func:`incompatibility`); otherwise ``error_score`` is None and ``error_flag_reason`` says why."""
-    flag = load_bundle_flag(bundle_dir, error_flag_path)
-    reason = None
-    if flag.model is not None:
-        reason = incompatibility(flag.model, method, aggregation, n_samples, sigma_fraction, sigma_abs,
-                                 bundle_weights_sha256(bundle_dir) if bundle_dir else None, on_network_grid)
-    reasons = dict(not_predicted or {})
-    if prob is not None:
-        for name, dom in domains.items():
-            if name in reasons:
-                continue
-            mp = float(np.asarray(prob)[np.asarray(dom, bool)].mean())
-            if mp <= threshold:
-                reasons[name] = (f"mean softmax in the domain {mp:.3f} <= threshold {threshold}: not a lesion this "
-                                 "bundle predicts")
-    scores = score_lesions(flag, maps, domains, affine, reason, reasons)
-    return scores, dict(flag.describe(), reason=flag.reason or reason)
-
-
-def annotate_explain_output(result: dict, bundle_dir, flair_path, lesions_path=None, error_flag_path=None) -> dict:
-    """Add the error score of every explained lesion to the output of ``msxai explain``
-    (:func:`msxai.saliency.engine.explain_to_files`): ``error_score``, ``error_flag`` and ``error_flag_reason`` per
-    domain in ``saliency.json`` and as columns of ``saliency.csv``, the model's provenance under
-    ``settings.error_flag``. Maps are read back from the float32 files (exactly the engine's maps when the network
-    grid is the input grid). Returns ``{name: scores}``."""
-    import csv
-    import json
-
-    from msxai.io import load_volume
-
-    settings = result["settings"]
-    summaries = result["summaries"]
-    flag = load_bundle_flag(bundle_dir, error_flag_path)
-    on_grid = bool(settings.get("network_grid_is_input_grid", True))
-    ready = (flag.model is not None and settings.get("method") == "smoothgrad" and on_grid
-             and incompatibility(flag.model, settings.get("method"), settings.get("aggregation"),
-                                 settings.get("n_samples"), settings.get("sigma_fraction"), settings.get("sigma_abs"),
-                                 None) is None)
-    not_predicted, maps, domains = {}, {}, {}
-    affine = None
-    labels = None
-    if ready:
-        affine = load_volume(flair_path, "FLAIR").affine
-        if lesions_path is not None:
-            labels = np.rint(load_volume(lesions_path, "lesions", dtype=np.float64).array).astype(np.int64)
-    threshold = float(settings.get("threshold", 0.3))
-    for name, s in summaries.items():
-        if s.get("lesion_id") is None:
-            not_predicted[name] = "a drawn domain, not a lesion predicted by the bundle: no error score"
-            continue
-        mp = s.get("mean_probability")
-        if mp is not None and mp <= threshold:
-            not_predicted[name] = (f"mean softmax in the domain {mp:.3f} <= threshold {threshold}: not a lesion "
-                                   "this bundle predicts")
-            continue
-        if ready and labels is not None:
-            files = result["files"][name]
-            fl = [f for f in files if f.endswith("_smoothgrad_flair.nii.gz")][0]
-            mr = [f for f in files if f.endswith("_smoothgrad_mprage.nii.gz")][0]
-            maps[name] = np.stack([load_volume(fl, "map").array, load_volume(mr, "map").array])
-            domains[name] = labels == int(s["lesion_id"])
-    scores, info = score_for_bundle(
-        bundle_dir, settings.get("method"), settings.get("aggregation"), settings.get("n_samples"),
-        settings.get("sigma_fraction"), maps, {n: domains.get(n) for n in summaries}, affine,
-        threshold=threshold, not_predicted=not_predicted, sigma_abs=settings.get("sigma_abs"),
-        on_network_grid=on_grid, error_flag_path=error_flag_path)
-    for name, s in summaries.items():
-        s.update(scores[name])
-    settings["error_flag"] = info
-    pj, pc = Path(result["json"]), Path(result["csv"])
-    doc = json.loads(pj.read_text())
-    doc["settings"] = settings
-    for name, sc in scores.items():
-        doc["domains"][name].update(sc)
-    pj.write_text(json.dumps(doc, indent=2))
-    with open(pc, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    fields = list(rows[0].keys()) if rows else ["domain"]
-    fields += [k for k in ("error_score", "error_flag", "error_flag_reason") if k not in fields]
-    for r in rows:
-        sc = scores.get(r["domain"], {})
-        for k in ("error_score", "error_flag", "error_flag_reason"):
-            v = sc.get(k)
-            r[k] = "" if v is None else v
-    with open(pc, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    return scores
+    def describe(self) -> dict:
+        """The provenance block written next to the scores (``settings.error_flag``)."""
+        return dict(self.flag.describe(), reason=self.flag.reason or self.settings_reason)

@@ -4,12 +4,13 @@
 * :mod:`~msxai.saliency.smoothgrad` instance SmoothGrad (Eq. 2 ``mean`` / Eq. 3 ``max``) and class SmoothGrad
 * :mod:`~msxai.saliency.gradcampp`  Grad-CAM++ at a named layer, class level (Eq. 4-7) and instance level (Eq. 8-10)
 * :mod:`~msxai.saliency.summary`    per-lesion summary (peaks, masses, rings)
-* :mod:`~msxai.saliency.engine`     ``explain`` (model, image, domains) -> per-domain maps + summaries; files
+* :mod:`~msxai.saliency.engine`     ``explain`` (model, image, domains) -> per-domain maps + summaries;
+  ``write_explanation`` (the one explain-and-write path)
 
 See ``docs/saliency.md``.
 """
 
-from msxai.saliency.engine import Explanation, explain, explain_to_files, lesion_domains
+from msxai.saliency.engine import Explanation, explain, explain_to_files, lesion_domains, write_explanation
 from msxai.saliency.gradcampp import GradCAMPlusPlus, gradcampp
 from msxai.saliency.sliding import SlidingWindowSpec, WindowGrid, sliding_window_logits
 from msxai.saliency.smoothgrad import class_smoothgrad, instance_smoothgrad, instance_smoothgrad_many
@@ -29,4 +30,5 @@ __all__ = [
     "lesion_domains",
     "lesion_summary",
     "sliding_window_logits",
+    "write_explanation",
 ]

@@ -165,41 +165,6 @@ def explain(
         yield Explanation(name, method, maps, checked[name], lesion_summary(maps, checked[name], p, affine, ring_mm))
 
 
-def explain_maps(model, prepared, domains: Mapping[str, np.ndarray], method: str = "smoothgrad",
-                 aggregation: str = "max", n_samples: int = 50, sigma_fraction: float = 0.05,
-                 layer: str | None = None, seed: int = 0, prob: np.ndarray | None = None,
-                 checkpoint=None) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
-    """:func:`explain` for every domain of a prepared study (``prepared.image`` / ``prepared.affine``, domains on
-    the network grid), maps stacked per domain: returns ``({name: [2, X, Y, Z] (SmoothGrad: FLAIR, MPRAGE) or
-    [X, Y, Z] (Grad-CAM++)}, {name: summary})`` in the order of ``domains``. The model's network is already on its
-    device.
-
-    ``checkpoint(info)`` is called after every chunk: with it, SmoothGrad explains one domain per engine call, so a
-    chunk is one domain x one noise batch (each domain's map is the same as in a shared call: same noise copies);
-    Grad-CAM++ after each domain (its first chunk includes the full-image pass)."""
-    kwargs: dict = {"method": method, "seed": seed, "prob": prob, "affine": prepared.affine}
-    if method == "smoothgrad":
-        kwargs.update(aggregation=aggregation, n_samples=n_samples, sigma_fraction=sigma_fraction)
-    else:
-        kwargs.update(layer=layer)
-    calls = [dict(domains)]
-    if checkpoint is not None and method == "smoothgrad":
-        kwargs["checkpoint"] = checkpoint
-        calls = [{n: d} for n, d in domains.items()]
-    maps: dict[str, np.ndarray] = {}
-    summaries: dict[str, dict] = {}
-    for e in (e for call in calls for e in explain(model, prepared.image, call, **kwargs)):
-        if method == "smoothgrad":
-            maps[e.name] = np.stack([e.maps[f"smoothgrad_{k}"] for k in SEQUENCE_KEYS]).astype(np.float32)
-        else:
-            maps[e.name] = np.asarray(e.maps["gradcampp"], dtype=np.float32)
-            if checkpoint is not None:
-                checkpoint({"domains": [e.name]})
-        summaries[e.name] = e.summary
-    order = [n for n in domains if n in maps]
-    return {n: maps[n] for n in order}, {n: summaries[n] for n in order}
-
-
 # ----------------------------------------------------------------------------------------------- writing
 def write_summaries(explanations: Sequence[Explanation] | Mapping[str, dict], out_dir: str | Path,
                     settings: dict | None = None) -> tuple[Path, Path]:
@@ -231,39 +196,69 @@ def _same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
     return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b, atol=AFFINE_ATOL)
 
 
-def _to_network(prep, mask: np.ndarray, flair, name: str) -> np.ndarray:
-    if hasattr(prep, "to_network"):
-        return prep.to_network(mask, name)
+def native_grid(prep, fallback: tuple | None = None) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, affine)`` of the FLAIR's native grid, where explanations are written: the one the bundle's chain
+    recorded (``prep.native_shape`` / ``prep.native_affine``), else ``fallback`` (the loaded FLAIR's), else the
+    network grid."""
+    native = getattr(prep, "native_affine", None)
+    if native is not None:
+        return tuple(int(n) for n in prep.native_shape), np.asarray(native, dtype=np.float64)
+    if fallback is not None:
+        return tuple(int(n) for n in fallback[0]), np.asarray(fallback[1], dtype=np.float64)
+    return tuple(prep.shape), np.asarray(prep.affine, dtype=np.float64)
+
+
+def domains_to_network(prep, domains: Mapping[str, np.ndarray], grid: tuple | None = None) -> dict[str, np.ndarray]:
+    """Bool masks on the native grid (``grid`` as :func:`native_grid` gives it) carried to the network grid of
+    ``prep`` (nearest; the same masks when the grids are one)."""
+    shape, affine = grid if grid is not None else native_grid(prep)
+    if _same_grid(prep.shape, prep.affine, shape, affine):
+        return {str(n): np.asarray(m, bool) for n, m in domains.items()}
+    if hasattr(prep, "to_network") and getattr(prep, "native_affine", None) is not None:
+        return {str(n): prep.to_network(m, str(n)) for n, m in domains.items()}
     from msxai.transforms import carry_to_network
 
-    return carry_to_network(mask, flair.affine, prep.affine, prep.shape, name)
+    return {str(n): carry_to_network(m, affine, prep.affine, prep.shape, str(n)) for n, m in domains.items()}
 
 
-def _to_native(prep, arr: np.ndarray, flair) -> np.ndarray:
+def _to_native(prep, arr: np.ndarray, grid: tuple) -> np.ndarray:
+    shape, affine = grid
+    if _same_grid(prep.shape, prep.affine, shape, affine):
+        return np.asarray(arr, dtype=np.float32)
     if hasattr(prep, "to_native") and getattr(prep, "native_affine", None) is not None:
         return prep.to_native(arr)
     from msxai.io import Volume
     from msxai.preprocess import resample_onto
 
-    return resample_onto(Volume(arr, prep.affine), flair.affine, flair.array.shape, order=1).array
+    return resample_onto(Volume(arr, prep.affine), affine, shape, order=1).array
 
 
-def _load_mask_on_grid(path, what: str, ref, as_labels: bool):
-    from msxai.io import check_same_grid, load_volume
+def _explanations(model, image, domains: Mapping[str, np.ndarray], checkpoint=None, **kwargs) -> Iterator[Explanation]:
+    """:func:`explain` of ``domains``; with ``checkpoint(info)`` (called after every chunk) SmoothGrad explains one
+    domain per engine call, so a chunk is one domain x one noise batch (each domain's map is the same as in a shared
+    call: same noise copies), Grad-CAM++ calls it after each domain (its first chunk includes the full-image pass)."""
+    if checkpoint is None:
+        yield from explain(model, image, domains, **kwargs)
+    elif kwargs.get("method", "smoothgrad") == "smoothgrad":
+        for n, d in domains.items():
+            yield from explain(model, image, {n: d}, checkpoint=checkpoint, **kwargs)
+    else:
+        for e in explain(model, image, domains, **kwargs):
+            yield e
+            checkpoint({"domains": [e.name]})
 
-    vol = load_volume(path, what, dtype=np.float64 if as_labels else np.float32)
-    check_same_grid(vol, ref, what, "FLAIR")
-    return vol.array
+
+def lesion_id(name: str) -> int | None:
+    """K of a domain named ``lesion_<K>`` (a lesion of the label map explained), else None (a drawn domain)."""
+    head, _, k = str(name).partition("_")
+    return int(k) if head == "lesion" and k.isdigit() else None
 
 
-def explain_to_files(
+def write_explanation(
     model,
-    flair_path,
-    t1_path,
+    prep,
+    domains: Mapping[str, np.ndarray],
     out_dir,
-    lesions_path=None,
-    lesion_ids: str | int | Sequence[int] = "all",
-    domain_path=None,
     method: str = "smoothgrad",
     aggregation: str = "max",
     n_samples: int = 50,
@@ -271,75 +266,87 @@ def explain_to_files(
     sigma: float | None = None,
     layer: str | None = None,
     seed: int = 0,
-    progress: bool = True,
-    domains: Mapping[str, np.ndarray] | None = None,
+    prob: np.ndarray | None = None,
+    error_flag: str | Path | None = None,
+    not_predicted: Mapping[str, str] | None = None,
+    grid: tuple | None = None,
+    keep_maps: Sequence[str] = (),
+    checkpoint=None,
+    progress: bool = False,
+    unit: str = "lesion",
     **performance,
 ) -> dict:
-    """``msxai explain``: prepare FLAIR/T1 with the bundle, explain the chosen lesions of ``lesions_path`` (or the
-    region of ``domain_path``), write per-domain float32 NIfTI maps on the FLAIR grid
-    (``lesion_<K>_smoothgrad_flair.nii.gz``, ``..._smoothgrad_mprage.nii.gz`` or ``lesion_<K>_gradcampp.nii.gz``;
-    ``domain_...`` for a region) and ``saliency.json`` / ``saliency.csv``. Returns ``{"files", "summaries",
-    "settings"}``.
+    """The one explain-and-write path (``msxai explain``, the MONAI Label app's explain tasks, cohort runs).
 
-    ``domains``: named bool masks on the FLAIR grid explained in the same call (``{"fn_3": mask, ...}``; the cohort
-    run's FN lesions and TN balls), added to the lesions of ``lesions_path``; a name becomes its files' prefix."""
+    Explains ``domains`` (name -> bool mask on the network grid of the prepared study ``prep``) and writes, per
+    domain, float32 NIfTI maps on the FLAIR's native grid (:func:`native_grid`; ``grid`` = (shape, affine) when
+    ``prep`` records none): ``<name>_smoothgrad_flair.nii.gz`` and ``<name>_smoothgrad_mprage.nii.gz`` (SmoothGrad)
+    or ``<name>_gradcampp.nii.gz`` (Grad-CAM++), then ``saliency.json`` / ``saliency.csv`` (:func:`write_summaries`).
+    Writing is deterministic (gzip without time stamp): the same request gives the same bytes.
+
+    ``prob``: the lesion softmax on the network grid for the summaries (computed from the clean image when None).
+    ``error_flag``: None = no error score; ``"auto"`` = the bundle's fitted flag; a path = that flag: every domain's
+    summary gets ``error_score`` / ``error_flag`` / ``error_flag_reason``
+    (:class:`msxai.experiments.error_flag.ExplanationFlag`, scored from the maps on the network grid) and the
+    settings its provenance; ``not_predicted``: name -> why a ``lesion_<K>`` domain is not the bundle's own lesion
+    (other names are drawn domains: never scored). ``keep_maps``: map names (``smoothgrad_flair``, ...) returned
+    in memory on the native grid under ``"maps"``. ``checkpoint``: see :func:`_explanations`.
+
+    Returns ``{"files": {name: [paths]}, "summaries", "settings", "json", "csv", "maps"}``, domains in the order
+    lesions by id, then the others by name."""
     import time
 
     from tqdm import tqdm
 
-    from msxai.io import Volume, load_volume, save_volume
+    from msxai.io import save_volume
 
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    if domain_path is None and lesions_path is None and not domains:
-        raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
-    if domain_path is not None and domains:
-        raise InputError("give a --domain MASK or named domains, not both")
+    if not domains:
+        raise EmptyDomainError("no domain to explain")
     t0 = time.perf_counter()
-    flair = load_volume(flair_path, "FLAIR")
-    prep = model.prepare(flair_path, t1_path)
-    if domain_path is not None:
-        mask = _load_mask_on_grid(domain_path, "domain", flair, as_labels=False) > 0
-        if not mask.any():
-            raise EmptyDomainError(f"domain {domain_path}: the mask is empty (no voxel > 0)")
-        domains = {"domain": mask}
-    else:
-        extra = {}
-        for name, m in (domains or {}).items():
-            if not _SAFE_NAME.match(str(name)) or str(name).startswith("lesion_"):
-                raise InputError(f"domain name {name!r}: use letters, digits and '_' (not 'lesion_<K>', reserved for "
-                                 "the lesions of the label map)")
-            extra[str(name)] = as_domain(m, flair.array.shape, str(name))
-        domains = lesion_domains(_load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True),
-                                 lesion_ids) if lesions_path is not None else {}
-        domains.update(extra)
-    native = getattr(prep, "native_affine", None)
-    if native is not None and not _same_grid(prep.native_shape, native, flair.array.shape, flair.affine):
-        raise GeometryError("the bundle's pre-processing did not keep the FLAIR's native grid")
-    on_input_grid = _same_grid(prep.shape, prep.affine, flair.array.shape, flair.affine)
-    if not on_input_grid:  # the network grid is another: carry the domains to it (nearest)
-        domains = {name: _to_network(prep, m, flair, name) for name, m in domains.items()}
+    grid = native_grid(prep, grid)
+    on_input_grid = _same_grid(prep.shape, prep.affine, *grid)
     parts = model_parts(model, layer=layer)
+    flag = None
+    if error_flag is not None:
+        from msxai.experiments.error_flag import ExplanationFlag
+
+        flag = ExplanationFlag.for_maps(getattr(model, "path", None), method,
+                                        aggregation if method == "smoothgrad" else None,
+                                        n_samples if method == "smoothgrad" else None,
+                                        sigma_fraction if method == "smoothgrad" and sigma is None else None,
+                                        sigma if method == "smoothgrad" else None, parts.threshold,
+                                        None if error_flag == "auto" else error_flag)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[str]] = {}
     summaries: dict[str, dict] = {}
+    kept: dict[str, dict[str, np.ndarray]] = {}
     bar = tqdm(total=len(domains), desc=f"{method} ({aggregation})" if method == "smoothgrad" else method,
-               unit="lesion" if domain_path is None else "domain", disable=not progress)
+               unit=unit, disable=not progress)
+    kwargs: dict = {"method": method, "seed": seed, "layer": layer, "affine": prep.affine, "prob": prob}
+    if method == "smoothgrad":  # the SmoothGrad options (Grad-CAM++ has none; the app sends aggregation 'none')
+        kwargs.update(aggregation=aggregation, n_samples=n_samples, sigma_fraction=sigma_fraction, sigma=sigma)
     try:
-        for e in explain(model, prep.image, domains, method=method, aggregation=aggregation, n_samples=n_samples,
-                         sigma_fraction=sigma_fraction, sigma=sigma, seed=seed, layer=layer, affine=prep.affine,
-                         **performance):
+        for e in _explanations(model, prep.image, domains, checkpoint, **kwargs, **performance):
+            summary = {"lesion_id": lesion_id(e.name), **e.summary}
+            if flag is not None:
+                drawn = None if summary["lesion_id"] is not None else \
+                    "a drawn domain, not a lesion predicted by the bundle: no error score"
+                stacked = np.stack(list(e.maps.values())) if method == "smoothgrad" else None  # FLAIR, MPRAGE
+                summary.update(flag.score(stacked, e.domain, prep.affine, summary.get("mean_probability"),
+                                          drawn or (not_predicted or {}).get(e.name)))
             written = []
             for map_name, arr in e.maps.items():
-                if not on_input_grid:  # back to the FLAIR's native grid, as the probability
-                    arr = _to_native(prep, arr, flair)
+                native = _to_native(prep, arr, grid).astype(np.float32)
                 path = out / f"{e.name}_{map_name}.nii.gz"
-                save_volume(path, arr.astype(np.float32), flair.affine, dtype=np.float32)
+                save_volume(path, native, grid[1], dtype=np.float32)
                 written.append(str(path))
+                if map_name in keep_maps:
+                    kept.setdefault(e.name, {})[map_name] = native
             files[e.name] = written
-            summaries[e.name] = {"lesion_id": int(e.name.split("_")[1]) if e.name.startswith("lesion_") else None,
-                                 **e.summary}
+            summaries[e.name] = summary
             bar.update(1)
     finally:
         bar.close()
@@ -361,6 +368,69 @@ def explain_to_files(
         "network_grid_is_input_grid": bool(on_input_grid),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if flag is not None:
+        settings["error_flag"] = flag.describe()
     pj, pc = write_summaries({n: summaries[n] for n in order}, out, settings)
     return {"files": {n: files[n] for n in order}, "summaries": {n: summaries[n] for n in order},
-            "settings": settings, "json": str(pj), "csv": str(pc)}
+            "settings": settings, "json": str(pj), "csv": str(pc), "maps": {n: kept[n] for n in order if n in kept}}
+
+
+def _load_mask_on_grid(path, what: str, ref, as_labels: bool):
+    from msxai.io import check_same_grid, load_volume
+
+    vol = load_volume(path, what, dtype=np.float64 if as_labels else np.float32)
+    check_same_grid(vol, ref, what, "FLAIR")
+    return vol.array
+
+
+def explain_to_files(
+    model,
+    flair_path,
+    t1_path,
+    out_dir,
+    lesions_path=None,
+    lesion_ids: str | int | Sequence[int] = "all",
+    domain_path=None,
+    domains: Mapping[str, np.ndarray] | None = None,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """``msxai explain`` and cohort runs from files: prepare FLAIR/T1 with the bundle, explain the chosen lesions of
+    ``lesions_path`` (or the region of ``domain_path``, written as ``domain_...``) with :func:`write_explanation`
+    (``options``: its keywords: method, aggregation, n_samples, sigma_fraction, sigma, layer, seed, prob,
+    error_flag, performance knobs). Returns its result.
+
+    ``domains``: named bool masks on the FLAIR grid explained in the same call (``{"fn_3": mask, ...}``; the cohort
+    run's FN lesions and TN balls), added to the lesions of ``lesions_path``; a name becomes its files' prefix."""
+    from msxai.io import load_volume
+
+    method = options.get("method", "smoothgrad")
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}")
+    if domain_path is None and lesions_path is None and not domains:
+        raise InputError("nothing to explain: give --lesions LESIONS.nii.gz (with --lesion-id K|all) or --domain MASK")
+    if domain_path is not None and domains:
+        raise InputError("give a --domain MASK or named domains, not both")
+    flair = load_volume(flair_path, "FLAIR")
+    prep = model.prepare(flair_path, t1_path)
+    if domain_path is not None:
+        mask = _load_mask_on_grid(domain_path, "domain", flair, as_labels=False) > 0
+        if not mask.any():
+            raise EmptyDomainError(f"domain {domain_path}: the mask is empty (no voxel > 0)")
+        named = {"domain": mask}
+    else:
+        extra = {}
+        for name, m in (domains or {}).items():
+            if not _SAFE_NAME.match(str(name)) or str(name).startswith("lesion_"):
+                raise InputError(f"domain name {name!r}: use letters, digits and '_' (not 'lesion_<K>', reserved for "
+                                 "the lesions of the label map)")
+            extra[str(name)] = as_domain(m, flair.array.shape, str(name))
+        named = lesion_domains(_load_mask_on_grid(lesions_path, "lesions", flair, as_labels=True),
+                               lesion_ids) if lesions_path is not None else {}
+        named.update(extra)
+    native = getattr(prep, "native_affine", None)
+    if native is not None and not _same_grid(prep.native_shape, native, flair.array.shape, flair.affine):
+        raise GeometryError("the bundle's pre-processing did not keep the FLAIR's native grid")
+    grid = native_grid(prep, (flair.array.shape, flair.affine))
+    return write_explanation(model, prep, domains_to_network(prep, named, grid), out_dir, grid=grid,
+                             progress=progress, unit="lesion" if domain_path is None else "domain", **options)

@@ -109,7 +109,8 @@ def lesion_summary(maps, domain, prob=None, affine=None, ring_mm: Sequence[float
 
 
 def summary_rows(name: str, summary: dict) -> list[dict]:
-    """Flat CSV rows (one per map) of a :func:`lesion_summary` result."""
+    """Flat CSV rows (one per map) of a :func:`lesion_summary` result (with the error score columns when the
+    summary holds them: ``error_score``, ``error_flag``, ``error_flag_reason``, empty for null)."""
     rows = []
     for map_name, s in summary["maps"].items():
         row = {
@@ -127,5 +128,8 @@ def summary_rows(name: str, summary: dict) -> list[dict]:
             row[f"ring_{tag}_voxels"] = ring["voxels"]
             row[f"ring_{tag}_negative_mass"] = ring["negative_mass"]
             row[f"ring_{tag}_positive_mass"] = ring["positive_mass"]
+        for key in ("error_score", "error_flag", "error_flag_reason"):
+            if key in summary:
+                row[key] = "" if summary[key] is None else summary[key]
         rows.append(row)
     return rows

@@ -2,8 +2,9 @@
 
 * :class:`ModelWorker` runs every model computation on one thread (all model memory allocated there, one run's
   worth). Short work (segmentations) goes first; an explanation is long work that calls :meth:`ModelWorker.checkpoint`
-  after every chunk (one lesion x one noise batch, :func:`msxai.saliency.engine.explain_maps`), where the short work that
-  arrived meanwhile runs. So a segmentation of another study waits for at most one chunk, never a whole explanation.
+  after every chunk (one lesion x one noise batch, :func:`msxai.saliency.engine.write_explanation`), where the short
+  work that arrived meanwhile runs. So a segmentation of another study waits for at most one chunk, never a whole
+  explanation.
 * :class:`JobRegistry` gives every explain request a :class:`Job`: before any saliency is computed its cost is
   estimated (:mod:`msxai.saliency.cost`, calibrated once per model and device on the serving device); above the
   budget (``--conf explain_budget_s``, ``explain_budget_gb``) the request is refused with a 4xx that names the

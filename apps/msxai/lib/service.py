@@ -1,20 +1,20 @@
 """The app's study service: bundles by model name (loaded once per device), the segmentation cache
 (:mod:`lib.seg_cache`), and the segmentation/explain requests (parameters in, label map file + JSON out), run on one
 model worker thread. The rules of the data it serves (naming rule, T1 pairing, artefact layout) are
-:mod:`msxai.studies`; the saliency is :func:`msxai.saliency.engine.explain_maps`."""
+:mod:`msxai.studies`; the saliency and its files are :func:`msxai.saliency.engine.write_explanation`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
-from msxai import SEQUENCES
 from msxai.device import resolve_device
 from msxai.errors import InputError
 from msxai.io import publish_dir, to_jsonable
@@ -217,11 +217,10 @@ class StudyService:
                         checkpoint=None) -> dict:
         """``admit(bundle=, prepared=, domains=, params=, device=)`` is called on the model thread once the domains are
         known, before any saliency is computed (it may refuse by raising); ``checkpoint(info)`` after every chunk of
-        the computation (see :func:`msxai.saliency.engine.explain_maps`)."""
-        from msxai.io import save_volume
-        from msxai.labelmaps import combine_signed_max, domain_from_points, saliency_bins, write_labelmap
+        the computation (see :func:`msxai.saliency.engine.write_explanation`, which writes the maps)."""
+        from msxai.labelmaps import domain_from_points
         from msxai.lesions import lesion_domain
-        from msxai.saliency.engine import explain_maps
+        from msxai.saliency.engine import domains_to_network, native_grid, write_explanation
 
         pair = self.study(request)
         device = str(resolve_device(_first(request.get("device"))))
@@ -233,17 +232,20 @@ class StudyService:
                 raise InputError(f"layer: bundle {p.model} names no Grad-CAM++ layer; pass one")
         label_file = request.get("label")
 
+        # the exact float maps beside the study (written by the one explain-and-write path, with the CLI's layout)
+        tmp_dir = None
+        owner = threading.get_ident()  # the request's thread (compute runs on the model thread): one folder per request
+        display_map = f"smoothgrad_{p.sequence.lower()}" if method == "smoothgrad" else "gradcampp"
+
         def compute():
+            nonlocal tmp_dir
             prepared = bundle.prepare(pair.flair, pair.t1)
             # domains are given, and maps returned, on the FLAIR's native grid (what the client shows); the saliency
             # is computed on the network grid, where the domains are carried with nearest neighbours
-            if getattr(prepared, "native_affine", None) is not None:
-                shape, affine = tuple(prepared.native_shape), np.asarray(prepared.native_affine, dtype=np.float64)
-            else:
-                shape, affine = tuple(prepared.image.shape[1:]), np.asarray(prepared.affine, dtype=np.float64)
+            shape, affine = grid = native_grid(prepared)
             seg = None
             domains: dict[str, np.ndarray] = {}
-            not_predicted: dict[str, str] = {}  # domains that are not this bundle's own lesions (no error score)
+            not_predicted: dict[str, str] = {}  # lesions that are not this bundle's own (no error score)
             if label_file:
                 domains["client_label"] = _read_domain_label(label_file, shape, affine, p.label_value)
                 source = "uploaded label"
@@ -290,35 +292,37 @@ class StudyService:
                 source = f"lesion{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} of {origin}"
             if seg is None:
                 seg = self.segmentation(p.model, pair, device, prepared=prepared)
-            to_network = getattr(prepared, "to_network", None)
-            net_domains = {n: (to_network(m, n) if to_network else m) for n, m in domains.items()}
-            prob_net = seg.get("prob_network", seg["prob"])
+            net_domains = domains_to_network(prepared, domains, grid)
             if admit is not None:
                 admit(bundle=bundle, prepared=prepared, domains=net_domains, params=p, device=device)
-            maps, summaries = explain_maps(bundle, prepared, net_domains, method=p.method, aggregation=p.aggregation,
-                                           n_samples=p.samples, sigma_fraction=p.sigma, layer=p.layer, seed=p.seed,
-                                           prob=prob_net, checkpoint=checkpoint)
-            from msxai.experiments.error_flag import score_for_bundle  # error score per lesion (or null + reason)
+            key = p.run_key(_domain_key(domains))
+            run_dir = artifact_dir(self.studies, pair.image_id) / "explain" / key
+            tmp_dir = run_dir.with_name(f".{key}.{os.getpid()}.{owner}.tmp")
+            written = write_explanation(
+                bundle, prepared, net_domains, tmp_dir, method=p.method, aggregation=p.aggregation,
+                n_samples=p.samples, sigma_fraction=p.sigma, layer=p.layer, seed=p.seed,
+                prob=seg.get("prob_network", seg["prob"]), error_flag="auto", not_predicted=not_predicted,
+                keep_maps=(display_map,), checkpoint=checkpoint)
+            return shape, affine, domains, source, written, key, run_dir, display_map, tmp_dir
 
-            for n in domains:
-                if not n.startswith("lesion_"):
-                    not_predicted[n] = "a drawn domain, not a lesion predicted by the bundle: no error score"
-            scores, flag_info = score_for_bundle(
-                getattr(bundle, "path", None), p.method, p.aggregation, p.samples, p.sigma, maps, net_domains,
-                np.asarray(prepared.affine, dtype=np.float64), prob=prob_net,
-                threshold=getattr(bundle, "threshold", 0.3), not_predicted=not_predicted)
-            for n, sc in scores.items():
-                summaries[n].update(sc)
-            to_native = getattr(prepared, "to_native", None)
-            if to_native is not None and not getattr(prepared, "on_native_grid", True):
-                maps = {n: to_native(m) for n, m in maps.items()}
-            return shape, affine, domains, source, maps, summaries, flag_info
+        try:
+            return self._publish_explanation(method, p, request, pair, device, out_path, *self.run(compute))
+        except BaseException:
+            if tmp_dir is not None:  # a refused, cancelled or failed run leaves nothing behind
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
 
-        shape, affine, domains, source, maps, summaries, flag_info = self.run(compute)
+    def _publish_explanation(self, method, p, request, pair, device, out_path, shape, affine, domains, source,
+                             written, key, run_dir, display_map, tmp_dir) -> dict:
+        """The display label map of an explanation, the app's additions beside its maps (domain masks, label map,
+        result JSON with the files' URLs), then the run folder published at once."""
+        from msxai.io import save_volume
+        from msxai.labelmaps import combine_signed_max, saliency_bins, write_labelmap
+
+        summaries = written["summaries"]
 
         # one display map: the chosen sequence (SmoothGrad) or the CAM, largest magnitude over the domains
-        ch = SEQUENCES.index(p.sequence)
-        display = combine_signed_max([m[ch] if m.ndim == 4 else m for m in maps.values()])
+        display = combine_signed_max([m[display_map] for m in written["maps"].values()])
         union = np.zeros(shape, dtype=bool)
         for dm in domains.values():
             union |= dm
@@ -327,20 +331,10 @@ class StudyService:
         lab, names, edges = saliency_bins(display, union, p.fractions, prefix=prefix, domain_name=domain_name)
         write_labelmap(out_path, lab, affine, dtype=_result_dtype(request.get("result_dtype")))
 
-        # the exact float maps beside the study
-        key = p.run_key(_domain_key(domains))
-        run_dir = artifact_dir(self.studies, pair.image_id) / "explain" / key
-        tmp_dir = run_dir.with_name(f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        files = []
-        for name, m in maps.items():
-            if m.ndim == 4:
-                for c, seq in enumerate(SEQUENCES):
-                    save_volume(tmp_dir / f"{name}_{seq}.nii.gz", m[c], affine, dtype=np.float32)
-                    files.append(f"{name}_{seq}.nii.gz")
-            else:
-                save_volume(tmp_dir / f"{name}_gradcampp.nii.gz", m, affine, dtype=np.float32)
-                files.append(f"{name}_gradcampp.nii.gz")
+        # the app's additions beside the maps: the domain masks, the label map, the result JSON
+        files = [Path(f).name for n in written["files"] for f in written["files"][n]]
+        files += [Path(written["json"]).name, Path(written["csv"]).name]
+        for name in written["files"]:
             save_volume(tmp_dir / f"{name}_domain.nii.gz", domains[name].astype(np.uint8), affine, dtype=np.uint8)
             files.append(f"{name}_domain.nii.gz")
         write_labelmap(tmp_dir / "labelmap.nii.gz", lab, affine)
@@ -356,7 +350,7 @@ class StudyService:
             "labelmap_sequence": p.sequence if method == "smoothgrad" else "Grad-CAM++",
             "bins": edges,
             "summary": summaries,
-            "error_flag": flag_info,
+            "error_flag": written["settings"]["error_flag"],
             "params": {
                 "samples": p.samples, "sigma": p.sigma, "aggregation": p.aggregation, "layer": p.layer,
                 "seed": p.seed, "strong": p.fractions[0], "medium": p.fractions[1],
