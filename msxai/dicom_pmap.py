@@ -12,10 +12,13 @@ Frames lie on the source (FLAIR) instances: same rows, columns, orientation and 
 slice, each referencing its FLAIR instance by UID and position (as :func:`msxai.dicom.write_seg` does); a top-level
 ``ReferencedSeriesSequence`` names the FLAIR series (OHIF's PM loader needs it to find the volume it overlays).
 
-Frames are limited along the slice axis to the part's extent plus ``margin`` slices (a 1 mm map of 182 x 218 x 182
-is 29 MB when every slice is written). OHIF 3.10's Parametric Map loader needs two fixes to show such maps (a byte
-offset given in elements, a buffer as long as the map instead of the volume): the app serves them with OHIF
-(``apps/msxai/lib/ohif_fixes.py``).
+Frames can be limited along the slice axis to the part's extent plus ``margin`` slices (a 1 mm map of
+182 x 218 x 182 is 29 MB when every slice is written); ``margin=None`` writes every slice of the series. OHIF 3.10's
+Parametric Map loader needs two fixes to load maps (a byte offset given in elements, a buffer as long as the map
+instead of the volume): the app serves them with OHIF (``apps/msxai/lib/ohif_fixes.py``). Even so its PM viewport
+draws nothing of a map whose frames cover only part of the series (measured in headless Chromium: 0 % of the
+explained lesion's pixels coloured; the same map with every frame: 98 %, nothing farther than 15 mm), so the app
+writes every frame (:func:`msxai.dicom_saliency.explain_dicom`'s default).
 """
 
 from __future__ import annotations
@@ -52,20 +55,23 @@ SALIENCY_QUANTITY = {
 }
 
 
-def frame_range(volume: np.ndarray, grids: Sequence[tuple], margin: int) -> range:
+def frame_range(volume: np.ndarray, grids: Sequence[tuple], margin: int | None) -> range:
     """Indices (into the sorted source slices) of the frames to write: the slices where ``volume`` is non-zero,
-    widened by ``margin`` slices on each side. Empty when the volume is zero on every source slice."""
-    if margin < 0:
-        raise InputError(f"margin must be >= 0, got {margin}")
+    widened by ``margin`` slices on each side (``None``: every slice). Empty when the volume is zero on every source
+    slice."""
+    if margin is not None and margin < 0:
+        raise InputError(f"margin must be >= 0 (or None: every slice), got {margin}")
     hit = [z for z, (I, J, K) in enumerate(grids) if np.any(volume[I, J, K])]
     if not hit:
         return range(0)
+    if margin is None:
+        return range(len(grids))
     return range(max(0, hit[0] - margin), min(len(grids), hit[-1] + margin + 1))
 
 
 def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequence, *, slope: float,
                          intercept: float = 0.0, series_description: str, lut_label: str, lut_explanation: str,
-                         quantity: tuple, units: tuple = UNITLESS, series_number: int = 400, margin: int = 2,
+                         quantity: tuple, units: tuple = UNITLESS, series_number: int = 400, margin: int | None = 2,
                          content_label: str = "MSXAI", series_uid: str | None = None,
                          sop_uid: str | None = None):
     """A float32 Parametric Map of ``stored`` ``[X, Y, Z]`` (RAS ``affine``, on the grid of the single-frame
@@ -172,7 +178,8 @@ def write_parametric_map(stored: np.ndarray, affine: np.ndarray, source: Sequenc
 
 
 def saliency_parametric_maps(saliency: np.ndarray, affine: np.ndarray, source: Sequence, *, name: str, map_name: str,
-                             method: str, series_number: int = 400, margin: int = 2, layer: str | None = None) -> list:
+                             method: str, series_number: int = 400, margin: int | None = 2,
+                             layer: str | None = None) -> list:
     """The positive and the negative part of a saliency map ``[X, Y, Z]`` as Parametric Maps (see the module
     docstring): ``[(part, dataset)]`` with ``part`` in ``"positive"``/``"negative"``, leaving out a part that is
     zero everywhere. ``name``: the domain (e.g. ``lesion 3``); ``map_name``: the map (``FLAIR``, ``MPRAGE``, ``CAM``);

@@ -95,7 +95,7 @@ def _load(path: Path, what: str):
     return np.asarray(v.array), np.asarray(v.affine, dtype=np.float64)
 
 
-def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None, margin: int = 2,
+def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None, margin: int | None = None,
                   coordinates: str = "ohif", max_pm_domains: int = MAX_PM_DOMAINS, series_number: int = 400,
                   sink: Callable | None = None) -> dict:
     """The Parametric Maps and the SR of the explanation saved in ``run_dir`` (``result``: its JSON) on the
@@ -103,7 +103,9 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
     segmentation (its segments are referenced by the lesions' groups). Returns ``{"parametric_maps": [{"domain",
     "map", "part", "SeriesInstanceUID", "SeriesDescription", "frames", "slope", "dataset"}], "report": dataset,
     "skipped": [domains without PMs]}``; with ``sink``, every PM is passed to ``sink`` as soon as it is written and
-    not kept (``dataset`` is None: a 1 mm map is 29 MB per part)."""
+    not kept (``dataset`` is None: a 1 mm map is 29 MB per part). ``margin``: frames written beyond the part's
+    extent; ``None`` (default) writes every slice of the series, which OHIF 3.10's PM viewport needs to draw the map
+    (:mod:`msxai.dicom_pmap`)."""
     run_dir = Path(run_dir)
     method = str(result.get("method"))
     if method not in METHOD_MAPS:

@@ -153,6 +153,20 @@ def test_refusals():
         saliency_parametric_maps(m, aff, src, name="x", map_name="CAM", method="lime")
 
 
+def test_every_frame_when_margin_is_none():
+    """margin=None (the app's default for OHIF, whose PM viewport draws nothing of a partial map) writes a frame on
+    every source slice, zeros where the part is zero; the values still read back."""
+    aff, src = _study("las")
+    m = _saliency(np.random.default_rng(7), z=slice(4, 6))
+    (_, part), *_ = saliency_parametric_maps(m, aff, src, name="lesion 2", map_name="FLAIR", method="smoothgrad",
+                                            margin=None)
+    (_, few), *_ = saliency_parametric_maps(m, aff, src, name="lesion 2", map_name="FLAIR", method="smoothgrad")
+    assert int(part.NumberOfFrames) == len(src) > int(few.NumberOfFrames)
+    got = pm_volume(part, aff, SHAPE)
+    assert not np.isnan(got).any()
+    np.testing.assert_allclose(got, np.maximum(m, 0), atol=1e-7 * np.abs(m).max())
+
+
 def test_gradcampp_series_name_their_layer():
     """Two Grad-CAM++ maps of one lesion at two layers are two series a user tells apart by name."""
     aff, src = _study("ras")
