@@ -120,8 +120,8 @@ def explain_dicom(run_dir, result: Mapping, source: Sequence, *, lesion_seg=None
     # lesions of a saved label (lesions_from=final) are named after it: "final lesion 1" is not the model's lesion 1
     saved = re.search(r"the saved '([^']+)' label", str(result.get("domain_source", "")))
     prefix = f"{saved.group(1)} " if saved else ""
-    # Grad-CAM++'s layer: top level in the CLI's saliency.json, under "params" in the app's result
-    layer = str(result.get("layer") or (result.get("params") or {}).get("layer") or "") if method == "gradcampp" else ""
+    # Grad-CAM++'s layer (the result's "params"): it ends the PM's name, two layers being two series
+    layer = str((result.get("params") or {}).get("layer") or "") if method == "gradcampp" else ""
     pms, groups, skipped = [], [], []
     for d, name in enumerate(domains):
         maps = {}

@@ -312,12 +312,9 @@ def write_explanation(
     if error_flag is not None:
         from msxai.experiments.error_flag import ExplanationFlag
 
-        flag = ExplanationFlag.for_maps(getattr(model, "path", None), method,
-                                        aggregation if method == "smoothgrad" else None,
-                                        n_samples if method == "smoothgrad" else None,
-                                        sigma_fraction if method == "smoothgrad" and sigma is None else None,
-                                        sigma if method == "smoothgrad" else None, parts.threshold,
-                                        None if error_flag == "auto" else error_flag)
+        # the settings as given: incompatibility() refuses other methods and absolute sigmas before reading the rest
+        flag = ExplanationFlag.for_maps(getattr(model, "path", None), method, aggregation, n_samples, sigma_fraction,
+                                        sigma, parts.threshold, None if error_flag == "auto" else error_flag)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, list[str]] = {}
