@@ -514,7 +514,7 @@ def test_ohif_in_headless_chromium(stack, dw, segmentation, tmp_path):
     # middle of the volume; a lesion that only grazes that slice shows just its faint rim there)
     depth = len(dw.search_for_instances(study, flair))
     mid = depth // 2
-    ids, counts = np.unique(_labels(cfg, flair)[:, :, mid], return_counts=True)
+    ids, counts = np.unique(np.asarray(_labels(cfg, flair).dataobj)[:, :, mid], return_counts=True)
     assert ids.max() > 0, "no lesion on the middle axial slice"
     lesion = int(ids[1:][np.argmax(counts[1:])]) if ids[0] == 0 else int(ids[np.argmax(counts)])
     # and a second lesion in the same request: the SR's table has a row per lesion
@@ -705,20 +705,19 @@ _COVERED_JS = """(id) => {
 }"""
 
 
-def _labels(cfg, flair, image: bool = False):
+def _labels(cfg, flair):
     """The U-Net's lesion instances of the FLAIR series, as the app serves them (its NIfTI, the FLAIR's grid)."""
     p = cfg.run_dir / "labels_http.nii.gz"
     if not p.is_file():
         with urllib.request.urlopen(f"{cfg.server_url}/msxai/artifacts/{flair}/seg_unet/labels.nii.gz") as r:
             p.write_bytes(r.read())
-    img = nib.load(str(p))
-    return img if image else np.asarray(img.dataobj).astype(np.int32)
+    return nib.load(str(p))
 
 
 def _lesion_points_on_plane(cfg, flair, lesion, geo) -> dict:
     """World (LPS) positions of the lesion's voxels on the displayed plane (within half a voxel), the corners of the
     FLAIR slice through the plane, and two points 10 mm apart (the screen scale)."""
-    img = _labels(cfg, flair, image=True)
+    img = _labels(cfg, flair)
     lab = np.asarray(img.dataobj).astype(np.int32)
     lps = np.diag([-1.0, -1.0, 1.0]) @ img.affine[:3]
     focal, normal = np.asarray(geo["focal"]), np.asarray(geo["normal"])
