@@ -63,6 +63,44 @@ def _datastore(studies, **kw):
     return MsxaiDatastore(str(studies), extensions=("*.nii.gz", "*.nii"), auto_reload=False, **kw)
 
 
+def test_index_write_under_the_file_lock_waits_for_nothing_else(world):
+    """MONAI Label's add_image / save_label hold the datastore's file lock and then write the index
+    (``_update_datastore_file(lock=False)``) while a watcher's refresh may hold ``_write_lock`` and wait for that file
+    lock: the index write must not wait for ``_write_lock`` (it did: a DICOMweb series fetch hung until the request
+    timed out in the OHIF stack test)."""
+    import threading
+
+    from filelock import FileLock
+
+    _, studies = world
+    ds = _datastore(studies)
+    held, release = threading.Event(), threading.Event()
+
+    def refresh_holding_the_write_lock():
+        with ds._write_lock:
+            held.set()
+            release.wait(60)
+
+    refresher = threading.Thread(target=refresh_holding_the_write_lock, daemon=True)
+    refresher.start()
+    assert held.wait(60)
+    done = threading.Event()
+
+    def add_image_like():
+        with FileLock(ds._lock_file):
+            ds._update_datastore_file(lock=False)
+        done.set()
+
+    writer = threading.Thread(target=add_image_like, daemon=True)
+    writer.start()
+    finished = done.wait(30)
+    release.set()
+    refresher.join(60)
+    writer.join(60)
+    assert finished, "the index write under the file lock waited for _write_lock (lock-order deadlock)"
+    assert json.loads(Path(ds._datastore_config_path).read_text())["objects"]
+
+
 def _label(tmp, name, seed=1, shape=SHAPE, aff=AFF, dtype=np.uint8):
     rng = np.random.default_rng(seed)
     arr = (rng.random(shape) > 0.9).astype(dtype) * rng.integers(1, 4, shape).astype(dtype)

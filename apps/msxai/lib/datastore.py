@@ -143,12 +143,12 @@ class SafeWritesMixin:
             atomic_write_bytes(self._datastore_config_path, data)
             self._config_ts = os.stat(self._datastore_config_path).st_mtime
 
-        with self._write_lock:
-            if lock:
-                with FileLock(self._lock_file):
-                    write()
-            else:
+        if lock:
+            with self._write_lock, FileLock(self._lock_file):
                 write()
+        else:  # the caller holds the file lock (MONAI Label's add_image, save_label), which every other index write
+            # takes too; waiting here for _write_lock, held by a watcher's refresh waiting for that file lock, deadlocked
+            write()
 
     def _reconcile_datastore(self):
         with self._write_lock:  # a watcher's refresh never interleaves with a write
